@@ -1,0 +1,176 @@
+"""The ``sfda-ray`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Any
+
+from sfda_ray.config import Config, ConfigError, load_config, parse_override
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config; flags given here override its values")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override any config value, e.g. --set source.lr=0.005 (repeatable)",
+    )
+
+
+def _config(args: argparse.Namespace, flags: dict[str, Any]) -> Config:
+    overrides = dict(parse_override(s) for s in args.set)
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return load_config(args.config, overrides)
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from sfda_ray.data.synthetic import BenchmarkSpec, generate
+
+    spec = BenchmarkSpec(
+        seed=args.seed,
+        height=args.height,
+        width=args.width,
+        shift=args.shift,
+        source_train=args.source_train,
+        source_val=args.source_val,
+        target_train=args.target_train,
+        target_val=args.target_val,
+    )
+    info = generate(args.out, spec)
+    print(
+        f"wrote {sum(info['images'].values())} images to {args.out} "
+        f"(preview: {args.out}/preview.png)"
+    )
+    return 0
+
+
+def cmd_train_source(args: argparse.Namespace) -> int:
+    from sfda_ray.train_source import train_source
+
+    cfg = _config(
+        args,
+        {
+            "source.iterations": args.iterations,
+            "source.batch_size": args.batch_size,
+            "source.lr": args.lr,
+            "source.seed": args.seed,
+            "model.name": args.model,
+        },
+    )
+    meta = train_source(cfg, args.data, args.out, domain=args.domain)
+    print(
+        f"checkpoint {args.out}: {meta['arch']['name']}, {meta['iteration']} iterations, "
+        f"trained on {args.domain} data {meta['data_fingerprint']}"
+    )
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from sfda_ray.evaluate import evaluate_checkpoint
+
+    report = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        args.domain,
+        args.split,
+        tuple(args.size) if args.size else None,
+        args.batch_size,
+    )
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(
+        f"{report['dataset']} {args.split}: mIoU {report['miou']:.2f} over "
+        f"{report['eval_classes']} ({report['images']} images, {report['skipped']} skipped)"
+    )
+    for name, iou in report["per_class"].items():
+        print(f"  {name:<14} {'-' if iou is None else f'{iou:.2f}'}")
+    for name, miou in report["subsets"].items():
+        print(f"  mIoU[{name}] {miou:.2f}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sfda-ray",
+        description="Source-data-free domain adaptation for semantic segmentation on Ray.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write the built-in synthetic benchmark")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=96)
+    p.add_argument("--width", type=int, default=192)
+    p.add_argument(
+        "--shift",
+        type=float,
+        default=1.0,
+        help="strength of the source->target shift, 0 (none) to 1 (default)",
+    )
+    p.add_argument("--source-train", type=int, default=600)
+    p.add_argument("--source-val", type=int, default=100)
+    p.add_argument("--target-train", type=int, default=600)
+    p.add_argument("--target-val", type=int, default=150)
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser(
+        "train-source", help="train a source model (the only command that reads source data)"
+    )
+    p.add_argument(
+        "--data", required=True, help="synthetic benchmark dir, manifest .parquet or dataset .yaml"
+    )
+    p.add_argument("--out", required=True, help="checkpoint file (resumed if incomplete)")
+    p.add_argument(
+        "--domain",
+        choices=("source", "target"),
+        default="source",
+        help="synthetic benchmark half; `target` trains the oracle (reference only)",
+    )
+    p.add_argument("--model", help="model name (config model.name)")
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train_source)
+
+    p = sub.add_parser("eval", help="mIoU, per-class IoU and confusion matrix of a checkpoint")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--domain", choices=("source", "target"), default="target")
+    p.add_argument("--split", default="val")
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="model input size; predictions are scored at label resolution",
+    )
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"sfda-ray: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

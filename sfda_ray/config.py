@@ -1,0 +1,264 @@
+"""Typed configuration: dataclasses loaded from YAML and validated on load.
+
+Every error names the dotted key, the value found and what is allowed, e.g.
+``source.lr: -0.1 is out of range; allowed: > 0``. Command-line flags override YAML
+values through :func:`apply_overrides` with the same validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+def _check(
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    lo_open: bool = False,
+    choices: tuple | None = None,
+) -> dict:
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
+
+
+def _field(default: Any, **check: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=_check(**check))
+    return field(default=default, metadata=_check(**check))
+
+
+DATA_KINDS = ("synthetic", "gta5", "synthia", "cityscapes")
+NORMALIZATIONS = ("imagenet", "caffe_bgr")
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are fed to the model."""
+
+    kind: str = _field("synthetic", choices=DATA_KINDS)
+    # Dataset root (for `synthetic`: the benchmark directory written by `sfda-ray synth`).
+    root: str | None = None
+    # Optional prebuilt manifest; otherwise the root is scanned.
+    manifest: str | None = None
+    # Resize every image to (height, width) before augmentation; null keeps native size.
+    size: list[int] | None = None
+    # Training crop (height, width); null trains on whole resized images.
+    crop: list[int] | None = None
+    scale_min: float = _field(0.75, lo=0.0, lo_open=True)
+    scale_max: float = _field(1.25, lo=0.0, lo_open=True)
+    hflip: bool = True
+    normalization: str = _field("imagenet", choices=NORMALIZATIONS)
+    num_workers: int = _field(1, lo=0)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _field(
+        "deeplabv2_resnet18",
+        choices=("deeplabv2_resnet18", "deeplabv2_resnet50", "deeplabv2_resnet101"),
+    )
+    num_classes: int = _field(19, lo=2)
+    # Frozen BatchNorm (the ResNet-101 checkpoints' setting); null: the model's default.
+    freeze_bn: bool | None = None
+    mc_dropout: float = _field(0.0, lo=0.0, hi=1.0)
+    # Downloads torchvision ImageNet weights: never on by default.
+    imagenet_init: bool = False
+
+
+@dataclass
+class SourceTrainConfig:
+    """Supervised training of a source model (or, on the synthetic benchmark, the oracle)."""
+
+    iterations: int = _field(600, lo=1)
+    batch_size: int = _field(8, lo=1)
+    lr: float = _field(0.01, lo=0.0, lo_open=True)
+    momentum: float = _field(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = _field(5e-4, lo=0.0)
+    checkpoint_every: int = _field(100, lo=1)
+    log_every: int = _field(20, lo=1)
+    seed: int = _field(0, lo=0)
+    threads: int = _field(2, lo=1)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    source: SourceTrainConfig = field(default_factory=SourceTrainConfig)
+
+
+# --- loading and validation -------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} has the wrong type; expected {_type_name(tp)}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: {value!r} has the wrong type; expected a list")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: {value!r} has the wrong type; expected a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: {value!r} has the wrong type; expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} has the wrong type; expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: {value!r} has the wrong type; expected a string")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _check_range(value: Any, meta: typing.Mapping, key: str) -> None:
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not allowed; allowed: {', '.join(choices)}")
+    lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open")
+    if lo is None and hi is None:
+        return
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
+        hi is not None and value > hi
+    )
+    if bad:
+        parts = []
+        if lo is not None:
+            parts.append(f"{'>' if lo_open else '>='} {lo}")
+        if hi is not None:
+            parts.append(f"<= {hi}")
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed: {' and '.join(parts)}")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and bad values."""
+    where = prefix or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(map(str, unknown))}; allowed: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = from_dict(tp, value, key)
+            continue
+        value = _coerce(value, tp, key)
+        _check_range(value, fields[name].metadata, key)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    _check_cross_fields(obj, prefix)
+    return obj
+
+
+def _check_cross_fields(obj: Any, prefix: str) -> None:
+    if isinstance(obj, DataConfig):
+        if obj.scale_min > obj.scale_max:
+            raise ConfigError(
+                f"{prefix}.scale_min: {obj.scale_min} is larger than scale_max {obj.scale_max}"
+            )
+        for name in ("size", "crop"):
+            hw = getattr(obj, name)
+            if hw is not None and (len(hw) != 2 or min(hw) < 1):
+                raise ConfigError(
+                    f"{prefix}.{name}: {hw!r} is not allowed; expected [height, width] >= 1"
+                )
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``overrides`` (dotted keys)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {data!r}")
+    try:
+        cfg = from_dict(Config, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    return apply_overrides(cfg, overrides or {})
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
+    """Return a copy of ``cfg`` with dotted keys (``source.lr``) replaced, re-validated."""
+    data = to_dict(cfg)
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"{dotted}: unknown section {p!r}")
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(f"{dotted}: unknown key; allowed: {', '.join(node)}")
+        node[leaf] = value
+    return from_dict(Config, data)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key.sub=value`` with the value read as YAML (``lr=0.01``, ``size=[96,192]``)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. source.lr=0.01")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

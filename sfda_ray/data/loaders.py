@@ -1,0 +1,102 @@
+"""DataLoaders over manifests: shuffled, augmented training batches and full-size evaluation."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from sfda_ray.config import DataConfig
+from sfda_ray.data.dataset import SegmentationDataset, collate_skip_bad
+from sfda_ray.data.io import BadInputError, load_image, load_label
+from sfda_ray.data.transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+
+def train_loader(
+    table: pa.Table, data: DataConfig, batch_size: int, seed: int, normalization: str
+) -> DataLoader:
+    transform = build_transform(
+        train=True,
+        size=tuple(data.size) if data.size else None,
+        scale_range=(data.scale_min, data.scale_max),
+        crop=tuple(data.crop or data.size or ()) or None,
+        hflip=data.hflip,
+        normalization=normalization,
+    )
+    return DataLoader(
+        SegmentationDataset(table, transform),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=data.num_workers,
+        collate_fn=collate_skip_bad,
+        generator=torch.Generator().manual_seed(seed),
+        persistent_workers=data.num_workers > 0,
+    )
+
+
+def forever(loader: DataLoader):
+    """Endless stream of non-empty batches (a fresh shuffle each pass)."""
+    while True:
+        for batch in loader:
+            if "image" in batch:
+                yield batch
+
+
+class EvalDataset(Dataset):
+    """Images resized to the model's input size, labels kept at full resolution.
+
+    Predictions are upsampled to the label, as the Cityscapes benchmark scores them.
+    """
+
+    def __init__(self, table: pa.Table, size: tuple[int, int] | None, normalization: str):
+        self.rows = table.select(["image_id", "image_path", "label_path", "label_format"])
+        self.rows = self.rows.to_pylist()
+        self.transform = build_transform(train=False, size=size, normalization=normalization)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict | None:
+        row = self.rows[index]
+        try:
+            image, _ = self.transform(load_image(row["image_path"]), None)
+            label = load_label(row["label_path"], row["label_format"])
+        except BadInputError as e:
+            log.warning("skipping %s", e)
+            return None
+        return {
+            "image": image,
+            "label": torch.from_numpy(label.astype(np.int64)),
+            "image_id": row["image_id"],
+            "index": index,
+        }
+
+
+def eval_loader(
+    table: pa.Table,
+    size: tuple[int, int] | None,
+    normalization: str,
+    batch_size: int = 8,
+    num_workers: int = 1,
+) -> DataLoader:
+    missing = [
+        r
+        for r, p in zip(table["image_id"].to_pylist(), table["label_path"].to_pylist(), strict=True)
+        if p is None
+    ]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} image(s) have no label (first: {missing[0]}); evaluation needs labels"
+        )
+    return DataLoader(
+        EvalDataset(table, size, normalization),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_skip_bad,
+    )

@@ -1,0 +1,126 @@
+"""Supervised training of a source model: the only code that reads source data.
+
+The checkpoint file doubles as the resume point: it is rewritten atomically every
+``checkpoint_every`` iterations with the optimizer state and ``complete: false``, and
+once more at the end without optimizer state and ``complete: true``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn.functional as F
+
+from sfda_ray.config import Config, to_dict
+from sfda_ray.data.catalog import open_dataset
+from sfda_ray.data.labels import CLASS_NAMES, IGNORE_INDEX
+from sfda_ray.data.loaders import forever, train_loader
+from sfda_ray.models import build_model
+from sfda_ray.models.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from sfda_ray.storage import exists
+
+log = logging.getLogger(__name__)
+
+
+def model_arch(cfg: Config) -> dict:
+    arch = {"name": cfg.model.name, "mc_dropout": cfg.model.mc_dropout}
+    if cfg.model.freeze_bn is not None:
+        arch["freeze_bn"] = cfg.model.freeze_bn
+    return arch
+
+
+def poly_lr(base: float, it: int, total: int, power: float = 0.9) -> float:
+    return base * (1 - it / total) ** power
+
+
+def train_source(cfg: Config, data: str, out: str, domain: str = "source") -> dict:
+    """Train on the labelled ``train`` split of ``data``; returns the final checkpoint meta."""
+    sc = cfg.source
+    ref = open_dataset(data, domain)
+    table = ref.split("train")
+    train_config = {**to_dict(cfg), "domain": domain}
+    meta = {
+        "arch": model_arch(cfg),
+        "num_classes": cfg.model.num_classes,
+        "class_names": list(CLASS_NAMES[: cfg.model.num_classes]),
+        "normalization": cfg.data.normalization,
+        "train_config": train_config,
+        "data_fingerprint": ref.fingerprint,
+        "iteration": 0,
+        "complete": False,
+    }
+    torch.manual_seed(sc.seed)
+    torch.set_num_threads(sc.threads)
+    model = build_model(
+        cfg.model.name,
+        cfg.model.num_classes,
+        **{k: v for k, v in meta["arch"].items() if k != "name"},
+        imagenet_init=cfg.model.imagenet_init,
+    )
+    optimizer = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=sc.lr,
+        momentum=sc.momentum,
+        weight_decay=sc.weight_decay,
+    )
+    start = 0
+    if exists(out):
+        saved = load_checkpoint(out)
+        if saved["meta"].get("train_config") != train_config:
+            raise ValueError(
+                f"{out} exists and was trained with another config or domain; "
+                "choose another --out or delete it"
+            )
+        if saved["meta"].get("complete"):
+            log.info("%s is already complete; nothing to do", out)
+            return saved["meta"]
+        load_weights(model, saved["state_dict"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start = saved["meta"]["iteration"]
+        log.info("resuming %s from iteration %d", out, start)
+
+    # Reseed per resume point so a resumed run does not replay the same batches.
+    batches = forever(
+        train_loader(table, cfg.data, sc.batch_size, sc.seed + start, cfg.data.normalization)
+    )
+    model.train()
+    t0, seen, skipped = time.perf_counter(), 0, 0
+    for it in range(start, sc.iterations):
+        batch = next(batches)
+        skipped += batch["num_skipped"]
+        for group in optimizer.param_groups:
+            group["lr"] = poly_lr(sc.lr, it, sc.iterations)
+        logits = model(batch["image"])
+        loss = F.cross_entropy(logits, batch["label"], ignore_index=IGNORE_INDEX)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        seen += batch["image"].shape[0]
+        done = it + 1
+        if done % sc.log_every == 0 or done == sc.iterations:
+            rate = seen / (time.perf_counter() - t0)
+            log.info(
+                "iter %d/%d loss %.4f lr %.5f %.1f img/s",
+                done,
+                sc.iterations,
+                loss.item(),
+                optimizer.param_groups[0]["lr"],
+                rate,
+            )
+        if done % sc.checkpoint_every == 0 and done < sc.iterations:
+            save_checkpoint(
+                out, model, {**meta, "iteration": done}, optimizer_state=optimizer.state_dict()
+            )
+    final = {
+        **meta,
+        "iteration": sc.iterations,
+        "complete": True,
+        "train_seconds": time.perf_counter() - t0,
+        "skipped_items": skipped,
+        "images": table.num_rows,
+        "skipped_images": ref.skipped,
+    }
+    save_checkpoint(out, model, final)
+    return final

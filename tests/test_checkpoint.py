@@ -1,0 +1,160 @@
+"""Checkpoint format: round trip, atomic write, safe loading, raw state dicts, key checks."""
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from sfda_ray.models import (
+    CheckpointError,
+    FCDiscriminator,
+    build_model,
+    file_fingerprint,
+    load_checkpoint,
+    load_model,
+    load_weights,
+    save_checkpoint,
+)
+
+META = {
+    "class_names": ["road", "car", "sky"],
+    "normalization": "imagenet",
+    "train_config": {"lr": 0.01, "steps": [1, 2], "loss": {"adv": 0.001}},
+    "data_fingerprint": "abc123",
+    "iteration": 7,
+}
+
+
+def _trained_model():
+    torch.manual_seed(0)
+    model = build_model("deeplabv2_resnet18", 3, multi_level=True, mc_dropout=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    model(torch.randn(2, 3, 32, 32)).mean().backward()
+    optimizer.step()  # moves BN running stats and creates momentum buffers
+    return model.eval(), optimizer
+
+
+def test_round_trip(tmp_path):
+    model, optimizer = _trained_model()
+    disc = FCDiscriminator(3, ndf=8)
+    path = tmp_path / "ckpt" / "model.pt"
+    extra = {"discriminator": disc.state_dict(), "rng": torch.get_rng_state()}
+    save_checkpoint(path, model, META, optimizer.state_dict(), extra)
+    assert os.listdir(path.parent) == ["model.pt"]  # no temporary file left behind
+
+    loaded, meta = load_model(path)
+    x = torch.randn(1, 3, 40, 48)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model(x))
+    assert {k: meta[k] for k in META} == META
+    assert meta["num_classes"] == 3
+    assert meta["arch"] == {
+        "name": "deeplabv2_resnet18",
+        "options": {"multi_level": True, "mc_dropout": 0.1},
+    }
+
+    ckpt = load_checkpoint(path)
+    fresh = torch.optim.SGD(loaded.parameters(), lr=0.01, momentum=0.9)
+    fresh.load_state_dict(ckpt["optimizer"])
+    assert len(fresh.state) == len(optimizer.state) > 0
+    disc2 = FCDiscriminator(3, ndf=8)
+    disc2.load_state_dict(ckpt["extra"]["discriminator"])
+    assert torch.equal(disc2.conv1.weight, disc.conv1.weight)
+
+    overridden, meta2 = load_model(path, mc_dropout=0.3)
+    assert overridden.dropout.p == 0.3 and meta2["arch"]["options"]["mc_dropout"] == 0.3
+
+
+def test_round_trip_through_uri(tmp_path):
+    model = build_model("deeplabv2_resnet18", 3)
+    uri = f"file://{tmp_path}/run/model.pt"
+    save_checkpoint(uri, model, {"iteration": 1})
+    assert load_checkpoint(uri)["meta"]["iteration"] == 1
+    assert file_fingerprint(uri) == file_fingerprint(tmp_path / "run" / "model.pt")
+
+
+def test_non_plain_meta_is_refused_before_writing(tmp_path):
+    model = build_model("deeplabv2_resnet18", 3)
+    path = tmp_path / "model.pt"
+    meta = {**META, "train_config": {"root": Path("/data")}}
+    with pytest.raises(CheckpointError, match=r"\['train_config'\]\['root'\]"):
+        save_checkpoint(path, model, meta)
+    with pytest.raises(CheckpointError, match="class_names"):
+        save_checkpoint(path, model, {**META, "class_names": ["road"]})
+    assert not path.exists()
+
+
+class _Malicious:
+    """Pickles as a call to os.remove: loading it unsafely would delete a file."""
+
+    def __init__(self, victim: str):
+        self.victim = victim
+
+    def __reduce__(self):
+        return (os.remove, (self.victim,))
+
+
+def test_load_refuses_pickled_code(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("still here")
+    path = tmp_path / "evil.pt"
+    torch.save({"format": "sfda_ray.checkpoint/v1", "meta": _Malicious(str(victim))}, path)
+    with pytest.raises(CheckpointError, match="refusing to load") as err:
+        load_checkpoint(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_model(path)
+    assert victim.read_text() == "still here"
+
+
+def test_raw_state_dict_with_prefixes_and_without_num_batches_tracked(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("deeplabv2_resnet18", 5, layout="adaptsegnet").eval()
+    state = {
+        "module." + k: v
+        for k, v in model.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+    path = tmp_path / "public.pth"
+    torch.save(state, path)
+    assert load_checkpoint(path)["format"] == "raw"
+    with pytest.raises(CheckpointError, match="raw state dict"):
+        load_model(path)
+
+    loaded, meta = load_model(path, arch="deeplabv2_resnet18", layout="adaptsegnet")
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model(x))
+    assert meta["num_classes"] == 5 and meta["normalization"] == "caffe_bgr"
+
+
+def test_class_count_mismatch_is_named():
+    source = build_model("deeplabv2_resnet18", 19).state_dict()
+    with pytest.raises(CheckpointError, match="checkpoint has 19 classes, model has 16"):
+        load_weights(build_model("deeplabv2_resnet18", 16), source)
+
+
+def test_missing_and_unexpected_keys_are_named():
+    asn = build_model("deeplabv2_resnet18", 3, layout="adaptsegnet").state_dict()
+    del asn["layer4.1.conv2.weight"]
+    advent = build_model("deeplabv2_resnet18", 3, layout="advent")
+    with pytest.raises(CheckpointError) as err:
+        load_weights(advent, asn)
+    message = str(err.value)
+    assert "layer4.1.conv2.weight" in message
+    assert "layer6.conv2d_list.0.weight" in message  # missing
+    assert "layer5.conv2d_list.3.bias" in message  # unexpected
+    assert "layout" in message
+
+    missing, unexpected = load_weights(advent, asn, strict=False)
+    assert "layer4.1.conv2.weight" in missing and "layer5.conv2d_list.0.weight" in unexpected
+
+
+def test_file_fingerprint(tmp_path):
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"weights")
+    assert file_fingerprint(path) == hashlib.sha256(b"weights").hexdigest()[:16]
+    path.write_bytes(b"weights2")
+    assert file_fingerprint(path) != hashlib.sha256(b"weights").hexdigest()[:16]

@@ -1,0 +1,74 @@
+import pytest
+
+from sfda_ray.config import Config, ConfigError, apply_overrides, load_config, parse_override
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_and_yaml_values(tmp_path):
+    cfg = load_config(
+        write(tmp_path, "source:\n  lr: 0.02\n  iterations: 5\ndata:\n  size: [64, 128]\n")
+    )
+    assert cfg.source.lr == 0.02
+    assert cfg.source.iterations == 5
+    assert cfg.data.size == [64, 128]
+    assert cfg.model.name == Config().model.name
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("source:\n  lrr: 0.1\n", "source: unknown key(s) lrr"),
+        ("sourc:\n  lr: 0.1\n", "config: unknown key(s) sourc"),
+        ("source:\n  lr: fast\n", "source.lr: 'fast' has the wrong type; expected a number"),
+        ("source:\n  lr: -0.1\n", "source.lr: -0.1 is out of range; allowed: > 0.0"),
+        ("source:\n  iterations: 2.5\n", "source.iterations: 2.5 has the wrong type"),
+        ("source:\n  momentum: 1.5\n", "source.momentum: 1.5 is out of range; allowed: >= 0.0"),
+        ("model:\n  mc_dropout: -0.2\n", "model.mc_dropout: -0.2 is out of range"),
+        ("model:\n  name: vgg\n", "model.name: 'vgg' is not allowed; allowed: deeplabv2_resnet18"),
+        ("data:\n  hflip: 'yes'\n", "data.hflip: 'yes' has the wrong type; expected true or false"),
+        ("data:\n  size: [64]\n", "data.size: [64] is not allowed"),
+        ("data:\n  scale_min: 2.0\n  scale_max: 1.0\n", "data.scale_min: 2.0 is larger"),
+        ("- just\n- a list\n", "expected a mapping at the top level"),
+        ("source: [1, 2\n", "not valid YAML"),
+    ],
+)
+def test_bad_values_name_key_value_and_rule(tmp_path, text, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert fragment in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    path = write(tmp_path, "source: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+
+
+def test_flags_override_yaml_and_are_validated(tmp_path):
+    path = write(tmp_path, "source:\n  lr: 0.02\n")
+    cfg = load_config(path, {"source.lr": 0.5, "source.batch_size": None})
+    assert cfg.source.lr == 0.5
+    assert cfg.source.batch_size == Config().source.batch_size  # None means "not given"
+    with pytest.raises(ConfigError, match="source.lr: 0.0 is out of range"):
+        load_config(path, {"source.lr": 0})
+    with pytest.raises(ConfigError, match="source.nope: unknown key"):
+        apply_overrides(cfg, {"source.nope": 1})
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("data.size=[64, 128]") == ("data.size", [64, 128])
+    assert parse_override("source.lr=1e-3") == ("source.lr", 1e-3)
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_override("source.lr")

@@ -1,0 +1,156 @@
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from data_fixtures import (
+    H,
+    W,
+    make_cityscapes,
+    make_gta5,
+    make_synthia,
+    random_rgb,
+    truncate,
+    write_png,
+)
+
+from sfda_ray.data.manifest import MANIFEST_SCHEMA, read_manifest, summarize, write_manifest
+from sfda_ray.data.readers import build_manifest, scan_cityscapes, scan_gta5, scan_synthia
+
+
+def test_scan_gta5(tmp_path):
+    make_gta5(tmp_path, n=3)
+    table = scan_gta5(tmp_path)
+    assert table.schema == MANIFEST_SCHEMA
+    rows = table.to_pylist()
+    assert [r["image_id"] for r in rows] == ["images/00000", "images/00001", "images/00002"]
+    assert rows[1]["image_path"] == str(tmp_path / "images" / "00001.png")
+    assert rows[1]["label_path"] == str(tmp_path / "labels" / "00001.png")
+    assert {(r["split"], r["dataset"], r["label_format"]) for r in rows} == {
+        ("train", "gta5", "cityscapes_ids")
+    }
+    assert {(r["height"], r["width"], r["error"]) for r in rows} == {(H, W, None)}
+
+
+def test_scan_synthia(tmp_path):
+    make_synthia(tmp_path, n=2)
+    rows = scan_synthia(tmp_path).to_pylist()
+    assert [r["label_path"] for r in rows] == [
+        str(tmp_path / "GT" / "LABELS" / f"{k:07d}.png") for k in range(2)
+    ]
+    assert {(r["dataset"], r["label_format"], r["error"]) for r in rows} == {
+        ("synthia", "synthia", None)
+    }
+
+
+def test_scan_cityscapes_with_unlabelled_images(tmp_path):
+    images = {
+        "train": ["zurich/zurich_000001_000019", "aachen/aachen_000000_000019"],
+        "val": ["lindau/lindau_000000_000019"],
+    }
+    make_cityscapes(tmp_path, images, unlabelled=("zurich/zurich_000001_000019",))
+    rows = scan_cityscapes(tmp_path).to_pylist()
+    assert [(r["split"], r["image_id"]) for r in rows] == [
+        ("train", "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit"),
+        ("train", "leftImg8bit/train/zurich/zurich_000001_000019_leftImg8bit"),
+        ("val", "leftImg8bit/val/lindau/lindau_000000_000019_leftImg8bit"),
+    ]
+    assert rows[0]["label_path"] == str(
+        tmp_path / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png"
+    )
+    assert (rows[1]["label_path"], rows[1]["label_format"]) == (None, None)
+    assert rows[2]["label_format"] == "cityscapes_ids"
+    assert all(r["error"] is None for r in rows)
+    assert [r["split"] for r in scan_cityscapes(tmp_path, splits=("val",)).to_pylist()] == ["val"]
+
+
+def _gta5_with_bad_rows(root):
+    make_gta5(root, n=2)  # 00000, 00001 stay good
+    truncate(write_png(root / "images" / "trunc.png", random_rgb(0)), keep=20)
+    (root / "images" / "empty.png").write_bytes(b"")
+    (root / "images" / "text.png").write_text("definitely not a png")
+    write_png(root / "images" / "size.png", random_rgb(0))
+    write_png(root / "labels" / "size.png", random_rgb(0, H // 2, W // 2)[..., 0])
+    write_png(root / "images" / "nolabel.png", random_rgb(0))
+    for name in ("trunc", "empty", "text"):
+        write_png(root / "labels" / f"{name}.png", random_rgb(0)[..., 0])
+
+
+def test_bad_rows_are_recorded_and_good_rows_survive(tmp_path):
+    _gta5_with_bad_rows(tmp_path)
+    table = scan_gta5(tmp_path)
+    errors = {r["image_id"]: r["error"] for r in table.to_pylist()}
+    assert errors["images/00000"] is None and errors["images/00001"] is None
+    for name in ("trunc", "empty", "text"):
+        assert errors[f"images/{name}"].startswith("unreadable image: ")
+    assert errors["images/size"] == (
+        f"label size mismatch: label {W // 2}x{H // 2} differs from image size {W}x{H}"
+    )
+    assert errors["images/nolabel"] == "missing label: file not found"
+    assert summarize(table) == {
+        "total": 7,
+        "ok": 2,
+        "skipped": 5,
+        "reasons": {"unreadable image": 3, "label size mismatch": 1, "missing label": 1},
+    }
+
+
+def test_manifest_round_trip_lists_every_image(tmp_path):
+    _gta5_with_bad_rows(tmp_path / "gta5")
+    out = tmp_path / "out" / "gta5.parquet"
+    summary = build_manifest("gta5", tmp_path / "gta5", out)
+    assert (summary["total"], summary["ok"]) == (7, 2)
+    assert pq.read_table(out).num_rows == 7  # bad rows are kept on disk
+    everything = read_manifest(out, include_errors=True)
+    assert everything.equals(scan_gta5(tmp_path / "gta5"))
+    assert read_manifest(out)["image_id"].to_pylist() == ["images/00000", "images/00001"]
+    assert read_manifest(out, split="val").num_rows == 0
+    assert read_manifest(out.as_uri(), split="train").num_rows == 2
+
+
+def test_scan_order_is_deterministic(tmp_path):
+    make_cityscapes(tmp_path, {"val": ["b/b_1", "a/a_2", "a/a_1"]})
+    first = scan_cityscapes(tmp_path, splits=("val",))
+    assert first.equals(scan_cityscapes(tmp_path, splits=("val",)))
+    assert first["image_id"].to_pylist() == sorted(first["image_id"].to_pylist())
+
+
+def test_missing_root_names_the_path(tmp_path):
+    for scan in (scan_gta5, scan_synthia, scan_cityscapes):
+        with pytest.raises(FileNotFoundError, match=f"dataset root not found: {tmp_path}/nope"):
+            scan(tmp_path / "nope")
+
+
+def test_missing_or_empty_image_folder_names_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"directory not found: {tmp_path}/images"):
+        scan_gta5(tmp_path)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"no \\*.png images in {tmp_path}/images"):
+        scan_gta5(tmp_path)
+    write_png(tmp_path / "RGB" / "0000000.png", random_rgb(0))
+    with pytest.raises(FileNotFoundError, match=f"directory not found: {tmp_path}/GT/LABELS"):
+        scan_synthia(tmp_path)
+    make_cityscapes(tmp_path, {"train": ["a/a_1"]})
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/leftImg8bit/val .*expected layout"):
+        scan_cityscapes(tmp_path)
+
+
+def test_read_manifest_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=f"manifest not found: {tmp_path}/m.parquet"):
+        read_manifest(tmp_path / "m.parquet")
+    pq.write_table(pa.table({"image_id": ["a"]}), tmp_path / "other.parquet")
+    with pytest.raises(ValueError, match=r"other.parquet: not a manifest, missing columns \['im"):
+        read_manifest(tmp_path / "other.parquet")
+    (tmp_path / "text.parquet").write_text("hello")
+    with pytest.raises(ValueError, match="text.parquet: not a Parquet manifest"):
+        read_manifest(tmp_path / "text.parquet")
+
+
+def test_write_manifest_validates(tmp_path):
+    with pytest.raises(ValueError, match="missing columns"):
+        write_manifest(pa.table({"image_id": ["a"]}), tmp_path / "m.parquet")
+    row = {"image_id": None, "image_path": "/a.png", "split": "train", "dataset": "gta5"}
+    with pytest.raises(ValueError, match="'image_id' has 1 null"):
+        write_manifest([row], tmp_path / "m.parquet")
+    write_manifest([{**row, "image_id": "a"}], tmp_path / "m.parquet")
+    assert read_manifest(tmp_path / "m.parquet").to_pylist()[0]["height"] is None
+    assert not list(tmp_path.glob("*.tmp-*"))  # the temporary file was renamed away

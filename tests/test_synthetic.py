@@ -1,0 +1,108 @@
+import hashlib
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from sfda_ray.cli import main
+from sfda_ray.data.catalog import open_dataset
+from sfda_ray.data.synthetic import (
+    BUILDING,
+    CAR,
+    CLASSES,
+    VEGETATION,
+    BenchmarkSpec,
+    generate,
+    load_benchmark_info,
+    render_sample,
+)
+
+SMALL = [
+    "--height",
+    "48",
+    "--width",
+    "96",
+    "--source-train",
+    "6",
+    "--source-val",
+    "3",
+    "--target-train",
+    "6",
+    "--target-val",
+    "3",
+]
+
+
+def digests(root, pattern):
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob(pattern))
+    }
+
+
+def test_same_seed_gives_identical_files(tmp_path):
+    assert main(["synth", "--out", str(tmp_path / "a"), "--seed", "0", *SMALL]) == 0
+    assert main(["synth", "--out", str(tmp_path / "b"), "--seed", "0", *SMALL]) == 0
+    assert main(["synth", "--out", str(tmp_path / "c"), "--seed", "1", *SMALL]) == 0
+    a = digests(tmp_path / "a", "*_labelIds.png")
+    assert len(a) == 18
+    assert a == digests(tmp_path / "b", "*_labelIds.png")
+    assert digests(tmp_path / "a", "*_leftImg8bit.png") == digests(
+        tmp_path / "b", "*_leftImg8bit.png"
+    )
+    assert a != digests(tmp_path / "c", "*_labelIds.png")
+
+
+def test_layout_manifests_and_preview(tmp_path):
+    info = generate(
+        tmp_path,
+        BenchmarkSpec(
+            height=48, width=96, source_train=4, source_val=2, target_train=5, target_val=3
+        ),
+    )
+    assert load_benchmark_info(tmp_path)["class_ids"] == list(CLASSES)
+    assert info["images"] == {"source": 6, "target": 8}
+    # Real Cityscapes layout and encoding: 8-bit label ids, one file per image.
+    label = tmp_path / "target/gtFine/val/real/real_000002_000019_gtFine_labelIds.png"
+    assert Image.open(label).mode == "L"
+    assert set(np.unique(np.asarray(Image.open(label)))) <= {7, 8, 11, 17, 20, 21, 23, 24, 26}
+    table = pq.read_table(tmp_path / "target/manifest.parquet")
+    assert table.num_rows == 8
+    assert sorted(table["split"].to_pylist()) == ["train"] * 5 + ["val"] * 3
+    assert all((tmp_path / "target").as_posix() in p for p in table["image_path"].to_pylist())
+    ref = open_dataset(tmp_path, "source")
+    assert ref.split("val").num_rows == 2 and ref.eval_subsets == {"synthetic": CLASSES}
+    preview = Image.open(tmp_path / "preview.png")
+    assert preview.size == (4 * 96, 4 * 48)
+
+
+def test_shift_changes_appearance_and_class_frequencies():
+    def stats(domain, shift):
+        fractions, pixels = np.zeros(19), []
+        for i in range(40):
+            image, label = render_sample(3, domain, "train", i, 64, 128, shift)
+            fractions += np.bincount(label.ravel(), minlength=19)[:19] / label.size
+            pixels.append(image.reshape(-1, 3).mean(0))
+        return fractions / 40, np.mean(pixels, 0)
+
+    src_frac, src_rgb = stats("source", 1.0)
+    tgt_frac, tgt_rgb = stats("target", 1.0)
+    # Label shift: fewer buildings, more vegetation and cars in the target.
+    assert tgt_frac[BUILDING] < 0.7 * src_frac[BUILDING]
+    assert tgt_frac[VEGETATION] > 1.3 * src_frac[VEGETATION]
+    assert tgt_frac[CAR] > 1.3 * src_frac[CAR]
+    # Appearance shift: a darker target.
+    assert tgt_rgb.mean() < src_rgb.mean() - 10
+    # shift=0 renders the target like the source (same layout statistics, no degradation).
+    zero_frac, zero_rgb = stats("target", 0.0)
+    assert np.abs(zero_frac - src_frac).sum() < 0.15
+    assert abs(zero_rgb.mean() - src_rgb.mean()) < 5
+
+
+def test_bad_spec_and_missing_benchmark(tmp_path):
+    with pytest.raises(ValueError, match="shift: 1.5 is out of range"):
+        generate(tmp_path / "x", BenchmarkSpec(shift=1.5))
+    with pytest.raises(FileNotFoundError, match="not a synthetic benchmark directory"):
+        load_benchmark_info(tmp_path)
+    assert main(["synth", "--out", str(tmp_path / "y"), "--shift", "2"]) == 2
