@@ -95,6 +95,47 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_score(args: argparse.Namespace) -> int:
+    from sfda_ray.dist.runtime import init_ray
+    from sfda_ray.dist.scoring import ScoringOptions, score_dataset, write_pictures
+
+    cfg = _config(
+        args,
+        {
+            "score.batch_size": args.batch_size,
+            "score.actors": args.actors,
+            "score.mc_passes": args.mc_passes,
+            "score.split": args.split,
+        },
+    )
+    init_ray(args.address)
+    options = ScoringOptions(
+        size=tuple(cfg.data.size) if cfg.data.size else None,
+        batch_size=cfg.score.batch_size,
+        actors=cfg.score.actors,
+        threads_per_actor=cfg.score.threads_per_actor,
+        mc_passes=cfg.score.mc_passes,
+        split=cfg.score.split,
+        domain=args.domain,
+    )
+    summary = score_dataset(args.checkpoint, args.data, args.out, options)
+    pictures = write_pictures(args.out, cfg.select)
+    print(
+        f"scored {summary['scored']} images, skipped {summary['skipped']} "
+        f"{summary['skipped_reasons'] or ''} in {summary['seconds']} s "
+        f"({summary['images_per_s']} images/s) on {len(summary['nodes'])} node(s)"
+    )
+    for key in (
+        "quality_kept_pixel_accuracy",
+        "quality_all_pixel_accuracy",
+        "quality_score_miou_spearman",
+    ):
+        if summary.get(key) is not None:
+            print(f"  {key[len('quality_') :]}: {summary[key]:.3f}")
+    print(f"table: {args.out}/scores.parquet; pictures: {', '.join(pictures)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfda-ray",
@@ -156,6 +197,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("score", help="score target images with the source model (Ray Data)")
+    p.add_argument("--checkpoint", required=True, help="source model checkpoint")
+    p.add_argument("--data", required=True, help="target data (benchmark dir, manifest, yaml)")
+    p.add_argument("--out", required=True, help="scores directory (local path or URI)")
+    p.add_argument("--domain", choices=("source", "target"), default="target")
+    p.add_argument("--split", help="split to score (default: train)")
+    p.add_argument("--actors", type=int, help="scoring actors (default: from the cluster)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--mc-passes", type=int, help="MC-dropout passes (0: off)")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_score)
     return parser
 
 

@@ -63,3 +63,31 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             fs.delete_file(tmp)
         raise
+
+
+def list_files(directory: str | os.PathLike, suffix: str = "") -> list[str]:
+    """Files directly or indirectly under ``directory`` ending in ``suffix``, sorted."""
+    fs, p = resolve(directory)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True, allow_not_found=True))
+    files = [i.path for i in infos if i.type == pafs.FileType.File]
+    found = sorted(f for f in files if f.endswith(suffix))
+    scheme = str(directory).split("://", 1)[0] if is_uri(directory) else "file"
+    # Object stores list "bucket/key": give back URIs that resolve() understands.
+    return found if scheme == "file" else [f"{scheme}://{f}" for f in found]
+
+
+def read_parquet(path: str | os.PathLike, schema=None):
+    import pyarrow.parquet as pq
+
+    fs, p = resolve(path)
+    return pq.read_table(p, filesystem=fs, schema=schema)
+
+
+def write_parquet(table, path: str | os.PathLike) -> None:
+    """Atomic Parquet write (temporary name, then rename)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    atomic_write_bytes(path, buf.getvalue().to_pybytes())

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 
 def model_arch(cfg: Config) -> dict:
     arch = {"name": cfg.model.name, "mc_dropout": cfg.model.mc_dropout}
+    if cfg.model.name != "deeplabv2_resnet101":  # the Caffe ResNet-101 is fixed at stride 8
+        arch["output_stride"] = cfg.model.output_stride
     if cfg.model.freeze_bn is not None:
         arch["freeze_bn"] = cfg.model.freeze_bn
     return arch

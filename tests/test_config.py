@@ -58,9 +58,14 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 def test_flags_override_yaml_and_are_validated(tmp_path):
     path = write(tmp_path, "source:\n  lr: 0.02\n")
-    cfg = load_config(path, {"source.lr": 0.5, "source.batch_size": None})
+    cfg = load_config(path, {"source.lr": 0.5, "select.ratio": None, "select.score_threshold": 0.7})
     assert cfg.source.lr == 0.5
-    assert cfg.source.batch_size == Config().source.batch_size  # None means "not given"
+    assert cfg.select.ratio is None and cfg.select.score_threshold == 0.7
+    assert cfg.source.batch_size == Config().source.batch_size
+    with pytest.raises(ConfigError, match="give exactly one of ratio"):
+        load_config(path, {"select.score_threshold": 0.7})
+    with pytest.raises(ConfigError, match="source.batch_size: None has the wrong type"):
+        load_config(path, {"source.batch_size": None})
     with pytest.raises(ConfigError, match="source.lr: 0.0 is out of range"):
         load_config(path, {"source.lr": 0})
     with pytest.raises(ConfigError, match="source.nope: unknown key"):

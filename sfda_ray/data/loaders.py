@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -20,11 +21,12 @@ log = logging.getLogger(__name__)
 def train_loader(
     table: pa.Table, data: DataConfig, batch_size: int, seed: int, normalization: str
 ) -> DataLoader:
+    crop = data.crop or data.size or _common_size(table)  # batches need one size
     transform = build_transform(
         train=True,
         size=tuple(data.size) if data.size else None,
         scale_range=(data.scale_min, data.scale_max),
-        crop=tuple(data.crop or data.size or ()) or None,
+        crop=tuple(crop),
         hflip=data.hflip,
         normalization=normalization,
     )
@@ -40,12 +42,43 @@ def train_loader(
     )
 
 
+def _common_size(table: pa.Table) -> tuple[int, int]:
+    sizes = Counter(zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True))
+    return sizes.most_common(1)[0][0]
+
+
 def forever(loader: DataLoader):
     """Endless stream of non-empty batches (a fresh shuffle each pass)."""
     while True:
         for batch in loader:
             if "image" in batch:
                 yield batch
+
+
+def image_loader(
+    table: pa.Table,
+    size: tuple[int, int] | None,
+    normalization: str,
+    batch_size: int = 8,
+    num_workers: int = 1,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> DataLoader:
+    """Unaugmented images only (labels are not read even where they exist)."""
+    transform = build_transform(train=False, size=size, normalization=normalization)
+    return DataLoader(
+        SegmentationDataset(table, transform, with_labels=False),
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate_skip_bad,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def images_of(loader: DataLoader):
+    """The image tensors of a loader's batches, skipping all-bad batches."""
+    return (batch["image"] for batch in loader if "image" in batch)
 
 
 class EvalDataset(Dataset):

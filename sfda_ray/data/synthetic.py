@@ -63,7 +63,7 @@ class Layout:
 
 
 SOURCE_LAYOUT = Layout((0.36, 0.46), 0.85, (0, 2), (1, 3), 1.0, (0, 2), 1.0, (1, 3), (0.30, 0.42))
-TARGET_LAYOUT = Layout((0.44, 0.54), 0.45, (2, 5), (2, 5), 1.35, (1, 4), 1.3, (2, 4), (0.22, 0.34))
+TARGET_LAYOUT = Layout((0.44, 0.54), 0.45, (2, 5), (2, 5), 1.25, (1, 4), 1.25, (2, 4), (0.22, 0.34))
 
 
 def _lerp_layout(a: Layout, b: Layout, t: float) -> Layout:
@@ -155,26 +155,26 @@ def _draw_scene(rng: np.random.Generator, h: int, w: int, layout: Layout) -> _Sc
             crown = ((xx - cx) / (r * 1.1)) ** 2 + ((yy - cy) / r) ** 2 < 1
             paint(trunk | crown, VEGETATION)
         elif kind == "pole":
-            pw = max(0.015 * s, 0.6)
+            pw = max(0.03 * s, 1.0)
             top = y - 0.9 * s * rng.uniform(0.8, 1.2)
             paint((np.abs(xx - cx) < pw) & (yy <= y) & (yy >= top), POLE)
             if rng.random() < 0.7:
-                sz = 0.07 * s + 1
+                sz = 0.12 * s + 1.5
                 if rng.random() < 0.5:
                     m = (np.abs(xx - cx) < sz) & (np.abs(yy - top - sz) < sz)
                 else:
                     m = (xx - cx) ** 2 + (yy - top - sz) ** 2 < sz**2
                 paint(m, SIGN)
         elif kind == "person":
-            ph = 0.42 * s * layout.person_scale * rng.uniform(0.85, 1.15)
-            body = ((xx - cx) / (0.16 * ph + 0.5)) ** 2 + (
+            ph = 0.6 * s * layout.person_scale * rng.uniform(0.85, 1.15)
+            body = ((xx - cx) / (0.2 * ph + 0.5)) ** 2 + (
                 (yy - (y - 0.42 * ph)) / (0.42 * ph)
             ) ** 2
             head = (xx - cx) ** 2 + (yy - (y - 0.9 * ph)) ** 2 < (0.1 * ph + 0.5) ** 2
             paint(body < 1, PERSON)
             paint(head, PERSON, np.array(SKIN, np.float32))
         else:
-            cw = 0.42 * s * layout.car_scale * rng.uniform(0.85, 1.15)
+            cw = 0.55 * s * layout.car_scale * rng.uniform(0.85, 1.15)
             ch = 0.45 * cw
             body = (np.abs(xx - cx) < cw / 2) & (yy <= y - 0.12 * ch) & (yy > y - 0.6 * ch)
             cabin = (np.abs(xx - cx) < cw * 0.3) & (yy <= y - 0.6 * ch) & (yy > y - ch)

@@ -110,3 +110,17 @@ def denormalize(image: torch.Tensor, normalization: str) -> np.ndarray:
     else:
         x = (x + torch.tensor(CAFFE_MEAN_BGR).view(3, 1, 1)).flip(0)
     return x.round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+
+
+def normalize_batch(images: torch.Tensor, normalization: str) -> torch.Tensor:
+    """uint8 NxHxWx3 RGB batch -> normalised float Nx3xHxW, as ``build_transform`` does.
+
+    For pipelines that move compact uint8 images and normalise on the device.
+    """
+    _check_normalization(normalization)
+    x = images.permute(0, 3, 1, 2).float()
+    if normalization == "imagenet":
+        mean = x.new_tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        std = x.new_tensor(IMAGENET_STD).view(1, 3, 1, 1)
+        return ((x / 255.0 - mean) / std).contiguous()
+    return (x.flip(1) - x.new_tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)).contiguous()

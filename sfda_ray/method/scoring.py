@@ -77,3 +77,30 @@ def score_images(model: nn.Module, images: torch.Tensor, mc_passes: int = 0) -> 
         uncertainty=None if mutual_info is None else to_uint8(mutual_info),
         mc_score=None if mutual_info is None else (1 - mutual_info).flatten(1).mean(1),
     )
+
+
+CONFIDENCE_BINS = 20
+
+
+def confidence_bin(confidence_u8: torch.Tensor, bins: int = CONFIDENCE_BINS) -> torch.Tensor:
+    """Bin index of 8-bit confidences: bin ``i`` covers [i/bins, (i+1)/bins)."""
+    return (confidence_u8.long() * bins // 256).clamp_max(bins - 1)
+
+
+def class_confidence_histogram(
+    label: torch.Tensor,
+    confidence_u8: torch.Tensor,
+    num_classes: int,
+    mask: torch.Tensor | None = None,
+    bins: int = CONFIDENCE_BINS,
+) -> torch.Tensor:
+    """Pixel counts per (pseudo-label class, confidence bin), flattened to ``[C * bins]``.
+
+    Kept in the scores table, it lets selection compute per-class confidence quantiles
+    (class-balanced thresholds) and kept-pixel priors for any threshold without reading
+    a single map again. ``mask`` restricts the count (e.g. to correctly labelled pixels).
+    """
+    index = label.long().flatten() * bins + confidence_bin(confidence_u8).flatten()
+    if mask is not None:
+        index = index[mask.flatten()]
+    return torch.bincount(index, minlength=num_classes * bins)

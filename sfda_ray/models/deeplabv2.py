@@ -1,4 +1,4 @@
-"""DeepLab-v2 (ASPP head, output stride 8) on ResNet trunks.
+"""DeepLab-v2 (ASPP head, output stride 8; 16 optional on small trunks) on ResNet trunks.
 
 The ResNet-101 variant reproduces the module layout of AdaptSegNet (``Res_Deeplab``,
 ``DeeplabMulti``) and ADVENT (``get_deeplab_v2``) so that their public GTA5 checkpoints load
@@ -223,7 +223,7 @@ class DeepLabV2(nn.Module):
         return self
 
     def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Logits at feature resolution (stride 8): (layer3 head or None, layer4 head)."""
+        """Logits at feature resolution: (layer3 head or None, layer4 head)."""
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         c3 = self.layer3(self.layer2(self.layer1(x)))
         aux = self.layer5(c3) if self.multi_level else None
@@ -250,21 +250,39 @@ def deeplabv2_resnet101(num_classes: int, imagenet_init: bool = False, **options
     return DeepLabV2(trunk, (1024, 2048), num_classes, **options)
 
 
-def deeplabv2_resnet50(num_classes: int, imagenet_init: bool = False, **options: Any) -> DeepLabV2:
-    """torchvision ResNet-50 dilated to output stride 8, BN trainable by default."""
+def _check_output_stride(output_stride: int) -> None:
+    if output_stride not in (8, 16):
+        raise ValueError(f"output_stride must be 8 or 16, got {output_stride!r}")
+
+
+def deeplabv2_resnet50(
+    num_classes: int, imagenet_init: bool = False, output_stride: int = 8, **options: Any
+) -> DeepLabV2:
+    """torchvision ResNet-50 dilated to output stride 8 (or 16), BN trainable by default."""
+    _check_output_stride(output_stride)
     weights = "IMAGENET1K_V1" if imagenet_init else None
     net = torchvision.models.resnet50(
-        weights=weights, replace_stride_with_dilation=[False, True, True]
+        weights=weights, replace_stride_with_dilation=[False, output_stride == 8, True]
     )
     return DeepLabV2(_torchvision_trunk(net), (1024, 2048), num_classes, **options)
 
 
-def deeplabv2_resnet18(num_classes: int, imagenet_init: bool = False, **options: Any) -> DeepLabV2:
-    """torchvision ResNet-18 with layer3/layer4 made stride 1, dilation 2/4 (output stride 8)."""
+def deeplabv2_resnet18(
+    num_classes: int, imagenet_init: bool = False, output_stride: int = 8, **options: Any
+) -> DeepLabV2:
+    """torchvision ResNet-18 with the last layers made stride 1 and dilated.
+
+    Output stride 8 dilates layer3/layer4 by 2/4; output stride 16 dilates layer4 by 2
+    only, about three times cheaper on a CPU (the synthetic benchmark's default).
+    """
+    _check_output_stride(output_stride)
     weights = "IMAGENET1K_V1" if imagenet_init else None
     net = torchvision.models.resnet18(weights=weights)
-    _dilate_basic_layer(net.layer3, 2)
-    _dilate_basic_layer(net.layer4, 4)
+    if output_stride == 8:
+        _dilate_basic_layer(net.layer3, 2)
+        _dilate_basic_layer(net.layer4, 4)
+    else:
+        _dilate_basic_layer(net.layer4, 2)
     return DeepLabV2(_torchvision_trunk(net), (256, 512), num_classes, **options)
 
 
@@ -280,7 +298,8 @@ def build_model(name: str, num_classes: int, **options: Any) -> DeepLabV2:
     """Build a segmentation model by name.
 
     Options: ``layout`` ("advent" | "adaptsegnet"), ``multi_level``, ``aspp_sum``
-    ("two" | "all"), ``mc_dropout``, ``freeze_bn``, ``imagenet_init`` (downloads).
+    ("two" | "all"), ``mc_dropout``, ``freeze_bn``, ``imagenet_init`` (downloads), and
+    for the torchvision backbones ``output_stride`` (8 | 16).
     The model carries ``arch = {"name", "options"}`` so a checkpoint can rebuild it;
     ``imagenet_init`` is left out of it, being an initialisation, not an architecture.
     """

@@ -1,0 +1,475 @@
+"""Scoring target images on Ray Data: decode in tasks, score in an actor pool.
+
+Layout of a scores directory ``OUT`` (local path or ``s3://``/``gs://``/``file://`` URI):
+
+- ``OUT/parts/*.parquet``  rows as they stream in, each part written atomically; a killed
+  run keeps every finished part and a rerun skips those images (same fingerprint);
+- ``OUT/maps/<image_id>_{label,conf,unc}.png``  8-bit pseudo-label, confidence and
+  (MC-dropout) uncertainty maps at the model's input resolution;
+- ``OUT/scores.parquet``  the consolidated table, one row per image, written last;
+- ``OUT/summary.json``  counts, skip reasons, throughput and virtual-source quality.
+
+Every file is written by the driver: actors return PNG bytes, so a multi-node run with a
+plain local path still puts everything on the driver's disk (use shared storage to read
+the maps from other nodes later).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+from PIL import Image
+
+from sfda_ray import storage
+from sfda_ray.data.catalog import open_dataset
+from sfda_ray.data.io import BadInputError, load_image, load_label
+from sfda_ray.data.labels import IGNORE_INDEX
+from sfda_ray.data.manifest import error_reason
+from sfda_ray.data.transforms import normalize_batch
+from sfda_ray.method.scoring import class_confidence_histogram, score_images
+from sfda_ray.method.selection import select, selection_quality
+from sfda_ray.metrics import confusion_matrix, iou_per_class
+from sfda_ray.models.checkpoint import file_fingerprint, load_model
+
+log = logging.getLogger(__name__)
+
+SCORES_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("image_path", pa.string()),
+        ("label_path", pa.string()),
+        ("label_format", pa.string()),
+        ("split", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("fingerprint", pa.string()),
+        ("score", pa.float32()),
+        ("mean_confidence", pa.float32()),
+        ("class_hist", pa.list_(pa.int64())),
+        ("class_confidence", pa.list_(pa.float32())),
+        ("class_conf_hist", pa.list_(pa.int64())),
+        ("pseudo_label_path", pa.string()),
+        ("confidence_path", pa.string()),
+        ("uncertainty_path", pa.string()),
+        ("mc_score", pa.float32()),
+        # Evaluation only (target labels, when present); never read by adaptation.
+        ("eval_miou", pa.float32()),
+        ("eval_correct_hist", pa.list_(pa.int64())),
+        ("eval_error", pa.string()),
+        ("node_id", pa.string()),
+        ("error", pa.string()),
+    ]
+)
+
+
+# What a scoring actor returns per image: numbers, and the maps as PNG bytes.
+ACTOR_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.string()),
+        ("fingerprint", pa.string()),
+        ("node_id", pa.string()),
+        ("error", pa.string()),
+        ("eval_error", pa.string()),
+        ("score", pa.float32()),
+        ("mean_confidence", pa.float32()),
+        ("mc_score", pa.float32()),
+        ("eval_miou", pa.float32()),
+        ("class_hist", pa.list_(pa.int64())),
+        ("class_confidence", pa.list_(pa.float32())),
+        ("class_conf_hist", pa.list_(pa.int64())),
+        ("eval_correct_hist", pa.list_(pa.int64())),
+        ("label_png", pa.binary()),
+        ("conf_png", pa.binary()),
+        ("unc_png", pa.binary()),
+    ]
+)
+
+
+@dataclass
+class ScoringOptions:
+    size: tuple[int, int] | None = None  # model input (H, W); None keeps native size
+    batch_size: int = 8
+    actors: int | None = None  # None: one per GPU, else one per free CPU
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs
+    threads_per_actor: int = 1
+    mc_passes: int = 0
+    split: str = "train"
+    domain: str = "target"
+
+
+def _row_fingerprint(checkpoint_fp: str, row: dict) -> str:
+    key = f"{checkpoint_fp}|{row['image_id']}|{row['image_path']}|{row['height']}x{row['width']}"
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def decode_batch(batch: dict[str, np.ndarray], size: tuple[int, int] | None) -> dict:
+    """Ray Data task: read and resize images; read labels where present (evaluation only).
+
+    An unreadable image marks its row with an error (the row is skipped, not dropped); an
+    unreadable label only leaves that image out of the evaluation numbers.
+    """
+    images, labels, errors, eval_errors = [], [], [], []
+    for path, label_path, label_format in zip(
+        batch["image_path"], batch["label_path"], batch["label_format"], strict=True
+    ):
+        image, label, error, eval_error = np.zeros((1, 1, 3), np.uint8), None, None, None
+        try:
+            image = load_image(path)
+            if size is not None and image.shape[:2] != tuple(size):
+                image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
+        except BadInputError as e:
+            error = f"unreadable image: {e}"
+        if error is None and label_path:
+            try:
+                label = load_label(label_path, label_format)
+            except BadInputError as e:
+                eval_error = f"bad label: {e}"
+        images.append(image)
+        labels.append(label)
+        errors.append(error)
+        eval_errors.append(eval_error)
+    out = dict(batch)
+    out["image"] = _objects(images)  # ragged: one array per row
+    out["label"] = _objects(labels)
+    out["error"] = _objects(errors)
+    out["eval_error"] = _objects(eval_errors)
+    return out
+
+
+def _objects(values: list) -> np.ndarray:
+    """A 1-D object array, even when every value is an array of the same shape."""
+    out = np.empty(len(values), dtype=object)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out
+
+
+class Scorer:
+    """Ray Data actor: the source model, loaded once, scoring batches of decoded images."""
+
+    def __init__(self, checkpoint: str, mc_passes: int, threads: int):
+        torch.set_num_threads(threads)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model, meta = load_model(checkpoint)
+        self.model.to(self.device).eval()
+        self.normalization = meta["normalization"]
+        self.num_classes = meta["num_classes"]
+        self.mc_passes = mc_passes
+        self.node_id = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["image_id"])
+        rows = [score_row_template(batch, i, self.node_id) for i in range(n)]
+        by_shape: dict[tuple, list[int]] = {}
+        for i, row in enumerate(rows):
+            if row["error"] is None:
+                by_shape.setdefault(batch["image"][i].shape, []).append(i)
+        for idx in by_shape.values():
+            images = torch.from_numpy(np.stack([batch["image"][i] for i in idx]))
+            x = normalize_batch(images.to(self.device), self.normalization)
+            scores = score_images(self.model, x, self.mc_passes)
+            for j, i in enumerate(idx):
+                gt = batch["label"][i]
+                gt = gt if isinstance(gt, np.ndarray) and gt.ndim == 2 else None
+                rows[i].update(image_row(scores, j, self.num_classes, gt))
+        # An explicit schema: Ray's type inference would turn missing values into NaN.
+        return pa.Table.from_pylist(rows, schema=ACTOR_SCHEMA)
+
+
+def _text(value) -> str | None:
+    """Strings survive Ray's block conversion; missing values may come back as NaN."""
+    return value if isinstance(value, str) else None
+
+
+def score_row_template(batch: dict, i: int, node_id: str) -> dict:
+    return {
+        "image_id": batch["image_id"][i],
+        "fingerprint": batch["fingerprint"][i],
+        "node_id": node_id,
+        "error": _text(batch["error"][i]),
+        "eval_error": _text(batch["eval_error"][i]),
+        "score": None,
+        "mean_confidence": None,
+        "class_hist": None,
+        "class_confidence": None,
+        "class_conf_hist": None,
+        "mc_score": None,
+        "eval_miou": None,
+        "eval_correct_hist": None,
+        "label_png": None,
+        "conf_png": None,
+        "unc_png": None,
+    }
+
+
+def image_row(scores, j: int, num_classes: int, gt: np.ndarray | None) -> dict:
+    """Table values and encoded maps of image ``j`` of a scored batch."""
+    label, conf = scores.label[j].cpu(), scores.confidence[j].cpu()
+    row = {
+        "score": float(scores.score[j]),
+        "mean_confidence": float(scores.mean_confidence[j]),
+        "class_hist": scores.class_hist[j].cpu().tolist(),
+        "class_confidence": scores.class_confidence[j].cpu().tolist(),
+        "class_conf_hist": class_confidence_histogram(label, conf, num_classes).tolist(),
+        "label_png": encode_png(label.numpy()),
+        "conf_png": encode_png(conf.numpy()),
+    }
+    if scores.uncertainty is not None:
+        row["unc_png"] = encode_png(scores.uncertainty[j].cpu().numpy())
+        row["mc_score"] = float(scores.mc_score[j])
+    if gt is not None:
+        row.update(evaluate_pseudo_label(label, conf, gt, num_classes))
+    return row
+
+
+def evaluate_pseudo_label(
+    label: torch.Tensor, conf: torch.Tensor, gt: np.ndarray, num_classes: int
+) -> dict:
+    """Per-image mIoU of the pseudo-label and its correct pixels per (class, confidence bin)."""
+    gt_t = torch.from_numpy(gt)
+    if gt_t.shape != label.shape:  # maps are at model resolution; compare at that size
+        gt_t = torch.nn.functional.interpolate(
+            gt_t[None, None].float(), size=label.shape, mode="nearest"
+        )[0, 0].to(torch.uint8)
+    valid = gt_t != IGNORE_INDEX
+    correct = (label == gt_t) & valid
+    cm = confusion_matrix(label[valid], gt_t[valid], num_classes)
+    iou = iou_per_class(cm)
+    return {
+        "eval_miou": float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else None,
+        "eval_correct_hist": class_confidence_histogram(
+            label, conf, num_classes, mask=correct
+        ).tolist(),
+    }
+
+
+# --- driver -----------------------------------------------------------------------------
+
+
+def _default_actors(gpus_per_actor: float) -> int:
+    resources = ray.cluster_resources()
+    if gpus_per_actor > 0:
+        return max(1, int(resources.get("GPU", 0) / gpus_per_actor))
+    # Leave a CPU for the decode tasks on small clusters.
+    return max(1, int(resources.get("CPU", 1)) - 1)
+
+
+def _read_parts(out: str) -> pa.Table | None:
+    paths = storage.list_files(storage.join(out, "parts"), ".parquet")
+    if not paths:
+        return None
+    return pa.concat_tables(storage.read_parquet(p, SCORES_SCHEMA) for p in paths)
+
+
+def _latest_per_image(table: pa.Table) -> pa.Table:
+    """One row per image id: the last one written (a rerun may re-score failed images)."""
+    ids = table["image_id"].to_pylist()
+    last = {image_id: i for i, image_id in enumerate(ids)}
+    return table.take(sorted(last.values()))
+
+
+def score_dataset(
+    checkpoint: str, data: str, out: str, options: ScoringOptions | None = None
+) -> dict:
+    """Score every image of a target split; returns the run summary (also in summary.json).
+
+    Images already in ``OUT/parts`` with the same fingerprint (checkpoint + image) are
+    not scored again, so an interrupted run resumes where it stopped.
+    """
+    opts = options or ScoringOptions()
+    ref = open_dataset(data, opts.domain)
+    manifest = ref.split(opts.split)
+    checkpoint_fp = file_fingerprint(checkpoint)
+    rows = manifest.select(
+        ["image_id", "image_path", "label_path", "label_format", "split", "height", "width"]
+    ).to_pylist()
+    for row in rows:
+        row["fingerprint"] = _row_fingerprint(checkpoint_fp, row)
+    storage.makedirs(out)
+
+    previous = _read_parts(out)
+    done = set()
+    if previous is not None:
+        ok = previous.filter(pc.is_null(previous["error"]))
+        done = set(ok["fingerprint"].to_pylist())
+    todo = [r for r in rows if r["fingerprint"] not in done]
+    log.info(
+        "scoring %d images (%d already scored) with %s",
+        len(todo),
+        len(rows) - len(todo),
+        checkpoint,
+    )
+
+    t0 = time.perf_counter()
+    if todo:
+        _run_pipeline(checkpoint, todo, out, opts)
+    elapsed = time.perf_counter() - t0
+
+    by_id = {r["image_id"]: r for r in rows}
+    table = _latest_per_image(_read_parts(out))
+    table = table.filter(pc.is_in(table["image_id"], pa.array(list(by_id))))
+    storage.write_parquet(table, storage.join(out, "scores.parquet"))
+    summary = summarize_scores(table, len(todo), elapsed)
+    summary.update(
+        {
+            "checkpoint": str(checkpoint),
+            "checkpoint_fingerprint": checkpoint_fp,
+            "data": str(data),
+            "data_fingerprint": ref.fingerprint,
+            "manifest_skipped": ref.skipped,
+            "split": opts.split,
+        }
+    )
+    storage.atomic_write_bytes(
+        storage.join(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode()
+    )
+    return summary
+
+
+def _run_pipeline(checkpoint: str, todo: list[dict], out: str, opts: ScoringOptions) -> None:
+    gpus = opts.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    actors = opts.actors or _default_actors(gpus)
+    ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // opts.batch_size))
+    ds = ds.map_batches(
+        decode_batch,
+        fn_kwargs={"size": opts.size},
+        batch_size=opts.batch_size,
+        batch_format="numpy",
+    )
+    ds = ds.map_batches(
+        Scorer,
+        fn_constructor_kwargs={
+            "checkpoint": checkpoint,
+            "mc_passes": opts.mc_passes,
+            "threads": opts.threads_per_actor,
+        },
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        batch_size=opts.batch_size,
+        batch_format="numpy",
+        num_gpus=gpus,
+        num_cpus=0 if gpus else opts.threads_per_actor,
+        scheduling_strategy="SPREAD",  # one scorer per node before doubling up
+    )
+    by_fp = {r["fingerprint"]: r for r in todo}
+    pending: list[dict] = []
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in batch.to_pylist():
+            pending.append(_store_maps(row, by_fp[row["fingerprint"]], out))
+        if len(pending) >= 64:
+            _flush(pending, out)
+    _flush(pending, out)
+
+
+def _store_maps(row: dict, source: dict, out: str) -> dict:
+    """Write the row's PNG maps next to the table; return the table row."""
+    record = {
+        k: source[k]
+        for k in (
+            "image_id",
+            "image_path",
+            "label_path",
+            "label_format",
+            "split",
+            "height",
+            "width",
+            "fingerprint",
+        )
+    }
+    for key in (
+        "score",
+        "mean_confidence",
+        "class_hist",
+        "class_confidence",
+        "class_conf_hist",
+        "mc_score",
+        "eval_miou",
+        "eval_correct_hist",
+        "eval_error",
+        "node_id",
+        "error",
+    ):
+        record[key] = row[key]
+    for column, key, suffix in (
+        ("pseudo_label_path", "label_png", "label"),
+        ("confidence_path", "conf_png", "conf"),
+        ("uncertainty_path", "unc_png", "unc"),
+    ):
+        record[column] = None
+        if row[key] is not None:
+            path = storage.join(out, "maps", f"{source['image_id']}_{suffix}.png")
+            storage.atomic_write_bytes(path, row[key])
+            record[column] = path
+    return record
+
+
+def _flush(pending: list[dict], out: str) -> None:
+    if not pending:
+        return
+    table = pa.Table.from_pylist(pending, schema=SCORES_SCHEMA)
+    storage.write_parquet(
+        table, storage.join(out, "parts", f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet")
+    )
+    pending.clear()
+
+
+def summarize_scores(table: pa.Table, scored_now: int, seconds: float) -> dict:
+    errors = [e for e in table["error"].to_pylist() if e is not None]
+    ok = table.filter(pc.is_null(table["error"]))
+    summary = {
+        "images": table.num_rows,
+        "scored": ok.num_rows,
+        "skipped": len(errors),
+        "skipped_reasons": dict(Counter(error_reason(e) for e in errors)),
+        "scored_this_run": scored_now,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(scored_now / seconds, 2) if seconds > 0 else None,
+        "nodes": dict(Counter(ok["node_id"].to_pylist())),
+        "mean_score": float(pc.mean(ok["score"]).as_py() or 0.0) if ok.num_rows else None,
+    }
+    if ok.num_rows:
+        # Quality at the default selection; `select` reports it for any other thresholds.
+        quality = selection_quality(ok, select(ok))
+        summary.update({f"quality_{k}": v for k, v in quality.items()})
+    return summary
+
+
+def write_pictures(out: str, select_cfg) -> list[str]:
+    """Score histogram with the selection cut and a selected/rejected grid, as PNGs."""
+    from sfda_ray.pictures import score_histogram, selection_grid
+
+    table = storage.read_parquet(storage.join(out, "scores.parquet"))
+    ok = table.filter(pc.is_null(table["error"]))
+    if ok.num_rows == 0:
+        return []
+    selection = select(
+        ok,
+        select_cfg.ratio,
+        select_cfg.score_threshold,
+        select_cfg.tau,
+        select_cfg.class_balanced,
+        select_cfg.cb_portion,
+    )
+    paths = [storage.join(out, "score_histogram.png"), storage.join(out, "selection_grid.png")]
+    storage.atomic_write_bytes(paths[0], score_histogram(ok, selection))
+    storage.atomic_write_bytes(paths[1], selection_grid(ok, selection))
+    return paths

@@ -1,0 +1,51 @@
+"""Shared fixtures: one tiny synthetic benchmark and one tiny source model per session."""
+
+import pytest
+
+from sfda_ray.config import load_config
+from sfda_ray.data.synthetic import BenchmarkSpec, generate
+from sfda_ray.train_source import train_source
+
+TINY = BenchmarkSpec(
+    seed=0, height=48, width=96, source_train=16, source_val=6, target_train=24, target_val=8
+)
+
+
+def tiny_config(**overrides):
+    base = {
+        "source.iterations": 6,
+        "source.batch_size": 4,
+        "source.checkpoint_every": 2,
+        "source.log_every": 2,
+        "data.num_workers": 0,
+    }
+    return load_config(None, {**base, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_benchmark(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    generate(root, TINY)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_source_ckpt(tiny_benchmark, tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "source.pt"
+    train_source(tiny_config(), str(tiny_benchmark), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole test session (starting Ray costs seconds and ~0.7 GB).
+
+    More logical CPUs than cores: a training worker group and a data stage must be able
+    to run side by side, which they cannot under num_cpus=2 (see STACK notes: it hangs).
+    """
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

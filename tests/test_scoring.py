@@ -1,0 +1,134 @@
+import io
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from sfda_ray.cli import main
+from sfda_ray.data.catalog import open_dataset
+from sfda_ray.data.io import load_image
+from sfda_ray.data.manifest import write_manifest
+from sfda_ray.data.transforms import normalize_batch
+from sfda_ray.dist.scoring import ScoringOptions, score_dataset
+from sfda_ray.method.scoring import class_confidence_histogram, score_images
+from sfda_ray.models.checkpoint import load_model
+
+
+@pytest.fixture(scope="module")
+def scored(ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scores")
+    summary = score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), str(out),
+                            ScoringOptions(batch_size=5, actors=1))
+    return out, summary
+
+
+def test_ray_pipeline_equals_plain_core(scored, tiny_benchmark, tiny_source_ckpt):
+    out, summary = scored
+    assert summary["scored"] == 24 and summary["skipped"] == 0
+    table = pq.read_table(out / "scores.parquet")
+    assert table.num_rows == 24
+    assert sorted(table["image_id"].to_pylist()) == sorted(
+        open_dataset(tiny_benchmark, "target").split("train")["image_id"].to_pylist())
+    model, meta = load_model(str(tiny_source_ckpt))
+    for row in table.to_pylist():
+        image = torch.from_numpy(load_image(row["image_path"]))[None]
+        plain = score_images(model, normalize_batch(image, meta["normalization"]))
+        assert row["score"] == pytest.approx(plain.score[0].item(), abs=1e-5)
+        assert row["mean_confidence"] == pytest.approx(plain.mean_confidence[0].item(), abs=1e-5)
+        label = np.asarray(Image.open(row["pseudo_label_path"]))
+        conf = np.asarray(Image.open(row["confidence_path"]))
+        np.testing.assert_array_equal(label, plain.label[0].numpy())
+        np.testing.assert_array_equal(conf, plain.confidence[0].numpy())
+        assert row["class_hist"] == plain.class_hist[0].tolist()
+        assert row["class_conf_hist"] == class_confidence_histogram(
+            plain.label[0], plain.confidence[0], 19).tolist()
+        assert sum(row["class_hist"]) == 48 * 96
+        # Target labels exist on the benchmark: evaluation columns are filled.
+        assert 0.0 <= row["eval_miou"] <= 100.0
+        assert row["node_id"] and row["error"] is None
+    for key in ("quality_kept_pixel_accuracy", "quality_score_miou_spearman"):
+        assert summary[key] is not None
+    assert json.loads((out / "summary.json").read_text())["scored"] == 24
+
+
+def test_rerun_scores_nothing_new(scored, tiny_benchmark, tiny_source_ckpt):
+    out, first = scored
+    before = pq.read_table(out / "scores.parquet").sort_by("image_id")
+    again = score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), str(out),
+                          ScoringOptions(batch_size=5, actors=1))
+    assert again["scored_this_run"] == 0 and again["scored"] == 24
+    after = pq.read_table(out / "scores.parquet").sort_by("image_id")
+    assert after["score"].to_pylist() == before["score"].to_pylist()
+
+
+def test_bad_images_are_recorded_and_skipped(ray_session, tiny_benchmark, tiny_source_ckpt,
+                                             tmp_path):
+    table = pq.read_table(tiny_benchmark / "target" / "manifest.parquet")
+    table = table.filter(pa.compute.equal(table["split"], "train")).slice(0, 6)
+    good = table.to_pylist()
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(open(good[0]["image_path"], "rb").read()[:300])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    bad = [dict(good[0], image_id=f"bad/{p.stem}", image_path=str(p)) for p in (truncated, empty)]
+    manifest = tmp_path / "manifest.parquet"
+    write_manifest(good + bad, manifest)
+    out = tmp_path / "scores"
+    summary = score_dataset(str(tiny_source_ckpt), str(manifest), f"file://{out}",
+                            ScoringOptions(batch_size=4, actors=1))
+    assert summary["scored"] == 6 and summary["skipped"] == 2
+    assert summary["skipped_reasons"] == {"unreadable image": 2}
+    rows = {r["image_id"]: r for r in pq.read_table(out / "scores.parquet").to_pylist()}
+    assert len(rows) == 8
+    assert "truncated.png" in rows["bad/truncated"]["error"]
+    assert "empty file" in rows["bad/empty"]["error"]
+    assert rows["bad/empty"]["score"] is None
+
+
+def test_score_command_writes_table_and_pictures(ray_session, tiny_benchmark, tiny_source_ckpt,
+                                                 tmp_path, capsys):
+    out = tmp_path / "scores"
+    assert main(["score", "--checkpoint", str(tiny_source_ckpt), "--data", str(tiny_benchmark),
+                 "--out", str(out), "--actors", "1", "--batch-size", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert "scored 24 images, skipped 0" in printed and "kept_pixel_accuracy" in printed
+    for name in ("score_histogram.png", "selection_grid.png"):
+        with Image.open(io.BytesIO((out / name).read_bytes())) as picture:
+            assert picture.format == "PNG" and picture.size[0] > 100
+
+
+@pytest.mark.slow
+def test_two_node_cluster_scores_on_both_nodes(tiny_benchmark, tiny_source_ckpt, tmp_path):
+    """A real 2-node Ray cluster (head + worker raylets) in a separate process."""
+    script = textwrap.dedent(f"""
+        import json, ray
+        from ray.cluster_utils import Cluster
+        from sfda_ray.dist.scoring import ScoringOptions, score_dataset
+        cluster = Cluster(initialize_head=True,
+                          head_node_args={{"num_cpus": 2, "include_dashboard": False}})
+        cluster.add_node(num_cpus=2)
+        ray.init(address=cluster.address)
+        summary = score_dataset({str(tiny_source_ckpt)!r}, {str(tiny_benchmark)!r},
+                                {str(tmp_path / "scores")!r},
+                                ScoringOptions(batch_size=2, actors=2))
+        print("RESULT", json.dumps(summary["nodes"]))
+        ray.shutdown()
+        cluster.shutdown()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nodes = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert len(nodes) == 2, nodes
+    assert sum(nodes.values()) == 24
+    table = pq.read_table(tmp_path / "scores" / "scores.parquet")
+    assert len(set(table["node_id"].to_pylist())) == 2
+    shutil.rmtree(tmp_path / "scores")

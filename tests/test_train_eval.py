@@ -1,0 +1,147 @@
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from sfda_ray.cli import main
+from sfda_ray.data.catalog import open_dataset
+from sfda_ray.data.loaders import image_loader, images_of
+from sfda_ray.evaluate import evaluate_model
+from sfda_ray.method.baselines import adapt_batchnorm
+from sfda_ray.models.checkpoint import load_checkpoint, load_model
+from sfda_ray.train_source import train_source
+
+
+def test_train_source_then_eval_json(tiny_benchmark, tmp_path, capsys):
+    ckpt = tmp_path / "src.pt"
+    args = [
+        "train-source",
+        "--data",
+        str(tiny_benchmark),
+        "--out",
+        str(ckpt),
+        "--iterations",
+        "4",
+        "--batch-size",
+        "2",
+        "--set",
+        "data.num_workers=0",
+    ]
+    assert main(args) == 0
+    meta = load_checkpoint(str(ckpt))["meta"]
+    assert meta["complete"] and meta["iteration"] == 4
+    assert meta["arch"]["name"] == "deeplabv2_resnet18"
+    assert meta["data_fingerprint"] == open_dataset(tiny_benchmark, "source").fingerprint
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(ckpt),
+                "--data",
+                str(tiny_benchmark),
+                "--domain",
+                "source",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert 0.0 <= report["miou"] <= 100.0
+    assert set(report["per_class"]) == {
+        "road",
+        "sidewalk",
+        "building",
+        "pole",
+        "traffic sign",
+        "vegetation",
+        "sky",
+        "person",
+        "car",
+    }
+    assert report["images"] == 6 and report["skipped"] == 0
+    assert len(report["confusion_matrix"]) == 19
+    # Every labelled pixel of the split is counted once.
+    assert sum(map(sum, report["confusion_matrix"])) == 6 * 48 * 96
+
+
+def test_rerun_of_complete_checkpoint_is_a_no_op(tiny_benchmark, tiny_source_ckpt):
+    before = tiny_source_ckpt.read_bytes()
+    meta = train_source(tiny_config(), str(tiny_benchmark), str(tiny_source_ckpt))
+    assert meta["complete"] and tiny_source_ckpt.read_bytes() == before
+    with pytest.raises(ValueError, match="another config"):
+        train_source(tiny_config(**{"source.lr": 0.5}), str(tiny_benchmark), str(tiny_source_ckpt))
+
+
+def test_killed_training_resumes_from_its_checkpoint(tiny_benchmark, tmp_path):
+    ckpt = tmp_path / "src.pt"
+    cmd = [
+        sys.executable,
+        "-m",
+        "sfda_ray.cli",
+        "train-source",
+        "--data",
+        str(tiny_benchmark),
+        "--out",
+        str(ckpt),
+        "--iterations",
+        "100",
+        "--batch-size",
+        "2",
+        "--set",
+        "source.checkpoint_every=2",
+        "--set",
+        "data.num_workers=0",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not ckpt.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        proc.kill()
+        proc.wait()
+    finally:
+        proc.kill()
+    saved = load_checkpoint(str(ckpt))["meta"]
+    assert not saved["complete"] and 2 <= saved["iteration"] < 100
+    assert not list(tmp_path.glob("*.tmp-*"))  # the kill left no half-written file behind
+    # The same command picks up where it stopped.
+    resumed = subprocess.run(cmd, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {ckpt} from iteration {saved['iteration']}" in resumed.stderr
+    assert load_checkpoint(str(ckpt))["meta"]["iteration"] == 100
+
+
+def test_adabn_replaces_batchnorm_statistics(tiny_benchmark, tiny_source_ckpt):
+    model, meta = load_model(str(tiny_source_ckpt))
+    target = open_dataset(tiny_benchmark, "target")
+    before = model.bn1.running_mean.clone()
+    loader = image_loader(target.split("train"), None, meta["normalization"], batch_size=24)
+    assert adapt_batchnorm(model, images_of(loader)) == 1
+    # With momentum=None the new statistics are exactly the target batch's statistics.
+    images = next(images_of(loader))
+    with torch.no_grad():
+        expected = model.conv1(images).mean(dim=(0, 2, 3))
+    assert torch.allclose(model.bn1.running_mean, expected, atol=1e-4)
+    assert not torch.allclose(before, model.bn1.running_mean)
+    assert not model.training
+    report = evaluate_model(model, target, "val", meta["normalization"])
+    assert 0.0 <= report["miou"] <= 100.0
+
+
+def test_eval_errors_name_the_problem(tiny_benchmark, tmp_path, capsys):
+    assert (
+        main(["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--data", str(tiny_benchmark)])
+        == 2
+    )
+    assert "missing.pt" in capsys.readouterr().err
+    assert (
+        main(["eval", "--checkpoint", str(tmp_path / "missing.pt"), "--data", str(tmp_path)]) == 2
+    )
+    assert "not a synthetic benchmark" in capsys.readouterr().err
