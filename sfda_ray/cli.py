@@ -136,6 +136,37 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from sfda_ray.dist.runtime import init_ray
+    from sfda_ray.dist.train import run_adapt
+
+    cfg = _config(
+        args,
+        {
+            "adapt.method": args.method,
+            "adapt.iterations": args.iterations,
+            "adapt.seed": args.seed,
+        },
+    )
+    init_ray(args.address)
+    metrics = run_adapt(
+        cfg,
+        args.checkpoint,
+        args.scores,
+        args.data,
+        args.out,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+    )
+    shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+    print(
+        f"adapted model: {args.out}/final.pt ({cfg.adapt.method}, "
+        f"{metrics.get('iteration')} iterations) {shown}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfda-ray",
@@ -210,6 +241,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     _add_config_args(p)
     p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("adapt", help="adapt the source model to the target (Ray Train)")
+    p.add_argument("--checkpoint", required=True, help="source model checkpoint")
+    p.add_argument("--scores", required=True, help="scores directory written by `score`")
+    p.add_argument("--data", required=True, help="target data (for evaluation splits)")
+    p.add_argument("--out", required=True, help="run directory; final model at OUT/final.pt")
+    p.add_argument(
+        "--method",
+        help="sfda (default) or a baseline: source_only, adabn, tent, minent, self_training",
+    )
+    p.add_argument("--iterations", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0)
+    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_adapt)
     return parser
 
 

@@ -121,6 +121,52 @@ class SelectConfig:
     cb_portion: float = _field(0.5, lo=0.0, lo_open=True, hi=1.0)
 
 
+ADAPT_METHODS = ("sfda", "source_only", "adabn", "tent", "minent", "self_training")
+
+
+@dataclass
+class AdaptConfig:
+    """The adaptation (DESIGN 4.4) and, by `method`, the baselines of DESIGN 4.5."""
+
+    method: str = _field("sfda", choices=ADAPT_METHODS)
+    iterations: int = _field(150, lo=0)
+    batch_size: int = _field(4, lo=1)  # per worker, for each of V and T
+    lr: float = _field(0.005, lo=0.0, lo_open=True)
+    momentum: float = _field(0.9, lo=0.0, hi=1.0)
+    weight_decay: float = _field(1e-4, lo=0.0)
+    lr_discriminator: float = _field(1e-4, lo=0.0, lo_open=True)
+    lambda_v: float = _field(1.0, lo=0.0)
+    lambda_adv: float = _field(0.001, lo=0.0)
+    lambda_st: float = _field(1.0, lo=0.0)
+    lambda_prior: float = _field(0.1, lo=0.0)
+    lambda_entropy: float = _field(1.0, lo=0.0)  # tent / minent only
+    discriminator_input: str = _field("entropy", choices=("softmax", "entropy"))
+    # Per-pixel certainty weights (source confidence on V, teacher confidence on T).
+    uncertainty_weights: bool = True
+    # Per-class weights alpha = (pi_T / pi_V)^beta, clipped.
+    class_weights: bool = True
+    prior_beta: float = _field(1.0, lo=0.0)
+    alpha_min: float = _field(0.5, lo=0.0, lo_open=True)
+    alpha_max: float = _field(5.0, lo=0.0, lo_open=True)
+    # Self-training: teacher refreshed each round (round 0: the source model) or an EMA.
+    st_rounds: int = _field(2, lo=1)
+    teacher: str = _field("round", choices=("round", "ema"))
+    ema_momentum: float = _field(0.99, lo=0.0, hi=1.0)
+    st_tau: float = _field(0.9, lo=0.0, hi=1.0)
+    st_portion: float = _field(0.5, lo=0.0, lo_open=True, hi=1.0)
+    # Pseudo-labels from the plain view, losses on a photometrically perturbed view.
+    strong_aug: bool = True
+    # Re-estimate BatchNorm statistics on target images before training.
+    adabn_init: bool = True
+    # Draw virtual-source images in proportion to their rare-class content.
+    rare_class_sampling: bool = True
+    eval_every: int = _field(50, lo=1)
+    checkpoint_every: int = _field(50, lo=1)
+    log_every: int = _field(10, lo=1)
+    seed: int = _field(0, lo=0)
+    threads: int = _field(2, lo=1)
+
+
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
@@ -128,6 +174,7 @@ class Config:
     source: SourceTrainConfig = field(default_factory=SourceTrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
 
 
 # --- loading and validation -------------------------------------------------------------

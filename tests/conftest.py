@@ -45,7 +45,23 @@ def ray_session():
     """
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False,
-             log_to_driver=False, configure_logging=False)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_scores(ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path_factory):
+    from sfda_ray.dist.scoring import ScoringOptions, score_dataset
+
+    out = tmp_path_factory.mktemp("scores")
+    summary = score_dataset(
+        str(tiny_source_ckpt), str(tiny_benchmark), str(out), ScoringOptions(batch_size=5, actors=1)
+    )
+    return out, summary

@@ -23,11 +23,8 @@ from sfda_ray.models.checkpoint import load_model
 
 
 @pytest.fixture(scope="module")
-def scored(ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("scores")
-    summary = score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), str(out),
-                            ScoringOptions(batch_size=5, actors=1))
-    return out, summary
+def scored(tiny_scores):
+    return tiny_scores
 
 
 def test_ray_pipeline_equals_plain_core(scored, tiny_benchmark, tiny_source_ckpt):
@@ -36,7 +33,8 @@ def test_ray_pipeline_equals_plain_core(scored, tiny_benchmark, tiny_source_ckpt
     table = pq.read_table(out / "scores.parquet")
     assert table.num_rows == 24
     assert sorted(table["image_id"].to_pylist()) == sorted(
-        open_dataset(tiny_benchmark, "target").split("train")["image_id"].to_pylist())
+        open_dataset(tiny_benchmark, "target").split("train")["image_id"].to_pylist()
+    )
     model, meta = load_model(str(tiny_source_ckpt))
     for row in table.to_pylist():
         image = torch.from_numpy(load_image(row["image_path"]))[None]
@@ -45,11 +43,14 @@ def test_ray_pipeline_equals_plain_core(scored, tiny_benchmark, tiny_source_ckpt
         assert row["mean_confidence"] == pytest.approx(plain.mean_confidence[0].item(), abs=1e-5)
         label = np.asarray(Image.open(row["pseudo_label_path"]))
         conf = np.asarray(Image.open(row["confidence_path"]))
+        # Same model, same pixels; batching changes float rounding only (8-bit maps may
+        # differ by one level at a rounding edge).
         np.testing.assert_array_equal(label, plain.label[0].numpy())
-        np.testing.assert_array_equal(conf, plain.confidence[0].numpy())
+        conf_diff = np.abs(conf.astype(int) - plain.confidence[0].numpy().astype(int))
+        assert conf_diff.max() <= 1 and (conf_diff > 0).mean() < 0.001
         assert row["class_hist"] == plain.class_hist[0].tolist()
-        assert row["class_conf_hist"] == class_confidence_histogram(
-            plain.label[0], plain.confidence[0], 19).tolist()
+        expected_hist = class_confidence_histogram(plain.label[0], plain.confidence[0], 19)
+        assert np.abs(np.array(row["class_conf_hist"]) - expected_hist.numpy()).sum() <= 4
         assert sum(row["class_hist"]) == 48 * 96
         # Target labels exist on the benchmark: evaluation columns are filled.
         assert 0.0 <= row["eval_miou"] <= 100.0
@@ -62,15 +63,17 @@ def test_ray_pipeline_equals_plain_core(scored, tiny_benchmark, tiny_source_ckpt
 def test_rerun_scores_nothing_new(scored, tiny_benchmark, tiny_source_ckpt):
     out, first = scored
     before = pq.read_table(out / "scores.parquet").sort_by("image_id")
-    again = score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), str(out),
-                          ScoringOptions(batch_size=5, actors=1))
+    again = score_dataset(
+        str(tiny_source_ckpt), str(tiny_benchmark), str(out), ScoringOptions(batch_size=5, actors=1)
+    )
     assert again["scored_this_run"] == 0 and again["scored"] == 24
     after = pq.read_table(out / "scores.parquet").sort_by("image_id")
     assert after["score"].to_pylist() == before["score"].to_pylist()
 
 
-def test_bad_images_are_recorded_and_skipped(ray_session, tiny_benchmark, tiny_source_ckpt,
-                                             tmp_path):
+def test_bad_images_are_recorded_and_skipped(
+    ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path
+):
     table = pq.read_table(tiny_benchmark / "target" / "manifest.parquet")
     table = table.filter(pa.compute.equal(table["split"], "train")).slice(0, 6)
     good = table.to_pylist()
@@ -82,8 +85,12 @@ def test_bad_images_are_recorded_and_skipped(ray_session, tiny_benchmark, tiny_s
     manifest = tmp_path / "manifest.parquet"
     write_manifest(good + bad, manifest)
     out = tmp_path / "scores"
-    summary = score_dataset(str(tiny_source_ckpt), str(manifest), f"file://{out}",
-                            ScoringOptions(batch_size=4, actors=1))
+    summary = score_dataset(
+        str(tiny_source_ckpt),
+        str(manifest),
+        f"file://{out}",
+        ScoringOptions(batch_size=4, actors=1),
+    )
     assert summary["scored"] == 6 and summary["skipped"] == 2
     assert summary["skipped_reasons"] == {"unreadable image": 2}
     rows = {r["image_id"]: r for r in pq.read_table(out / "scores.parquet").to_pylist()}
@@ -93,11 +100,28 @@ def test_bad_images_are_recorded_and_skipped(ray_session, tiny_benchmark, tiny_s
     assert rows["bad/empty"]["score"] is None
 
 
-def test_score_command_writes_table_and_pictures(ray_session, tiny_benchmark, tiny_source_ckpt,
-                                                 tmp_path, capsys):
+def test_score_command_writes_table_and_pictures(
+    ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path, capsys
+):
     out = tmp_path / "scores"
-    assert main(["score", "--checkpoint", str(tiny_source_ckpt), "--data", str(tiny_benchmark),
-                 "--out", str(out), "--actors", "1", "--batch-size", "8"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--checkpoint",
+                str(tiny_source_ckpt),
+                "--data",
+                str(tiny_benchmark),
+                "--out",
+                str(out),
+                "--actors",
+                "1",
+                "--batch-size",
+                "8",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "scored 24 images, skipped 0" in printed and "kept_pixel_accuracy" in printed
     for name in ("score_histogram.png", "selection_grid.png"):
@@ -123,8 +147,9 @@ def test_two_node_cluster_scores_on_both_nodes(tiny_benchmark, tiny_source_ckpt,
         ray.shutdown()
         cluster.shutdown()
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     nodes = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert len(nodes) == 2, nodes

@@ -23,12 +23,14 @@ def hist_row(counts: dict[tuple[int, int], int]) -> list[int]:
 
 
 def scores_table(rows):
-    return pa.table({
-        "image_id": [r[0] for r in rows],
-        "score": pa.array([r[1] for r in rows], pa.float32()),
-        "class_conf_hist": [r[2] for r in rows],
-        "error": pa.array([None] * len(rows), pa.string()),
-    })
+    return pa.table(
+        {
+            "image_id": [r[0] for r in rows],
+            "score": pa.array([r[1] for r in rows], pa.float32()),
+            "class_conf_hist": [r[2] for r in rows],
+            "error": pa.array([None] * len(rows), pa.string()),
+        }
+    )
 
 
 def test_histogram_bins_pixels_by_class_and_confidence():
@@ -42,8 +44,12 @@ def test_histogram_bins_pixels_by_class_and_confidence():
 
 
 def test_ratio_and_threshold_split_images_by_score():
-    rows = [("a", 0.9, hist_row({(0, 19): 10})), ("b", 0.5, hist_row({(1, 19): 10})),
-            ("c", 0.7, hist_row({(2, 10): 10})), ("d", 0.7, hist_row({(2, 19): 10}))]
+    rows = [
+        ("a", 0.9, hist_row({(0, 19): 10})),
+        ("b", 0.5, hist_row({(1, 19): 10})),
+        ("c", 0.7, hist_row({(2, 10): 10})),
+        ("d", 0.7, hist_row({(2, 19): 10})),
+    ]
     table = scores_table(rows)
     sel = select(table, ratio=0.5, tau=0.9)
     assert sel.virtual == ["a", "c"]  # tie between c and d broken by id
@@ -79,9 +85,13 @@ def test_class_balanced_thresholds_keep_the_top_portion_of_each_class():
 def test_selection_quality_and_rank_correlation():
     assert spearman(np.array([1.0, 2, 3]), np.array([10.0, 30, 20])) == pytest.approx(0.5)
     rows = [("a", 0.9, hist_row({(0, 19): 8, (0, 2): 2})), ("b", 0.4, hist_row({(1, 19): 10}))]
-    table = scores_table(rows).append_column(
-        "eval_correct_hist", pa.array([hist_row({(0, 19): 6, (0, 2): 1}), hist_row({})])
-    ).append_column("eval_miou", pa.array([80.0, 10.0], pa.float32()))
+    table = (
+        scores_table(rows)
+        .append_column(
+            "eval_correct_hist", pa.array([hist_row({(0, 19): 6, (0, 2): 1}), hist_row({})])
+        )
+        .append_column("eval_miou", pa.array([80.0, 10.0], pa.float32()))
+    )
     q = selection_quality(table, select(table, ratio=0.5, tau=0.9))
     assert q["kept_pixel_accuracy"] == pytest.approx(6 / 8)
     assert q["kept_pixel_fraction"] == pytest.approx(8 / 10)

@@ -167,9 +167,7 @@ def _draw_scene(rng: np.random.Generator, h: int, w: int, layout: Layout) -> _Sc
                 paint(m, SIGN)
         elif kind == "person":
             ph = 0.6 * s * layout.person_scale * rng.uniform(0.85, 1.15)
-            body = ((xx - cx) / (0.2 * ph + 0.5)) ** 2 + (
-                (yy - (y - 0.42 * ph)) / (0.42 * ph)
-            ) ** 2
+            body = ((xx - cx) / (0.2 * ph + 0.5)) ** 2 + ((yy - (y - 0.42 * ph)) / (0.42 * ph)) ** 2
             head = (xx - cx) ** 2 + (yy - (y - 0.9 * ph)) ** 2 < (0.1 * ph + 0.5) ** 2
             paint(body < 1, PERSON)
             paint(head, PERSON, np.array(SKIN, np.float32))

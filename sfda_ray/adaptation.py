@@ -1,0 +1,378 @@
+"""An adaptation run: plan it on the driver, run the loop on each worker.
+
+Source-free by construction: the inputs are a source checkpoint, a scores table and
+target data; nothing here can open a source dataset. The loop is plain PyTorch; the
+environment it runs in (a single process, or a Ray Train worker) is passed in as a
+``TrainEnv`` that wraps models, builds loaders and reports metrics and checkpoints.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import pyarrow.compute as pc
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
+
+from sfda_ray import storage
+from sfda_ray.config import Config, to_dict
+from sfda_ray.data.adaptation import AdaptationDataset, load_map, rare_class_sampling_weights
+from sfda_ray.data.catalog import open_dataset
+from sfda_ray.data.dataset import collate_skip_bad
+from sfda_ray.data.labels import CLASS_NAMES
+from sfda_ray.data.loaders import eval_loader
+from sfda_ray.evaluate import confusion_on
+from sfda_ray.method.adapt import Adapter, to_input, unwrap
+from sfda_ray.method.baselines import adapt_batchnorm
+from sfda_ray.method.scoring import normalized_entropy
+from sfda_ray.method.selection import select
+from sfda_ray.metrics import segmentation_report
+from sfda_ray.models.checkpoint import file_fingerprint, load_model, save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdaptPlan:
+    """Everything a worker needs: small, picklable, computed once on the driver."""
+
+    checkpoint: str
+    virtual_rows: list[dict]
+    target_rows: list[dict]
+    thresholds: list[float]
+    prior_target: list[float]
+    class_weight: list[float]
+    map_size: tuple[int, int]
+    eval_rows: list[dict] = field(default_factory=list)  # labelled target val, evaluation only
+    eval_classes: tuple[int, ...] = ()
+    virtual_sampling_weights: list[float] | None = None
+    selection_summary: dict = field(default_factory=dict)
+    fingerprints: dict = field(default_factory=dict)
+
+
+def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan:
+    """Select the virtual source from a scores table and gather the target splits."""
+    table = storage.read_parquet(storage.join(scores, "scores.parquet"))
+    table = table.filter(pc.is_null(table["error"]))
+    if table.num_rows == 0:
+        raise ValueError(f"{scores}/scores.parquet has no scored images")
+    s = cfg.select
+    selection = select(
+        table,
+        s.ratio,
+        s.score_threshold,
+        s.tau,
+        s.class_balanced,
+        s.cb_portion,
+        cfg.model.num_classes,
+    )
+    a = cfg.adapt
+    alpha = selection.class_weights(a.prior_beta, (a.alpha_min, a.alpha_max))
+    rows = {
+        r["image_id"]: r
+        for r in table.select(
+            ["image_id", "image_path", "pseudo_label_path", "confidence_path"]
+        ).to_pylist()
+    }
+    virtual = [rows[i] for i in selection.virtual]
+    map_size = tuple(load_map(virtual[0]["pseudo_label_path"]).shape[:2])
+    weights = None
+    if a.rare_class_sampling:
+        hists = np.stack(
+            table.select(["image_id", "class_hist"])
+            .to_pandas()
+            .set_index("image_id")
+            .loc[selection.virtual, "class_hist"]
+            .to_numpy()
+        )
+        weights = rare_class_sampling_weights(hists, alpha).tolist()
+
+    ref = open_dataset(data, "target")
+    eval_rows, eval_classes = [], next(iter(ref.eval_subsets.values()))
+    if "val" in set(ref.manifest["split"].to_pylist()):
+        val = ref.split("val")
+        if all(p is not None for p in val["label_path"].to_pylist()):
+            eval_rows = val.to_pylist()
+    return AdaptPlan(
+        checkpoint=str(checkpoint),
+        virtual_rows=virtual,
+        target_rows=[rows[i] for i in selection.target],
+        thresholds=selection.class_thresholds.tolist(),
+        prior_target=selection.prior_target.tolist(),
+        class_weight=alpha.tolist(),
+        map_size=map_size,
+        eval_rows=eval_rows,
+        eval_classes=tuple(eval_classes),
+        virtual_sampling_weights=weights,
+        selection_summary=selection.summary(),
+        fingerprints={"checkpoint": file_fingerprint(checkpoint), "data": ref.fingerprint},
+    )
+
+
+class TrainEnv(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def wrap(self, model: nn.Module) -> nn.Module: ...
+
+    def loader(
+        self, dataset: Dataset, batch_size: int, seed: int, weights: list[float] | None = None
+    ) -> DataLoader: ...
+
+    def report(self, metrics: dict, state: dict | None) -> None: ...
+
+    def load_state(self) -> dict | None: ...
+
+
+def _forever(make: Callable[[int], DataLoader]) -> Iterator[dict]:
+    epoch = 0
+    while True:
+        for batch in make(epoch):
+            if "image" in batch:
+                yield batch
+        epoch += 1
+
+
+@torch.no_grad()
+def evaluate_adapted(
+    model: nn.Module, plan: AdaptPlan, normalization: str, size: tuple[int, int]
+) -> dict:
+    """Target-val mIoU (labels: evaluation only) and the unsupervised proxy.
+
+    proxy = mean normalised prediction entropy + KL(pi_T || mean predicted distribution);
+    lower is better; it needs no labels.
+    """
+    if not plan.eval_rows:
+        return {}
+    import pyarrow as pa
+
+    model.eval()
+    loader = eval_loader(
+        pa.Table.from_pylist(plan.eval_rows), size, normalization, batch_size=8, num_workers=0
+    )
+    cm, _ = confusion_on(model, loader, len(CLASS_NAMES))
+    entropy, mean_pred, n = 0.0, 0.0, 0
+    for batch in loader:
+        if "image" not in batch:
+            continue
+        prob = model(batch["image"]).softmax(1)
+        entropy += normalized_entropy(prob).mean().item() * prob.shape[0]
+        mean_pred = mean_pred + prob.mean(dim=(2, 3)).sum(0)
+        n += prob.shape[0]
+    prior = torch.tensor(plan.prior_target)
+    mean_pred = (mean_pred / n).clamp_min(1e-8)
+    kl = torch.where(prior > 0, prior * (prior.clamp_min(1e-12).log() - mean_pred.log()), 0.0)
+    report = segmentation_report(cm, CLASS_NAMES, {"eval": plan.eval_classes})
+    return {
+        "val_miou": report["subsets"]["eval"],
+        "proxy_entropy": entropy / n,
+        "proxy_prior_kl": kl.sum().item(),
+        "proxy": entropy / n + kl.sum().item(),
+        "per_class": {
+            CLASS_NAMES[c]: report["per_class"][CLASS_NAMES[c]] for c in plan.eval_classes
+        },
+        "confusion_matrix": report["confusion_matrix"],
+    }
+
+
+def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
+    """The loop of one worker; returns the final metrics (rank 0's are the run's)."""
+    a = cfg.adapt
+    torch.manual_seed(a.seed + env.rank)
+    torch.set_num_threads(a.threads)
+    model, meta = load_model(plan.checkpoint)
+    model.to(env.device)
+    norm = meta["normalization"]
+    size = plan.map_size
+    scale = (cfg.data.scale_min, cfg.data.scale_max)
+    baseline = a.method != "sfda"
+    # Baselines adapt to all target images; the method splits them into V and T.
+    t_rows = plan.virtual_rows + plan.target_rows if baseline else plan.target_rows
+    target_set = AdaptationDataset(t_rows, size, None, scale, cfg.data.hflip)
+    virtual_set = AdaptationDataset(
+        plan.virtual_rows, size, np.array(plan.thresholds), scale, cfg.data.hflip
+    )
+
+    def plain_images(n_batches: int, seed: int) -> Iterator[torch.Tensor]:
+        """Unaugmented-geometry target images for AdaBN and round thresholds."""
+        plain = AdaptationDataset(t_rows, size, None, (1.0, 1.0), hflip=False)
+        batches = _forever(lambda e: env.loader(plain, a.batch_size * 2, seed + e))
+        for _ in range(n_batches):
+            yield next(batches)["image"].to(env.device)
+
+    state = env.load_state()
+    if state is None and a.adabn_init and a.method != "source_only":
+        n_batches = max(1, len(t_rows) // (a.batch_size * 2))
+        adapt_batchnorm(
+            model, (to_input(x, norm) for x in plain_images(n_batches, a.seed)), max_batches=50
+        )
+    adapter = Adapter(
+        model,
+        a,
+        norm,
+        torch.tensor(plan.prior_target),
+        torch.tensor(plan.class_weight),
+        env.device,
+        env.wrap,
+    )
+    start = 0
+    if state is not None:
+        adapter.load_state_dict(state["adapter"])
+        start = state["iteration"]
+        log.info("rank %d resuming from iteration %d", env.rank, start)
+
+    iterations = 0 if a.method in ("source_only", "adabn") else a.iterations
+    per_round = max(1, -(-iterations // a.st_rounds))
+    t_batches = _forever(lambda e: env.loader(target_set, a.batch_size, a.seed + 1000 * e))
+    v_batches = None
+    if a.method == "sfda":
+        v_batches = _forever(
+            lambda e: env.loader(
+                virtual_set, a.batch_size, a.seed + 1000 * e + 1, plan.virtual_sampling_weights
+            )
+        )
+    metrics: dict = {}
+    t0 = time.perf_counter()
+    for it in range(start, iterations):
+        round_index = it // per_round
+        if round_index != adapter.round:
+            adapter.begin_round(round_index, plain_images(8, a.seed + round_index))
+        adapter.set_lr(it, iterations)
+        logs = adapter.step(next(v_batches) if v_batches else None, next(t_batches))
+        done = it + 1
+        metrics = {
+            "iteration": done,
+            "round": round_index,
+            "resumed_from": start,
+            **logs,
+            "seconds_per_iter": (time.perf_counter() - t0) / (done - start),
+        }
+        if done % a.log_every == 0:
+            log.info(
+                "iter %d/%d %s", done, iterations, " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+            )
+        evaluate_now = done % a.eval_every == 0 or done == iterations
+        checkpoint_now = done % a.checkpoint_every == 0 or done == iterations
+        if evaluate_now and env.rank == 0:
+            metrics.update(
+                {
+                    k: v
+                    for k, v in evaluate_adapted(unwrap(adapter.student), plan, norm, size).items()
+                    if k not in ("per_class", "confusion_matrix")
+                }
+            )
+        state_out = (
+            {"adapter": adapter.state_dict(), "iteration": done}
+            if checkpoint_now and env.rank == 0
+            else None
+        )
+        if evaluate_now or checkpoint_now:
+            env.report(metrics, state_out)
+    final = evaluate_adapted(unwrap(adapter.student), plan, norm, size) if env.rank == 0 else {}
+    final.update({"iteration": iterations, "method": a.method})
+    if iterations == start:  # nothing trained in this call (baselines, or already done)
+        env.report(
+            {k: v for k, v in final.items() if not isinstance(v, (dict, list))},
+            {"adapter": adapter.state_dict(), "iteration": iterations} if env.rank == 0 else None,
+        )
+    return {"model": unwrap(adapter.student), "meta": meta, "metrics": final}
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    seed: int,
+    weights: list[float] | None,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+) -> DataLoader:
+    """Shuffled (or weighted) batches of this worker's share of ``dataset``.
+
+    Each rank draws its own ``len / world_size`` samples with a rank-specific seed, so
+    workers read disjoint random shards per epoch in expectation; weighted sampling
+    (rare-class sampling) works the same way.
+    """
+    g = torch.Generator().manual_seed(seed * 1000 + rank)
+    n = max(1, len(dataset) // world_size)
+    if weights is not None:
+        sampler = WeightedRandomSampler(weights, n, replacement=True, generator=g)
+    else:
+        sampler = RandomSampler(dataset, num_samples=n, generator=g)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=n >= batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_skip_bad,
+    )
+
+
+class LocalEnv:
+    """A single process: the plain loop (tests, benchmarks, a laptop without Ray)."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, device: str = "cpu", state_path: str | None = None):
+        self.device = torch.device(device)
+        self.state_path = state_path
+        self.reports: list[dict] = []
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def loader(self, dataset, batch_size, seed, weights=None) -> DataLoader:
+        return make_loader(dataset, batch_size, seed, weights)
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        self.reports.append(dict(metrics))
+        if state is not None and self.state_path:
+            save_state(state, self.state_path)
+
+    def load_state(self) -> dict | None:
+        if self.state_path and storage.exists(self.state_path):
+            return load_state(self.state_path)
+        return None
+
+
+def save_state(state: dict, path: str) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    storage.atomic_write_bytes(path, buf.getvalue())
+
+
+def load_state(path: str) -> dict:
+    import io
+
+    return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
+
+
+def save_adapted(
+    path: str, model: nn.Module, source_meta: dict, cfg: Config, plan: AdaptPlan, metrics: dict
+) -> None:
+    """The adapted model in the same checkpoint format as every other one."""
+    meta = {
+        "arch": source_meta["arch"],
+        "num_classes": source_meta["num_classes"],
+        "class_names": source_meta["class_names"],
+        "normalization": source_meta["normalization"],
+        "train_config": {**to_dict(cfg), "source_checkpoint": plan.checkpoint},
+        "data_fingerprint": plan.fingerprints.get("data"),
+        "iteration": metrics.get("iteration"),
+        "complete": True,
+        "source_checkpoint_fingerprint": plan.fingerprints.get("checkpoint"),
+        "selection": plan.selection_summary,
+        "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+    }
+    save_checkpoint(path, model, meta)

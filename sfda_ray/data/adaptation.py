@@ -1,0 +1,97 @@
+"""Datasets of the adaptation: virtual-source images with their stored pseudo-labels, and
+target images alone. Both return images in [0, 1]; the step normalises them after its
+photometric augmentation.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from sfda_ray import storage
+from sfda_ray.data.io import BadInputError, load_image
+from sfda_ray.data.labels import IGNORE_INDEX
+from sfda_ray.data.transforms import RandomScale
+
+log = logging.getLogger(__name__)
+
+
+def _geometric(size: tuple[int, int], scale_range: tuple[float, float], hflip: bool):
+    fill = {tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}
+    ops = [RandomScale(scale_range), v2.RandomCrop(size, pad_if_needed=True, fill=fill)]
+    if hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    return v2.Compose(ops)
+
+
+def load_map(path: str) -> np.ndarray:
+    try:
+        return np.array(Image.open(io.BytesIO(storage.read_bytes(path))))
+    except (OSError, ValueError) as e:
+        raise BadInputError(path, f"unreadable score map: {e}") from e
+
+
+class AdaptationDataset(Dataset):
+    """Rows of a scores table; with ``thresholds`` also the pseudo-label and its weights.
+
+    Pseudo-label pixels below their class's confidence threshold become 255 (ignored);
+    ``weight`` is the source model's confidence in [0, 1]. Images are resized to the
+    maps' size (the size they were scored at) and augmented jointly with them.
+    """
+
+    def __init__(
+        self,
+        rows: list[dict],
+        size: tuple[int, int],
+        thresholds: np.ndarray | None = None,
+        scale_range: tuple[float, float] = (0.75, 1.25),
+        hflip: bool = True,
+    ):
+        self.rows = rows
+        self.size = size
+        self.thresholds = None if thresholds is None else (np.asarray(thresholds) * 255)
+        self.transform = _geometric(size, scale_range, hflip)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict | None:
+        row = self.rows[index]
+        try:
+            image = load_image(row["image_path"])
+            if image.shape[:2] != self.size:
+                image = np.asarray(Image.fromarray(image).resize(self.size[::-1], Image.BILINEAR))
+            img = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
+            if self.thresholds is None:
+                return {"image": self.transform(img).float() / 255.0}
+            label = load_map(row["pseudo_label_path"])
+            conf = load_map(row["confidence_path"])
+        except BadInputError as e:
+            log.warning("skipping %s", e)
+            return None
+        label = np.where(conf >= self.thresholds[label], label, IGNORE_INDEX).astype(np.uint8)
+        img, label_t, conf_t = self.transform(
+            img, tv_tensors.Mask(torch.from_numpy(label)), tv_tensors.Mask(torch.from_numpy(conf))
+        )
+        return {
+            "image": img.float() / 255.0,
+            "label": label_t.long(),
+            "weight": conf_t.float() / 255.0,
+        }
+
+
+def rare_class_sampling_weights(class_hists: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Per-image sampling weight: its pixels' mean class weight alpha (>= a floor).
+
+    Images rich in classes that are scarce in the virtual source are drawn more often.
+    """
+    hist = class_hists.astype(np.float64)
+    mean_alpha = (hist * alpha[None, :]).sum(1) / np.maximum(hist.sum(1), 1)
+    return np.maximum(mean_alpha, 0.1 * mean_alpha.max())

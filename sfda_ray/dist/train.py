@@ -1,0 +1,112 @@
+"""Adaptation on Ray Train: the plain loop of ``sfda_ray.adaptation`` in a TorchTrainer.
+
+DDP over N workers (NCCL on GPU, gloo on CPU), each worker sampling its own shard;
+checkpoints every K iterations into the run's storage (local path or ``s3://``);
+a rerun with the same ``out`` resumes from the latest checkpoint, and
+``FailureConfig(max_failures)`` restarts a failed worker group from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from dataclasses import asdict
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from sfda_ray import storage
+from sfda_ray.adaptation import (
+    AdaptPlan,
+    load_state,
+    make_loader,
+    make_plan,
+    run_adaptation,
+    save_adapted,
+    save_state,
+)
+from sfda_ray.config import Config, from_dict, to_dict
+from sfda_ray.models.checkpoint import load_model
+
+log = logging.getLogger(__name__)
+STATE_FILE = "state.pt"
+
+
+class RayTrainEnv:
+    """``TrainEnv`` of a Ray Train worker."""
+
+    def __init__(self) -> None:
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world_size == 1:
+            return model.to(self.device)
+        return ray.train.torch.prepare_model(model)
+
+    def loader(self, dataset, batch_size, seed, weights=None):
+        return make_loader(dataset, batch_size, seed, weights, self.rank, self.world_size)
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        if state is None:
+            ray.train.report(flat)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_state(state, os.path.join(tmp, STATE_FILE))
+            ray.train.report(flat, checkpoint=Checkpoint.from_directory(tmp))
+
+    def load_state(self) -> dict | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as path:
+            return load_state(os.path.join(path, STATE_FILE))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = from_dict(Config, config["cfg"])
+    plan = AdaptPlan(**config["plan"])
+    run_adaptation(plan, cfg, RayTrainEnv())
+
+
+def run_adapt(cfg: Config, checkpoint: str, scores: str, data: str, out: str,
+              workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
+              max_failures: int = 2) -> dict:
+    """Adapt on Ray Train; writes ``out/final.pt`` and returns the final metrics."""
+    plan = make_plan(cfg, checkpoint, scores, data)
+    storage_path = storage.join(out, "ray") if storage.is_uri(out) else \
+        os.path.abspath(os.path.join(str(out), "ray"))
+    resources = {"CPU": cpus_per_worker}
+    if gpus_per_worker:
+        resources["GPU"] = gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": to_dict(cfg), "plan": asdict(plan)},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name="adapt",
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"adaptation under {storage_path} finished without a checkpoint")
+    with result.checkpoint.as_directory() as path:
+        state = load_state(os.path.join(path, STATE_FILE))
+    model, meta = load_model(checkpoint)
+    model.load_state_dict(state["adapter"]["student"])
+    metrics = dict(result.metrics or {})
+    save_adapted(storage.join(out, "final.pt"), model, meta, cfg, plan, metrics)
+    metrics["selection"] = plan.selection_summary
+    return metrics

@@ -1,0 +1,301 @@
+"""The adaptation step (DESIGN 4.4) and the baselines (4.5), in plain PyTorch.
+
+``Adapter`` owns the segmentation net (student), the self-training teacher, the
+output-space discriminator and their optimizers. A step takes one virtual-source batch
+(images in [0, 1], pseudo-labels with low-confidence pixels set to 255, confidence
+weights) and one target batch (images only). Distribution is the caller's business:
+``wrap`` (e.g. Ray Train's ``prepare_model``) is applied to the trained modules.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torchvision.transforms.v2 import functional as TF
+
+from sfda_ray.config import AdaptConfig
+from sfda_ray.data.labels import IGNORE_INDEX
+from sfda_ray.data.transforms import normalize_batch
+from sfda_ray.method.losses import (
+    discriminator_input,
+    entropy_loss,
+    prior_kl,
+    weighted_bce,
+    weighted_cross_entropy,
+)
+from sfda_ray.method.scoring import CONFIDENCE_BINS, class_confidence_histogram, normalized_entropy
+from sfda_ray.method.selection import class_balanced_thresholds
+from sfda_ray.models.discriminator import FCDiscriminator
+
+SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0  # the virtual source plays the source domain
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)
+
+
+def to_input(images: torch.Tensor, normalization: str) -> torch.Tensor:
+    """[0, 1] NCHW images -> the checkpoint's input normalisation."""
+    return normalize_batch((images * 255.0).permute(0, 2, 3, 1), normalization)
+
+
+def strong_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per-image photometric perturbation of [0, 1] images: colour jitter, blur, noise."""
+    out = []
+    for img in images:
+        u = torch.rand(5, generator=generator).tolist()
+        img = TF.adjust_brightness(img, 0.6 + 0.8 * u[0])
+        img = TF.adjust_contrast(img, 0.6 + 0.8 * u[1])
+        img = TF.adjust_saturation(img, 0.5 + 1.0 * u[2])
+        if u[3] < 0.5:
+            img = TF.gaussian_blur(img, kernel_size=[5, 5], sigma=[0.3 + 1.2 * u[4]] * 2)
+        noise = torch.randn(img.shape, generator=generator).to(img.device)
+        out.append((img + 0.03 * u[4] * noise).clamp(0, 1))
+    return torch.stack(out)
+
+
+def split_params(model: nn.Module, bn_only: bool) -> list[nn.Parameter]:
+    """Trainable parameters; TENT trains only the normalisation layers' affine params."""
+    if not bn_only:
+        return [p for p in model.parameters() if p.requires_grad]
+    params = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            params += [p for p in (m.weight, m.bias) if p is not None]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+class Adapter:
+    """One adaptation run's trainable state and its step."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: AdaptConfig,
+        normalization: str,
+        prior_target: torch.Tensor,
+        class_weight: torch.Tensor | None,
+        device: torch.device,
+        wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
+    ) -> None:
+        self.cfg = cfg
+        self.normalization = normalization
+        self.device = device
+        self.num_classes = prior_target.numel()
+        self.prior = prior_target.to(device)
+        self.alpha = (
+            class_weight.to(device) if (cfg.class_weights and class_weight is not None) else None
+        )
+        params = split_params(model, bn_only=cfg.method == "tent")
+        self.student = wrap(model)
+        self.opt = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        self.use_adv = cfg.method == "sfda" and cfg.lambda_adv > 0
+        self.disc = self.opt_d = None
+        if self.use_adv:
+            self.disc = wrap(FCDiscriminator(self.num_classes).to(device))
+            self.opt_d = torch.optim.Adam(
+                self.disc.parameters(), lr=cfg.lr_discriminator, betas=(0.9, 0.99)
+            )
+        self.teacher: nn.Module | None = None
+        self.st_thresholds = torch.full((self.num_classes,), cfg.st_tau, device=device)
+        self.round = -1
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.cfg.method == "self_training" or (
+            self.cfg.method == "sfda" and self.cfg.lambda_st > 0
+        )
+
+    # --- self-training rounds -----------------------------------------------------------
+
+    @torch.no_grad()
+    def begin_round(self, round_index: int, target_images: Iterable[torch.Tensor]) -> None:
+        """Refresh the teacher from the student and its class-balanced thresholds (CBST)."""
+        self.round = round_index
+        if not self.uses_teacher:
+            return
+        if self.teacher is None or self.cfg.teacher == "round":
+            self.teacher = copy.deepcopy(unwrap(self.student)).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        hist = torch.zeros(self.num_classes * CONFIDENCE_BINS, dtype=torch.long)
+        for images in target_images:
+            prob = self.teacher(self._normalize(images)).softmax(1)
+            conf, label = prob.max(1)
+            conf_u8 = (conf * 255).round().to(torch.uint8)
+            hist += class_confidence_histogram(label.cpu(), conf_u8.cpu(), self.num_classes)
+        thresholds = class_balanced_thresholds(
+            hist.view(self.num_classes, CONFIDENCE_BINS).numpy(),
+            self.cfg.st_tau,
+            self.cfg.st_portion,
+        )
+        self.st_thresholds = torch.as_tensor(thresholds, dtype=torch.float32, device=self.device)
+
+    @torch.no_grad()
+    def pseudo_label(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher labels for target images: class-balanced and certainty-weighted for the
+        method, plain argmax for the self-training baseline."""
+        prob = self.teacher(self._normalize(images)).softmax(1)
+        conf, label = prob.max(1)
+        if self.cfg.method == "self_training":
+            return label, torch.ones_like(conf)
+        label = torch.where(conf >= self.st_thresholds[label], label, IGNORE_INDEX)
+        weight = conf if self.cfg.uncertainty_weights else torch.ones_like(conf)
+        return label, weight
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.cfg.teacher != "ema" or self.teacher is None:
+            return
+        m = self.cfg.ema_momentum
+        for t, s in zip(
+            self.teacher.state_dict().values(),
+            unwrap(self.student).state_dict().values(),
+            strict=True,
+        ):
+            if t.dtype.is_floating_point:
+                t.mul_(m).add_(s.detach(), alpha=1 - m)
+            else:
+                t.copy_(s)
+
+    # --- one step -----------------------------------------------------------------------
+
+    def _normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return to_input(images, self.normalization)
+
+    def _view(self, images: torch.Tensor) -> torch.Tensor:
+        if self.cfg.strong_aug:
+            images = strong_augment(images.cpu(), self.generator).to(self.device)
+        return self._normalize(images)
+
+    def set_lr(self, it: int, total: int) -> None:
+        factor = (1 - it / max(total, 1)) ** 0.9
+        for group in self.opt.param_groups:
+            group["lr"] = self.cfg.lr * factor
+        if self.opt_d is not None:
+            for group in self.opt_d.param_groups:
+                group["lr"] = self.cfg.lr_discriminator * factor
+
+    def step(self, batch_v: dict | None, batch_t: dict) -> dict[str, float]:
+        """One update of the student (and discriminator); returns each loss as a float."""
+        cfg = self.cfg
+        self.student.train()
+        xt = batch_t["image"].to(self.device)
+        logs: dict[str, float] = {}
+        if cfg.method in ("tent", "minent"):
+            loss = cfg.lambda_entropy * entropy_loss(self.student(self._view(xt)))
+            logs["loss_entropy"] = loss.item()
+            self._update(loss)
+            return logs
+
+        use_v = cfg.method == "sfda" and batch_v is not None and cfg.lambda_v > 0
+        if self.uses_teacher:
+            pl_t, w_t = self.pseudo_label(xt)
+        views = [self._view(batch_v["image"].to(self.device))] if use_v else []
+        logits = self.student(torch.cat([*views, self._view(xt)]))
+        n_v = views[0].shape[0] if use_v else 0
+        logits_v, logits_t = logits[:n_v], logits[n_v:]
+        total = logits.sum() * 0.0
+        if use_v:
+            w_v = batch_v["weight"].to(self.device) if cfg.uncertainty_weights else None
+            l_v = weighted_cross_entropy(
+                logits_v, batch_v["label"].to(self.device), w_v, self.alpha
+            )
+            total = total + cfg.lambda_v * l_v
+            logs["loss_v"] = l_v.item()
+        if self.uses_teacher:
+            alpha = self.alpha if cfg.method == "sfda" else None
+            l_st = weighted_cross_entropy(logits_t, pl_t, w_t, alpha)
+            weight = cfg.lambda_st if cfg.method == "sfda" else 1.0
+            total = total + weight * l_st
+            logs["loss_st"] = l_st.item()
+            logs["st_kept_fraction"] = (pl_t != IGNORE_INDEX).float().mean().item()
+        if cfg.method == "sfda" and cfg.lambda_prior > 0:
+            l_prior = prior_kl(logits, self.prior)
+            total = total + cfg.lambda_prior * l_prior
+            logs["loss_prior"] = l_prior.item()
+        if self.use_adv:
+            d_in_t = discriminator_input(logits_t, cfg.discriminator_input)
+            # Fool D on the target: weighted towards uncertain pixels and rare classes.
+            w_adv = self._adversarial_weight(logits_t)
+            l_adv = weighted_bce(unwrap(self.disc)(d_in_t), SOURCE_LABEL, w_adv)
+            total = total + cfg.lambda_adv * l_adv
+            logs["loss_adv"] = l_adv.item()
+        self._update(total)
+        if self.use_adv and use_v:
+            logs["loss_d"] = self._discriminator_step(logits_v.detach(), logits_t.detach())
+        self.update_ema()
+        logs["loss_total"] = total.item()
+        return logs
+
+    @torch.no_grad()
+    def _adversarial_weight(self, logits_t: torch.Tensor) -> torch.Tensor | None:
+        if not (self.cfg.uncertainty_weights or self.alpha is not None):
+            return None
+        prob = logits_t.detach().softmax(1)
+        weight = torch.ones_like(prob[:, 0])
+        if self.cfg.uncertainty_weights:
+            weight = weight * (0.5 + normalized_entropy(prob))
+        if self.alpha is not None:
+            weight = weight * self.alpha[prob.argmax(1)]
+        return weight / weight.mean().clamp_min(1e-8)
+
+    def _update(self, loss: torch.Tensor) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def _discriminator_step(self, logits_v: torch.Tensor, logits_t: torch.Tensor) -> float:
+        mode = self.cfg.discriminator_input
+        d_in = torch.cat([discriminator_input(logits_v, mode), discriminator_input(logits_t, mode)])
+        d_out = self.disc(d_in)
+        n_v = logits_v.shape[0]
+        loss = 0.5 * (
+            weighted_bce(d_out[:n_v], SOURCE_LABEL) + weighted_bce(d_out[n_v:], TARGET_LABEL)
+        )
+        self.opt_d.zero_grad(set_to_none=True)  # also drops the generator step's D grads
+        loss.backward()
+        self.opt_d.step()
+        return loss.item()
+
+    # --- checkpoints --------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        state = {
+            "student": unwrap(self.student).state_dict(),
+            "opt": self.opt.state_dict(),
+            "round": self.round,
+            "st_thresholds": self.st_thresholds.cpu(),
+            "generator": self.generator.get_state(),
+        }
+        if self.disc is not None:
+            state["disc"] = unwrap(self.disc).state_dict()
+            state["opt_d"] = self.opt_d.state_dict()
+        if self.teacher is not None:
+            state["teacher"] = self.teacher.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap(self.student).load_state_dict(state["student"])
+        self.opt.load_state_dict(state["opt"])
+        self.round = state["round"]
+        self.st_thresholds = state["st_thresholds"].to(self.device)
+        self.generator.set_state(state["generator"])
+        if self.disc is not None:
+            unwrap(self.disc).load_state_dict(state["disc"])
+            self.opt_d.load_state_dict(state["opt_d"])
+        if "teacher" in state:
+            self.teacher = copy.deepcopy(unwrap(self.student)).eval()
+            self.teacher.load_state_dict(state["teacher"])
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)

@@ -1,0 +1,201 @@
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY, tiny_config
+
+from sfda_ray.adaptation import LocalEnv, make_plan, run_adaptation
+from sfda_ray.config import AdaptConfig
+from sfda_ray.data.synthetic import generate
+from sfda_ray.dist.scoring import ScoringOptions, score_dataset
+from sfda_ray.dist.train import run_adapt
+from sfda_ray.method.adapt import Adapter
+from sfda_ray.method.losses import (
+    discriminator_input,
+    entropy_loss,
+    prior_kl,
+    weighted_bce,
+    weighted_cross_entropy,
+)
+from sfda_ray.method.scoring import normalized_entropy
+from sfda_ray.models import build_model
+from sfda_ray.models.checkpoint import load_checkpoint, load_model
+from sfda_ray.train_source import train_source
+
+C = 19
+
+
+def test_uniform_prediction_has_entropy_one_and_one_hot_zero():
+    assert entropy_loss(torch.zeros(2, C, 3, 3)).item() == pytest.approx(1.0)
+    one_hot = torch.full((1, C, 2, 2), -1e4)
+    one_hot[:, 3] = 1e4
+    assert normalized_entropy(one_hot.softmax(1)).max().item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_prior_kl_is_zero_when_prediction_matches_prior():
+    prior = torch.rand(C)
+    prior /= prior.sum()
+    logits = prior.log().view(1, C, 1, 1).expand(2, C, 4, 4)
+    assert prior_kl(logits, prior).item() == pytest.approx(0.0, abs=1e-5)
+    assert prior_kl(torch.zeros(1, C, 2, 2), prior).item() > 0.01
+    # Classes with zero prior contribute nothing (0 log 0 = 0).
+    sparse = torch.zeros(C)
+    sparse[[0, 5]] = 0.5
+    logits = torch.full((1, C, 1, 1), -30.0)
+    logits[:, [0, 5]] = 0.0
+    assert prior_kl(logits, sparse).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_weighted_cross_entropy_ignores_and_weights_pixels():
+    logits = torch.randn(1, C, 2, 2)
+    target = torch.tensor([[[1, 2], [255, 4]]])
+    ce = torch.nn.functional.cross_entropy(logits, target.clamp_max(C - 1), reduction="none")[0]
+    weight = torch.tensor([[[1.0, 0.0], [5.0, 3.0]]])  # pixel (0,1) weight 0; (1,0) ignored
+    alpha = torch.ones(C)
+    alpha[4] = 2.0
+    expected = (ce[0, 0] * 1 + ce[1, 1] * 3 * 2) / (1 + 6)
+    got = weighted_cross_entropy(logits, target, weight, alpha)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    # No kept pixel: zero loss that still backpropagates.
+    empty = weighted_cross_entropy(logits.requires_grad_(), torch.full((1, 2, 2), 255))
+    assert empty.item() == 0.0
+    empty.backward()
+
+
+def test_discriminator_inputs_and_weighted_bce():
+    uniform = discriminator_input(torch.zeros(1, C, 2, 2), "entropy")
+    assert torch.allclose(uniform, torch.full_like(uniform, 1 / C))
+    assert torch.allclose(
+        discriminator_input(torch.zeros(1, C, 1, 1), "softmax").sum(1), torch.ones(1, 1, 1)
+    )
+    d_out = torch.zeros(1, 1, 2, 2)  # logit 0: BCE = log 2 for either label
+    assert weighted_bce(d_out, 1.0).item() == pytest.approx(math.log(2))
+    weight = torch.zeros(1, 8, 8)
+    weight[:, :4, :4] = 1.0  # only the top-left quarter counts
+    d_out[..., 0, 0] = 3.0
+    expected = torch.nn.functional.softplus(torch.tensor(-3.0)).item()
+    assert weighted_bce(d_out, 1.0, weight).item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="unknown discriminator input"):
+        discriminator_input(d_out, "logits")
+
+
+def test_step_updates_segmentation_net_and_discriminator():
+    torch.manual_seed(0)
+    model = build_model("deeplabv2_resnet18", C, output_stride=16)
+    cfg = AdaptConfig(strong_aug=True)
+    prior = torch.full((C,), 1 / C)
+    adapter = Adapter(model, cfg, "imagenet", prior, torch.ones(C), torch.device("cpu"))
+    images = torch.rand(2, 3, 32, 64)
+    adapter.begin_round(0, [images])
+    before_net = model.layer1[0].conv1.weight.clone()
+    before_d = adapter.disc.conv1.weight.clone()
+    batch_v = {
+        "image": torch.rand(2, 3, 32, 64),
+        "label": torch.randint(0, C, (2, 32, 64)),
+        "weight": torch.rand(2, 32, 64),
+    }
+    logs = adapter.step(batch_v, {"image": images})
+    for key in ("loss_v", "loss_st", "loss_prior", "loss_adv", "loss_d"):
+        assert math.isfinite(logs[key]), key
+    assert not torch.equal(before_net, model.layer1[0].conv1.weight)
+    assert not torch.equal(before_d, adapter.disc.conv1.weight)
+    # The teacher is a frozen copy: it did not move with the student.
+    assert all(not p.requires_grad for p in adapter.teacher.parameters())
+    assert torch.equal(adapter.teacher.layer1[0].conv1.weight, before_net)
+
+
+def test_tent_trains_only_normalisation_parameters():
+    model = build_model("deeplabv2_resnet18", C, output_stride=16)
+    conv, bn = model.layer1[0].conv1.weight.clone(), model.layer1[0].bn1.weight.clone()
+    adapter = Adapter(
+        model,
+        AdaptConfig(method="tent", strong_aug=False),
+        "imagenet",
+        torch.full((C,), 1 / C),
+        None,
+        torch.device("cpu"),
+    )
+    adapter.step(None, {"image": torch.rand(2, 3, 32, 64)})
+    assert torch.equal(conv, model.layer1[0].conv1.weight)
+    assert not torch.equal(bn, model.layer1[0].bn1.weight)
+
+
+def _adapt_cfg(**kw):
+    base = {
+        "adapt.iterations": 4,
+        "adapt.batch_size": 2,
+        "adapt.eval_every": 2,
+        "adapt.checkpoint_every": 2,
+        "adapt.threads": 1,
+        "adapt.st_rounds": 2,
+    }
+    return tiny_config(**{**base, **kw})
+
+
+def test_plain_loop_adapts_and_reports(tiny_benchmark, tiny_source_ckpt, tiny_scores):
+    scores, _ = tiny_scores
+    cfg = _adapt_cfg()
+    plan = make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+    assert len(plan.virtual_rows) == 12 and len(plan.target_rows) == 12
+    assert plan.map_size == (TINY.height, TINY.width) and len(plan.eval_rows) == TINY.target_val
+    env = LocalEnv()
+    result = run_adaptation(plan, cfg, env)
+    assert [r["iteration"] for r in env.reports] == [2, 4]
+    assert 0.0 <= result["metrics"]["val_miou"] <= 100.0
+    assert result["metrics"]["proxy"] > 0
+    source, _ = load_model(str(tiny_source_ckpt))
+    adapted = result["model"].state_dict()
+    assert any(
+        not torch.equal(v, adapted[k])
+        for k, v in source.state_dict().items()
+        if v.dtype.is_floating_point
+    )
+
+
+@pytest.mark.slow
+def test_two_worker_ray_train_run_and_resume(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    scores, _ = tiny_scores
+    out = tmp_path / "run"
+    metrics = run_adapt(
+        _adapt_cfg(),
+        str(tiny_source_ckpt),
+        str(scores),
+        str(tiny_benchmark),
+        str(out),
+        workers=2,
+        cpus_per_worker=1,
+    )
+    assert metrics["iteration"] == 4 and metrics["resumed_from"] == 0
+    final = load_checkpoint(str(out / "final.pt"))["meta"]
+    assert final["iteration"] == 4 and final["complete"]
+    # Same run directory, longer schedule: continues from the saved iteration 4.
+    more = run_adapt(
+        _adapt_cfg(**{"adapt.iterations": 6}),
+        str(tiny_source_ckpt),
+        str(scores),
+        str(tiny_benchmark),
+        str(out),
+        workers=2,
+        cpus_per_worker=1,
+    )
+    assert more["iteration"] == 6 and more["resumed_from"] == 4
+
+
+@pytest.mark.slow
+def test_adapt_needs_no_source_data(ray_session, tmp_path):
+    """Generate, train the source model, then delete every source image and label: the
+    rest of the pipeline (score, adapt, evaluate) runs on target data alone."""
+    bench = tmp_path / "bench"
+    generate(bench, TINY)
+    ckpt = tmp_path / "source.pt"
+    train_source(tiny_config(), str(bench), str(ckpt))
+    shutil.rmtree(bench / "source")
+    assert not list(tmp_path.rglob("*game*"))  # no source file left anywhere under tmp
+    scores = tmp_path / "scores"
+    score_dataset(str(ckpt), str(bench), str(scores), ScoringOptions(batch_size=8, actors=1))
+    metrics = run_adapt(_adapt_cfg(), str(ckpt), str(scores), str(bench), str(tmp_path / "run"))
+    assert metrics["iteration"] == 4 and np.isfinite(metrics["val_miou"])
