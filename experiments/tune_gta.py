@@ -56,6 +56,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="synthetic benchmark seed")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for a quick check")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP)")
+    parser.add_argument("--gpus-per-worker", type=float, default=0.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if bool(args.data) != bool(args.checkpoint):
@@ -83,16 +85,18 @@ def main() -> None:
         checkpoint,
         data,
         scores,
-        ScoringOptions(
-            size=tuple(cfg.data.size) if cfg.data.size else None,
-            batch_size=cfg.score.batch_size,
-            actors=cfg.score.actors,
-            threads_per_actor=cfg.score.threads_per_actor,
-            mc_passes=cfg.score.mc_passes,
-        ),
+        ScoringOptions.from_config(cfg),
     )
     write_pictures(scores, cfg.select)
-    metrics = run_adapt(cfg, checkpoint, scores, data, str(out / "run"))
+    metrics = run_adapt(
+        cfg,
+        checkpoint,
+        scores,
+        data,
+        str(out / "run"),
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+    )
 
     target = open_dataset(data, "target")
     summary = {

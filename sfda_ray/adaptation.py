@@ -8,6 +8,7 @@ environment it runs in (a single process, or a Ray Train worker) is passed in as
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -33,7 +34,12 @@ from sfda_ray.method.baselines import adapt_batchnorm
 from sfda_ray.method.scoring import normalized_entropy
 from sfda_ray.method.selection import select
 from sfda_ray.metrics import segmentation_report
-from sfda_ray.models.checkpoint import file_fingerprint, load_model, save_checkpoint
+from sfda_ray.models.checkpoint import (
+    file_fingerprint,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +48,8 @@ log = logging.getLogger(__name__)
 class AdaptPlan:
     """Everything a worker needs: small, picklable, computed once on the driver."""
 
-    checkpoint: str
+    checkpoint: str  # the model to start from
+    source_checkpoint: str  # the user's source model (source-only baseline, provenance)
     virtual_rows: list[dict]
     target_rows: list[dict]
     thresholds: list[float]
@@ -54,6 +61,7 @@ class AdaptPlan:
     virtual_sampling_weights: list[float] | None = None
     selection_summary: dict = field(default_factory=dict)
     fingerprints: dict = field(default_factory=dict)
+    bn_adapted: bool = False  # the start checkpoint already has target BN statistics
 
 
 def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan:
@@ -93,6 +101,19 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
         )
         weights = rare_class_sampling_weights(hists, alpha).tolist()
 
+    # Start from the model that made the pseudo-labels when it is the AdaBN'd source model.
+    start_checkpoint, bn_adapted = str(checkpoint), False
+    summary_path = storage.join(scores, "summary.json")
+    if storage.exists(summary_path):
+        scored_with = json.loads(storage.read_bytes(summary_path))
+        if (
+            scored_with.get("checkpoint") != scored_with.get("source_checkpoint")
+            and scored_with.get("checkpoint_fingerprint")
+            and load_checkpoint(scored_with["checkpoint"])["meta"].get("adabn_of")
+            == file_fingerprint(checkpoint)
+        ):
+            start_checkpoint, bn_adapted = scored_with["checkpoint"], True
+
     ref = open_dataset(data, "target")
     eval_rows, eval_classes = [], next(iter(ref.eval_subsets.values()))
     if "val" in set(ref.manifest["split"].to_pylist()):
@@ -100,7 +121,9 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
         if all(p is not None for p in val["label_path"].to_pylist()):
             eval_rows = val.to_pylist()
     return AdaptPlan(
-        checkpoint=str(checkpoint),
+        checkpoint=start_checkpoint,
+        source_checkpoint=str(checkpoint),
+        bn_adapted=bn_adapted,
         virtual_rows=virtual,
         target_rows=[rows[i] for i in selection.target],
         thresholds=selection.class_thresholds.tolist(),
@@ -187,7 +210,9 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
     a = cfg.adapt
     torch.manual_seed(a.seed + env.rank)
     torch.set_num_threads(a.threads)
-    model, meta = load_model(plan.checkpoint)
+    model, meta = load_model(
+        plan.source_checkpoint if a.method == "source_only" else plan.checkpoint
+    )
     model.to(env.device)
     norm = meta["normalization"]
     size = plan.map_size
@@ -208,7 +233,7 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
             yield next(batches)["image"].to(env.device)
 
     state = env.load_state()
-    if state is None and a.adabn_init and a.method != "source_only":
+    if state is None and a.adabn_init and not plan.bn_adapted and a.method != "source_only":
         n_batches = max(1, len(t_rows) // (a.batch_size * 2))
         adapt_batchnorm(
             model, (to_input(x, norm) for x in plain_images(n_batches, a.seed)), max_batches=50
@@ -268,6 +293,10 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
                     if k not in ("per_class", "confusion_matrix")
                 }
             )
+            if "proxy" in metrics:
+                log.info(
+                    "iter %d: val_miou %.2f proxy %.4f", done, metrics["val_miou"], metrics["proxy"]
+                )
         state_out = (
             {"adapter": adapter.state_dict(), "iteration": done}
             if checkpoint_now and env.rank == 0
@@ -367,7 +396,7 @@ def save_adapted(
         "num_classes": source_meta["num_classes"],
         "class_names": source_meta["class_names"],
         "normalization": source_meta["normalization"],
-        "train_config": {**to_dict(cfg), "source_checkpoint": plan.checkpoint},
+        "train_config": {**to_dict(cfg), "source_checkpoint": plan.source_checkpoint},
         "data_fingerprint": plan.fingerprints.get("data"),
         "iteration": metrics.get("iteration"),
         "complete": True,

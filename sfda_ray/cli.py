@@ -109,15 +109,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         },
     )
     init_ray(args.address)
-    options = ScoringOptions(
-        size=tuple(cfg.data.size) if cfg.data.size else None,
-        batch_size=cfg.score.batch_size,
-        actors=cfg.score.actors,
-        threads_per_actor=cfg.score.threads_per_actor,
-        mc_passes=cfg.score.mc_passes,
-        split=cfg.score.split,
-        domain=args.domain,
-    )
+    options = ScoringOptions.from_config(cfg, args.domain)
     summary = score_dataset(args.checkpoint, args.data, args.out, options)
     pictures = write_pictures(args.out, cfg.select)
     print(

@@ -100,9 +100,13 @@ class ScoreConfig:
     batch_size: int = _field(16, lo=1)
     # Scoring actors; null: one per GPU, or one per CPU but one on CPU-only clusters.
     actors: int | None = _field(None, lo=1)
-    threads_per_actor: int = _field(1, lo=1)
+    # Torch threads per CPU actor; null: the cluster's CPUs shared among the actors.
+    threads_per_actor: int | None = _field(None, lo=1)
     # MC-dropout passes (0: off); needs a model built with model.mc_dropout > 0.
     mc_passes: int = _field(0, lo=0)
+    # Score with the source model after AdaBN on the target (pseudo-labels far better
+    # under an appearance shift; the adaptation then starts from the same model).
+    adabn: bool = True
     split: str = "train"
 
 

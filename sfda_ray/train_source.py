@@ -25,12 +25,27 @@ log = logging.getLogger(__name__)
 
 
 def model_arch(cfg: Config) -> dict:
-    arch = {"name": cfg.model.name, "mc_dropout": cfg.model.mc_dropout}
-    if cfg.model.name != "deeplabv2_resnet101":  # the Caffe ResNet-101 is fixed at stride 8
-        arch["output_stride"] = cfg.model.output_stride
+    """``{"name", "options"}`` as ``build_model`` takes them and checkpoints store them."""
+    options: dict = {"mc_dropout": cfg.model.mc_dropout}
     if cfg.model.freeze_bn is not None:
-        arch["freeze_bn"] = cfg.model.freeze_bn
-    return arch
+        options["freeze_bn"] = cfg.model.freeze_bn
+    if cfg.model.name != "deeplabv2_resnet101":  # the Caffe ResNet-101 is fixed at stride 8
+        options["output_stride"] = cfg.model.output_stride
+    return {"name": cfg.model.name, "options": options}
+
+
+# Settings that change how fast a run goes or how it reports, not what it trains.
+RUNTIME_KEYS = {"source": ("threads", "log_every", "checkpoint_every"), "data": ("num_workers",)}
+
+
+def source_training_config(cfg: Config, domain: str) -> dict:
+    """What identifies a source model: data, model and source-training settings."""
+    full = to_dict(cfg)
+    out = {section: dict(full[section]) for section in ("data", "model", "source")}
+    for section, keys in RUNTIME_KEYS.items():
+        for key in keys:
+            out[section].pop(key)
+    return {**out, "domain": domain}
 
 
 def poly_lr(base: float, it: int, total: int, power: float = 0.9) -> float:
@@ -42,7 +57,7 @@ def train_source(cfg: Config, data: str, out: str, domain: str = "source") -> di
     sc = cfg.source
     ref = open_dataset(data, domain)
     table = ref.split("train")
-    train_config = {**to_dict(cfg), "domain": domain}
+    train_config = source_training_config(cfg, domain)
     meta = {
         "arch": model_arch(cfg),
         "num_classes": cfg.model.num_classes,
@@ -55,10 +70,11 @@ def train_source(cfg: Config, data: str, out: str, domain: str = "source") -> di
     }
     torch.manual_seed(sc.seed)
     torch.set_num_threads(sc.threads)
+    arch = meta["arch"]
     model = build_model(
-        cfg.model.name,
+        arch["name"],
         cfg.model.num_classes,
-        **{k: v for k, v in meta["arch"].items() if k != "name"},
+        **arch["options"],
         imagenet_init=cfg.model.imagenet_init,
     )
     optimizer = torch.optim.SGD(

@@ -158,3 +158,15 @@ def test_file_fingerprint(tmp_path):
     assert file_fingerprint(path) == hashlib.sha256(b"weights").hexdigest()[:16]
     path.write_bytes(b"weights2")
     assert file_fingerprint(path) != hashlib.sha256(b"weights").hexdigest()[:16]
+
+
+def test_arch_keys_outside_options_are_refused(tmp_path):
+    """A setting beside name/options would be dropped when the model is rebuilt."""
+    from sfda_ray.models import build_model
+    from sfda_ray.models.checkpoint import CheckpointError, save_checkpoint
+
+    model = build_model("deeplabv2_resnet18", 19, output_stride=16)
+    bad = {"arch": {"name": "deeplabv2_resnet18", "output_stride": 16}, "num_classes": 19}
+    with pytest.raises(CheckpointError, match="must be"):
+        save_checkpoint(tmp_path / "x.pt", model, bad)
+    assert not (tmp_path / "x.pt").exists()

@@ -77,3 +77,12 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("source.lr=1e-3") == ("source.lr", 1e-3)
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_override("source.lr")
+
+
+def test_shipped_configs_are_valid():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "experiments" / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_config(path)

@@ -35,7 +35,11 @@ def test_ray_pipeline_equals_plain_core(scored, tiny_benchmark, tiny_source_ckpt
     assert sorted(table["image_id"].to_pylist()) == sorted(
         open_dataset(tiny_benchmark, "target").split("train")["image_id"].to_pylist()
     )
-    model, meta = load_model(str(tiny_source_ckpt))
+    # Scoring used the source model with target BatchNorm statistics (AdaBN), saved next
+    # to the table; the plain core gets the very same model.
+    assert summary["checkpoint"] == str(out / "source_adabn.pt")
+    assert summary["source_checkpoint"] == str(tiny_source_ckpt)
+    model, meta = load_model(summary["checkpoint"])
     for row in table.to_pylist():
         image = torch.from_numpy(load_image(row["image_path"]))[None]
         plain = score_images(model, normalize_batch(image, meta["normalization"]))
@@ -89,9 +93,10 @@ def test_bad_images_are_recorded_and_skipped(
         str(tiny_source_ckpt),
         str(manifest),
         f"file://{out}",
-        ScoringOptions(batch_size=4, actors=1),
+        ScoringOptions(batch_size=4, actors=1, adabn=False),
     )
     assert summary["scored"] == 6 and summary["skipped"] == 2
+    assert summary["checkpoint"] == summary["source_checkpoint"]  # AdaBN off: source as is
     assert summary["skipped_reasons"] == {"unreadable image": 2}
     rows = {r["image_id"]: r for r in pq.read_table(out / "scores.parquet").to_pylist()}
     assert len(rows) == 8

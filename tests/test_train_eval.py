@@ -34,7 +34,13 @@ def test_train_source_then_eval_json(tiny_benchmark, tmp_path, capsys):
     assert main(args) == 0
     meta = load_checkpoint(str(ckpt))["meta"]
     assert meta["complete"] and meta["iteration"] == 4
-    assert meta["arch"]["name"] == "deeplabv2_resnet18"
+    assert meta["arch"] == {
+        "name": "deeplabv2_resnet18",
+        "options": {"mc_dropout": 0.0, "output_stride": 16},
+    }
+    # The reloaded network is the trained one (stride 16: layer3 still downsamples).
+    model, _ = load_model(str(ckpt))
+    assert model.layer3[0].conv1.stride == (2, 2) and model.layer4[0].conv1.dilation == (2, 2)
     assert meta["data_fingerprint"] == open_dataset(tiny_benchmark, "source").fingerprint
     capsys.readouterr()
     assert (

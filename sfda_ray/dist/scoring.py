@@ -41,7 +41,9 @@ from sfda_ray.data.transforms import normalize_batch
 from sfda_ray.method.scoring import class_confidence_histogram, score_images
 from sfda_ray.method.selection import select, selection_quality
 from sfda_ray.metrics import confusion_matrix, iou_per_class
-from sfda_ray.models.checkpoint import file_fingerprint, load_model
+from sfda_ray.data.loaders import image_loader, images_of
+from sfda_ray.method.baselines import adapt_batchnorm
+from sfda_ray.models.checkpoint import file_fingerprint, load_checkpoint, load_model, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +105,26 @@ class ScoringOptions:
     batch_size: int = 8
     actors: int | None = None  # None: one per GPU, else one per free CPU
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs
-    threads_per_actor: int = 1
+    threads_per_actor: int | None = None  # None: the node's CPUs shared among the actors
     mc_passes: int = 0
+    # Score with the source model after AdaBN on the target split (see adabn_checkpoint).
+    adabn: bool = True
     split: str = "train"
     domain: str = "target"
+
+    @classmethod
+    def from_config(cls, cfg, domain: str = "target") -> ScoringOptions:
+        """Options from a ``Config`` (its ``score`` section and the input size)."""
+        return cls(
+            size=tuple(cfg.data.size) if cfg.data.size else None,
+            batch_size=cfg.score.batch_size,
+            actors=cfg.score.actors,
+            threads_per_actor=cfg.score.threads_per_actor,
+            mc_passes=cfg.score.mc_passes,
+            adabn=cfg.score.adabn,
+            split=cfg.score.split,
+            domain=domain,
+        )
 
 
 def _row_fingerprint(checkpoint_fp: str, row: dict) -> str:
@@ -244,7 +262,7 @@ def evaluate_pseudo_label(
     label: torch.Tensor, conf: torch.Tensor, gt: np.ndarray, num_classes: int
 ) -> dict:
     """Per-image mIoU of the pseudo-label and its correct pixels per (class, confidence bin)."""
-    gt_t = torch.from_numpy(gt)
+    gt_t = torch.from_numpy(gt.copy())  # Ray hands over read-only arrays
     if gt_t.shape != label.shape:  # maps are at model resolution; compare at that size
         gt_t = torch.nn.functional.interpolate(
             gt_t[None, None].float(), size=label.shape, mode="nearest"
@@ -262,6 +280,27 @@ def evaluate_pseudo_label(
 
 
 # --- driver -----------------------------------------------------------------------------
+
+
+def adabn_checkpoint(checkpoint: str, manifest: pa.Table, out: str,
+                     size: tuple[int, int] | None, max_batches: int = 30) -> str:
+    """The source model with BatchNorm statistics re-estimated on target images.
+
+    Still the source model's weights, still source-free; its pseudo-labels are far better
+    than the raw source model's under an appearance shift, and the adaptation starts
+    from the same BN statistics, so the virtual source agrees with its initial student.
+    Cached as ``OUT/source_adabn.pt`` for this source checkpoint.
+    """
+    path = storage.join(out, "source_adabn.pt")
+    source_fp = file_fingerprint(checkpoint)
+    if storage.exists(path) and load_checkpoint(path)["meta"].get("adabn_of") == source_fp:
+        return path
+    model, meta = load_model(checkpoint)
+    loader = image_loader(manifest, size, meta["normalization"], batch_size=16, shuffle=True,
+                          num_workers=0)
+    adapt_batchnorm(model, images_of(loader), max_batches=max_batches)
+    save_checkpoint(path, model, {**meta, "adabn_of": source_fp})
+    return path
 
 
 def _default_actors(gpus_per_actor: float) -> int:
@@ -297,13 +336,16 @@ def score_dataset(
     opts = options or ScoringOptions()
     ref = open_dataset(data, opts.domain)
     manifest = ref.split(opts.split)
+    storage.makedirs(out)
+    source_checkpoint = checkpoint
+    if opts.adabn:
+        checkpoint = adabn_checkpoint(checkpoint, manifest, out, opts.size)
     checkpoint_fp = file_fingerprint(checkpoint)
     rows = manifest.select(
         ["image_id", "image_path", "label_path", "label_format", "split", "height", "width"]
     ).to_pylist()
     for row in rows:
         row["fingerprint"] = _row_fingerprint(checkpoint_fp, row)
-    storage.makedirs(out)
 
     previous = _read_parts(out)
     done = set()
@@ -330,6 +372,7 @@ def score_dataset(
     summary = summarize_scores(table, len(todo), elapsed)
     summary.update(
         {
+            "source_checkpoint": str(source_checkpoint),
             "checkpoint": str(checkpoint),
             "checkpoint_fingerprint": checkpoint_fp,
             "data": str(data),
@@ -349,6 +392,8 @@ def _run_pipeline(checkpoint: str, todo: list[dict], out: str, opts: ScoringOpti
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
     actors = opts.actors or _default_actors(gpus)
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    threads = opts.threads_per_actor or max(1, cpus // actors)
     ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // opts.batch_size))
     ds = ds.map_batches(
         decode_batch,
@@ -361,13 +406,15 @@ def _run_pipeline(checkpoint: str, todo: list[dict], out: str, opts: ScoringOpti
         fn_constructor_kwargs={
             "checkpoint": checkpoint,
             "mc_passes": opts.mc_passes,
-            "threads": opts.threads_per_actor,
+            "threads": threads,
         },
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=opts.batch_size,
         batch_format="numpy",
         num_gpus=gpus,
-        num_cpus=0 if gpus else opts.threads_per_actor,
+        # A CPU actor reserves one CPU however many torch threads it runs, so that decode
+        # tasks always find a CPU to run on (an actor holding every CPU would starve them).
+        num_cpus=0 if gpus else 1,
         scheduling_strategy="SPREAD",  # one scorer per node before doubling up
     )
     by_fp = {r["fingerprint"]: r for r in todo}

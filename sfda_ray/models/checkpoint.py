@@ -52,7 +52,14 @@ def _complete_meta(meta: dict) -> dict:
     arch = meta.get("arch")
     if isinstance(arch, str):
         arch = {"name": arch}
-    if not isinstance(arch, dict) or not isinstance(arch.get("name"), str):
+    # Anything beside name and options would be silently ignored when the model is
+    # rebuilt (a stride given outside options once rebuilt another network): refuse it.
+    if (
+        not isinstance(arch, dict)
+        or not isinstance(arch.get("name"), str)
+        or not set(arch) <= {"name", "options"}
+        or not isinstance(arch.get("options", {}), dict)
+    ):
         raise CheckpointError(
             f"meta['arch'] must be {{'name': ..., 'options': {{...}}}}, got {arch!r}"
         )

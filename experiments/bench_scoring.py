@@ -1,0 +1,144 @@
+"""Scoring throughput: the Ray Data pipeline against a plain single-process PyTorch loop.
+
+Same model, same images, same work per image (decode, normalise, forward, scores,
+two PNG maps written), in one run. Peak memory is the largest resident set of this
+process plus every Ray worker process, sampled while scoring.
+
+    python experiments/bench_scoring.py --images 2000 --json bench_scoring.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from torch.utils.data import DataLoader
+
+from sfda_ray import storage
+from sfda_ray.config import load_config
+from sfda_ray.data.catalog import open_dataset
+from sfda_ray.data.dataset import SegmentationDataset, collate_skip_bad
+from sfda_ray.data.synthetic import BenchmarkSpec, generate
+from sfda_ray.dist.runtime import init_ray
+from sfda_ray.dist.scoring import ScoringOptions, encode_png, score_dataset
+from sfda_ray.method.scoring import score_images
+from sfda_ray.models import build_model
+from sfda_ray.models.checkpoint import load_model, save_checkpoint
+
+
+class PeakMemory:
+    """Peak total RSS (MB) of this process and all its descendants (Ray's workers)."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval, self.peak, self._stop = interval, 0.0, threading.Event()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            self.peak = max(self.peak, total / 2**20)
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def plain_loop(checkpoint: str, table, batch_size: int, out: Path, threads: int) -> float:
+    torch.set_num_threads(threads)
+    model, meta = load_model(checkpoint)
+    from sfda_ray.data.transforms import build_transform
+
+    dataset = SegmentationDataset(
+        table, build_transform(False, None, normalization=meta["normalization"]), with_labels=False
+    )
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=0, collate_fn=collate_skip_bad)
+    t0, n = time.perf_counter(), 0
+    for batch in loader:
+        scores = score_images(model, batch["image"])
+        for j, image_id in enumerate(batch["image_id"]):
+            for name, array in (("label", scores.label[j]), ("conf", scores.confidence[j])):
+                storage.atomic_write_bytes(
+                    out / f"{image_id}_{name}.png", encode_png(array.numpy())
+                )
+        n += len(batch["image_id"])
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, both paths")
+    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--json", help="write results here")
+    args = parser.parse_args()
+    cfg = load_config()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        generate(
+            tmp / "bench",
+            BenchmarkSpec(source_train=1, source_val=1, target_train=args.images, target_val=1),
+        )
+        checkpoint = str(tmp / "model.pt")
+        model = build_model(
+            cfg.model.name, cfg.model.num_classes, output_stride=cfg.model.output_stride
+        )
+        save_checkpoint(checkpoint, model, {"normalization": "imagenet"})
+        table = open_dataset(tmp / "bench", "target").split("train")
+
+        with PeakMemory() as plain_mem:
+            plain = plain_loop(checkpoint, table, args.batch_size, tmp / "plain", args.threads)
+        init_ray(num_cpus=psutil.cpu_count())
+        with PeakMemory() as ray_mem:
+            t0 = time.perf_counter()
+            summary = score_dataset(
+                checkpoint,
+                str(tmp / "bench"),
+                str(tmp / "ray"),
+                ScoringOptions(
+                    batch_size=args.batch_size, actors=args.actors, threads_per_actor=args.threads
+                ),
+            )
+            wall = time.perf_counter() - t0
+    result = {
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "model": cfg.model.name,
+        "image_size": [96, 192],
+        "ray_images_per_s": round(summary["images_per_s"], 2),
+        "ray_images_per_s_including_setup": round(args.images / wall, 2),
+        "plain_images_per_s": round(plain, 2),
+        "ratio": round(summary["images_per_s"] / plain, 3),
+        "peak_rss_mb": round(ray_mem.peak, 1),
+        "plain_peak_rss_mb": round(plain_mem.peak, 1),
+        "machine": f"{psutil.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(f"{'path':<10} {'images/s':>9} {'peak RSS MB':>12}")
+    print(f"{'plain':<10} {plain:9.2f} {plain_mem.peak:12.1f}")
+    print(f"{'ray data':<10} {summary['images_per_s']:9.2f} {ray_mem.peak:12.1f}")
+    print(f"ratio ray/plain: {result['ratio']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
