@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch import nn
@@ -174,21 +175,20 @@ def evaluate_adapted(
     """
     if not plan.eval_rows:
         return {}
-    import pyarrow as pa
-
     model.eval()
     loader = eval_loader(
         pa.Table.from_pylist(plan.eval_rows), size, normalization, batch_size=8, num_workers=0
     )
-    cm, _ = confusion_on(model, loader, len(CLASS_NAMES))
-    entropy, mean_pred, n = 0.0, 0.0, 0
-    for batch in loader:
-        if "image" not in batch:
-            continue
-        prob = model(batch["image"]).softmax(1)
-        entropy += normalized_entropy(prob).mean().item() * prob.shape[0]
-        mean_pred = mean_pred + prob.mean(dim=(2, 3)).sum(0)
-        n += prob.shape[0]
+    totals = {"entropy": 0.0, "mean_pred": 0.0, "n": 0}
+
+    def observe(logits: torch.Tensor) -> None:
+        prob = logits.softmax(1)
+        totals["entropy"] += normalized_entropy(prob).mean().item() * prob.shape[0]
+        totals["mean_pred"] = totals["mean_pred"] + prob.mean(dim=(2, 3)).sum(0)
+        totals["n"] += prob.shape[0]
+
+    cm, _ = confusion_on(model, loader, len(CLASS_NAMES), observe=observe)
+    entropy, mean_pred, n = totals["entropy"], totals["mean_pred"], totals["n"]
     prior = torch.tensor(plan.prior_target)
     mean_pred = (mean_pred / n).clamp_min(1e-8)
     kl = torch.where(prior > 0, prior * (prior.clamp_min(1e-12).log() - mean_pred.log()), 0.0)

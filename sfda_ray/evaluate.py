@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -17,9 +19,17 @@ from sfda_ray.models.checkpoint import load_model
 
 @torch.no_grad()
 def confusion_on(
-    model: nn.Module, loader: DataLoader, num_classes: int, device: str | torch.device = "cpu"
+    model: nn.Module,
+    loader: DataLoader,
+    num_classes: int,
+    device: str | torch.device = "cpu",
+    observe: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Accumulated confusion matrix over ``loader`` and the number of skipped images."""
+    """Accumulated confusion matrix over ``loader`` and the number of skipped images.
+
+    ``observe`` sees each batch's logits at model resolution, so label-free statistics
+    come from the same forward pass.
+    """
     model.eval()
     cm = np.zeros((num_classes, num_classes), np.int64)
     skipped = 0
@@ -29,6 +39,8 @@ def confusion_on(
             continue
         label = batch["label"]
         logits = model(batch["image"].to(device))
+        if observe is not None:
+            observe(logits)
         if logits.shape[-2:] != label.shape[-2:]:
             logits = F.interpolate(
                 logits, size=label.shape[-2:], mode="bilinear", align_corners=False
