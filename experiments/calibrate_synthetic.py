@@ -21,10 +21,8 @@ import torch
 
 from sfda_ray.config import load_config
 from sfda_ray.data.catalog import open_dataset
-from sfda_ray.data.loaders import image_loader, images_of
 from sfda_ray.data.synthetic import BenchmarkSpec, generate
-from sfda_ray.evaluate import evaluate_model
-from sfda_ray.method.baselines import adapt_batchnorm
+from sfda_ray.evaluate import adabn_on_split, evaluate_model
 from sfda_ray.models.checkpoint import load_model
 from sfda_ray.train_source import train_source
 
@@ -51,8 +49,7 @@ def calibrate_seed(out: Path, seed: int, shift: float, config: str | None) -> di
     oracle, _ = load_model(str(out / f"oracle_seed{seed}.pt"))
     row["oracle_on_source_val"] = evaluate_model(oracle, source_ref, "val", norm)["miou"]
     row["oracle_on_target_val"] = evaluate_model(oracle, target_ref, "val", norm)["miou"]
-    loader = image_loader(target_ref.split("train"), None, norm, batch_size=16, shuffle=True)
-    adapt_batchnorm(model, images_of(loader), max_batches=30)
+    adabn_on_split(model, target_ref.split("train"), norm)
     row["adabn_on_target_val"] = evaluate_model(model, target_ref, "val", norm)["miou"]
     gap = row["oracle_on_target_val"] - row["source_on_target_val"]
     row["gap"] = gap

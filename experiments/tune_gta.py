@@ -25,13 +25,11 @@ from pathlib import Path
 
 from sfda_ray.config import load_config, parse_override
 from sfda_ray.data.catalog import open_dataset
-from sfda_ray.data.loaders import image_loader, images_of
 from sfda_ray.data.synthetic import BenchmarkSpec, generate
 from sfda_ray.dist.runtime import init_ray
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset, write_pictures
 from sfda_ray.dist.train import run_adapt
-from sfda_ray.evaluate import evaluate_model
-from sfda_ray.method.baselines import adapt_batchnorm
+from sfda_ray.evaluate import adabn_on_split, evaluate_model
 from sfda_ray.models.checkpoint import load_model
 from sfda_ray.train_source import train_source
 
@@ -108,8 +106,7 @@ def main() -> None:
         model, meta = load_model(checkpoint)
         norm = meta["normalization"]
         summary["source_only_miou"] = evaluate_model(model, target, "val", norm)["miou"]
-        loader = image_loader(target.split("train"), None, norm, batch_size=16, shuffle=True)
-        adapt_batchnorm(model, images_of(loader), max_batches=30)
+        adabn_on_split(model, target.split("train"), norm)
         summary["adabn_miou"] = evaluate_model(model, target, "val", norm)["miou"]
         adapted, _ = load_model(str(out / "run" / "final.pt"))
         summary["adapted_miou"] = evaluate_model(adapted, target, "val", norm)["miou"]

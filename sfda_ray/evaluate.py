@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -12,7 +13,8 @@ from torch.utils.data import DataLoader
 
 from sfda_ray.data.catalog import DatasetRef, open_dataset
 from sfda_ray.data.labels import CLASS_NAMES
-from sfda_ray.data.loaders import eval_loader
+from sfda_ray.data.loaders import eval_loader, image_loader, images_of
+from sfda_ray.method.baselines import adapt_batchnorm
 from sfda_ray.metrics import confusion_matrix, segmentation_report
 from sfda_ray.models.checkpoint import load_model
 
@@ -89,3 +91,17 @@ def evaluate_checkpoint(
     report = evaluate_model(model, ref, split, meta["normalization"], size, batch_size)
     report["checkpoint"] = str(checkpoint)
     return report
+
+
+def adabn_on_split(
+    model: nn.Module,
+    table: pa.Table,
+    normalization: str,
+    size: tuple[int, int] | None = None,
+    max_batches: int = 30,
+) -> nn.Module:
+    """AdaBN with the project's one recipe: up to ``max_batches`` shuffled batches of 16
+    unaugmented images of ``table`` (seeded, so reruns give the same statistics)."""
+    loader = image_loader(table, size, normalization, batch_size=16, shuffle=True, num_workers=0)
+    adapt_batchnorm(model, images_of(loader), max_batches=max_batches)
+    return model

@@ -38,11 +38,10 @@ from sfda_ray.data.io import BadInputError, load_image, load_label
 from sfda_ray.data.labels import IGNORE_INDEX
 from sfda_ray.data.manifest import error_reason
 from sfda_ray.data.transforms import normalize_batch
+from sfda_ray.evaluate import adabn_on_split
 from sfda_ray.method.scoring import class_confidence_histogram, score_images
 from sfda_ray.method.selection import select, selection_quality
 from sfda_ray.metrics import confusion_matrix, iou_per_class
-from sfda_ray.data.loaders import image_loader, images_of
-from sfda_ray.method.baselines import adapt_batchnorm
 from sfda_ray.models.checkpoint import file_fingerprint, load_checkpoint, load_model, save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -296,9 +295,7 @@ def adabn_checkpoint(checkpoint: str, manifest: pa.Table, out: str,
     if storage.exists(path) and load_checkpoint(path)["meta"].get("adabn_of") == source_fp:
         return path
     model, meta = load_model(checkpoint)
-    loader = image_loader(manifest, size, meta["normalization"], batch_size=16, shuffle=True,
-                          num_workers=0)
-    adapt_batchnorm(model, images_of(loader), max_batches=max_batches)
+    adabn_on_split(model, manifest, meta["normalization"], size, max_batches)
     save_checkpoint(path, model, {**meta, "adabn_of": source_fp})
     return path
 
