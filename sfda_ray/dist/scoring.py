@@ -414,6 +414,10 @@ def _run_pipeline(checkpoint: str, todo: list[dict], out: str, opts: ScoringOpti
         num_cpus=0 if gpus else 1,
         scheduling_strategy="SPREAD",  # one scorer per node before doubling up
     )
+    # Start every scorer before the first batch is dispatched: otherwise the first actor to
+    # load its model takes all the work of a small job and the other nodes sit idle.
+    ctx = ray.data.DataContext.get_current()
+    ctx.wait_for_min_actors_s = max(ctx.wait_for_min_actors_s, 600)
     by_fp = {r["fingerprint"]: r for r in todo}
     pending: list[dict] = []
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
