@@ -33,7 +33,7 @@ from sfda_ray.evaluate import confusion_on
 from sfda_ray.method.adapt import Adapter, to_input, unwrap
 from sfda_ray.method.baselines import adapt_batchnorm
 from sfda_ray.method.scoring import normalized_entropy
-from sfda_ray.method.selection import select
+from sfda_ray.method.selection import select_by_config
 from sfda_ray.metrics import segmentation_report
 from sfda_ray.models.checkpoint import (
     file_fingerprint,
@@ -71,16 +71,7 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
     table = table.filter(pc.is_null(table["error"]))
     if table.num_rows == 0:
         raise ValueError(f"{scores}/scores.parquet has no scored images")
-    s = cfg.select
-    selection = select(
-        table,
-        s.ratio,
-        s.score_threshold,
-        s.tau,
-        s.class_balanced,
-        s.cb_portion,
-        cfg.model.num_classes,
-    )
+    selection = select_by_config(table, cfg.select, cfg.model.num_classes)
     a = cfg.adapt
     alpha = selection.class_weights(a.prior_beta, (a.alpha_min, a.alpha_max))
     rows = {

@@ -60,6 +60,9 @@ class DataConfig:
     hflip: bool = True
     normalization: str = _field("imagenet", choices=NORMALIZATIONS)
     num_workers: int = _field(1, lo=0)
+    # Class subsets scored on the target (first: the headline mIoU); null: the dataset's
+    # own (all 19 on Cityscapes). SYNTHIA -> Cityscapes uses [synthia16, synthia13].
+    eval_classes: list[str] | None = None
 
 
 @dataclass
@@ -172,6 +175,33 @@ class AdaptConfig:
 
 
 @dataclass
+class SweepConfig:
+    """The Ray Tune search over selection thresholds and loss weights (`sfda-ray tune`)."""
+
+    # Search-space YAML (see experiments/configs/tune_space.yaml); null: the job's default.
+    space: str | None = None
+    num_samples: int = _field(4, lo=1)
+    # Trials running at once; null: as many as the cluster has workers' resources for.
+    max_concurrent: int | None = _field(None, lo=1)
+    # Each trial is a Ray Train run of this many workers (DDP).
+    workers_per_trial: int = _field(1, lo=1)
+    cpus_per_worker: float = _field(1.0, lo=0.0, lo_open=True)
+    gpus_per_worker: float = _field(0.0, lo=0.0)
+    # SPREAD: one worker per node; PACK: fill a node (NVLink) before the next.
+    placement_strategy: str = _field("PACK", choices=("PACK", "SPREAD", "STRICT_PACK",
+                                                       "STRICT_SPREAD"))
+    # ASHA stops weak trials at rungs of `grace_period` * reduction_factor^k iterations.
+    scheduler: str = _field("asha", choices=("asha", "fifo"))
+    grace_period: int | None = _field(None, lo=1)  # null: a third of adapt.iterations
+    reduction_factor: int = _field(2, lo=2)
+    # auto: target-val mIoU when the target has a labelled val split, else the proxy.
+    metric: str = _field("auto", choices=("auto", "val_miou", "proxy"))
+    # The first trial runs the configured values, so the sweep never does worse than them.
+    include_configured: bool = True
+    seed: int = _field(0, lo=0)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -179,6 +209,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    tune: SweepConfig = field(default_factory=SweepConfig)
 
 
 # --- loading and validation -------------------------------------------------------------
@@ -290,6 +321,14 @@ def _check_cross_fields(obj: Any, prefix: str) -> None:
             raise ConfigError(
                 f"{prefix}.scale_min: {obj.scale_min} is larger than scale_max {obj.scale_max}"
             )
+        allowed = ("cityscapes19", "synthia16", "synthia13")
+        if obj.eval_classes is not None and (
+            not obj.eval_classes or not set(obj.eval_classes) <= set(allowed)
+        ):
+            raise ConfigError(
+                f"{prefix}.eval_classes: {obj.eval_classes!r} is not allowed; expected a list "
+                f"of {', '.join(allowed)}"
+            )
         for name in ("size", "crop"):
             hw = getattr(obj, name)
             if hw is not None and (len(hw) != 2 or min(hw) < 1):
@@ -353,3 +392,58 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+# --- search spaces ----------------------------------------------------------------------
+
+# kind -> number of arguments (None: a non-empty list of values)
+SPACE_KINDS = {"uniform": 2, "loguniform": 2, "randint": 2, "choice": None, "grid": None}
+
+
+def load_search_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, list]]:
+    """Read a search space: ``{dotted.key: {kind: args}}`` -> ``{key: (kind, args)}``.
+
+    Every key must be a config key and every value it can take must pass that key's
+    validation, so a bad space fails here, before any trial starts.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"search space {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(f"{path}: expected a mapping of config keys to {{kind: args}}")
+    space = {}
+    for key, spec in data.items():
+        where = f"{path}: {key}"
+        if not isinstance(spec, dict) or len(spec) != 1:
+            raise ConfigError(
+                f"{where}: {spec!r} should be one of {{kind: args}} with kind in "
+                f"{', '.join(SPACE_KINDS)}"
+            )
+        ((kind, args),) = spec.items()
+        if kind not in SPACE_KINDS:
+            raise ConfigError(f"{where}: unknown kind {kind!r}; allowed: {', '.join(SPACE_KINDS)}")
+        arity = SPACE_KINDS[kind]
+        if not isinstance(args, list) or not args or (arity and len(args) != arity):
+            expected = "[low, high]" if arity else "a non-empty list of values"
+            raise ConfigError(f"{where}: {kind} takes {expected}, got {args!r}")
+        if arity:
+            low, high = args
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in args):
+                raise ConfigError(f"{where}: {kind} bounds must be numbers, got {args!r}")
+            if low >= high:
+                raise ConfigError(f"{where}: {kind} needs low < high, got {args!r}")
+            if kind == "loguniform" and low <= 0:
+                raise ConfigError(f"{where}: loguniform needs low > 0, got {args!r}")
+            if kind == "randint" and not all(isinstance(v, int) for v in args):
+                raise ConfigError(f"{where}: randint bounds must be integers, got {args!r}")
+        for value in args:  # the key exists and takes each endpoint / choice
+            try:
+                apply_overrides(cfg, {key: value})
+            except ConfigError as e:
+                raise ConfigError(f"{path}: {e}") from None
+        space[key] = (kind, list(args))
+    return space

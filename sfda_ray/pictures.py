@@ -69,10 +69,16 @@ def selection_grid(table: pa.Table, selection: Selection, per_side: int = 4) -> 
             label = np.asarray(Image.open(io.BytesIO(storage.read_bytes(r["pseudo_label_path"]))))
             row.append(overlay(load_image(r["image_path"]), label))
         tiles.append(row)
+    return tile_grid(tiles)
+
+
+def tile_grid(tiles: Sequence[Sequence[np.ndarray]]) -> bytes:
+    """PNG of equally sized RGB tiles in rows; short rows are padded with black."""
     h, w = tiles[0][0].shape[:2]
+    columns = max(len(r) for r in tiles)
     blank = np.zeros((h, w, 3), np.uint8)
     grid = np.concatenate(
-        [np.concatenate(r + [blank] * (per_side - len(r)), axis=1) for r in tiles], axis=0
+        [np.concatenate(list(r) + [blank] * (columns - len(r)), axis=1) for r in tiles], axis=0
     )
     buf = io.BytesIO()
     Image.fromarray(grid).save(buf, format="PNG")

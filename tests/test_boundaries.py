@@ -19,6 +19,9 @@ PLAIN = [
     "sfda_ray.data.catalog",
     "sfda_ray.data.adaptation",
     "sfda_ray.metrics",
+    "sfda_ray.report",
+    "sfda_ray.pictures",
+    "sfda_ray.config",
 ]
 
 

@@ -154,3 +154,25 @@ def test_write_manifest_validates(tmp_path):
     write_manifest([{**row, "image_id": "a"}], tmp_path / "m.parquet")
     assert read_manifest(tmp_path / "m.parquet").to_pylist()[0]["height"] is None
     assert not list(tmp_path.glob("*.tmp-*"))  # the temporary file was renamed away
+
+
+def test_dataset_yaml_sets_evaluation_classes(tmp_path):
+    from sfda_ray.data.catalog import open_dataset
+    from sfda_ray.data.labels import EVAL_SUBSETS
+
+    make_cityscapes(tmp_path / "cs", {"val": ["lindau/lindau_000000_000019"]})
+    plain = tmp_path / "cityscapes.yaml"
+    plain.write_text(f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}}}\n")
+    assert list(open_dataset(plain).eval_subsets) == ["cityscapes19"]
+    synthia = tmp_path / "cityscapes_synthia.yaml"
+    synthia.write_text(
+        f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}, "
+        "eval_classes: [synthia16, synthia13]}\n"
+    )
+    ref = open_dataset(synthia)
+    assert ref.eval_subsets == {n: EVAL_SUBSETS[n] for n in ("synthia16", "synthia13")}
+    assert ref.manifest.num_rows == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}, eval_classes: [all]}}\n")
+    with pytest.raises(ValueError, match=r"bad.yaml: data.eval_classes: \['all'\]"):
+        open_dataset(bad)

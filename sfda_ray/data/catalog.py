@@ -2,18 +2,19 @@
 
 ``--data`` may be a synthetic benchmark directory (it holds ``benchmark.json``), a
 Parquet manifest, a dataset root of a known layout (with ``kind``), or a YAML file with
-a ``data:`` section (``kind``, ``root``, optional ``manifest``).
+a ``data:`` section (``kind``, ``root``, optional ``manifest`` and ``eval_classes``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow as pa
 import yaml
 
+from sfda_ray import storage
 from sfda_ray.data.labels import EVAL_SUBSETS
 from sfda_ray.data.manifest import read_manifest
 from sfda_ray.data.readers import scan_dataset
@@ -77,19 +78,34 @@ def open_dataset(data: str | Path, domain: str = "target", kind: str | None = No
         table = read_manifest(str(path / info["manifests"][domain]), include_errors=True)
         return _ref(f"synthetic:{domain}", table, {"synthetic": tuple(info["class_ids"])})
     if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise FileNotFoundError(f"dataset config {path} does not exist")
-        spec = (yaml.safe_load(path.read_text()) or {}).get("data")
-        if not isinstance(spec, dict) or "kind" not in spec or "root" not in spec:
-            raise ValueError(f"{path}: expected a `data:` section with `kind` and `root`")
-        if spec.get("manifest"):
-            return open_dataset(spec["manifest"], domain, spec["kind"])
-        return open_dataset(spec["root"], domain, spec["kind"])
+        where = str(data) if storage.is_uri(str(data)) else str(path)
+        if not storage.exists(where):
+            raise FileNotFoundError(f"dataset config {where} does not exist")
+        spec = (yaml.safe_load(storage.read_bytes(where)) or {}).get("data")
+        if not isinstance(spec, dict) or "kind" not in spec or not (
+            spec.get("root") or spec.get("manifest")
+        ):
+            raise ValueError(
+                f"{where}: expected a `data:` section with `kind` and `root` (or `manifest`)"
+            )
+        ref = open_dataset(spec.get("manifest") or spec["root"], domain, spec["kind"])
+        # e.g. SYNTHIA -> Cityscapes scores Cityscapes on SYNTHIA's 16 and 13 classes.
+        names = spec.get("eval_classes")
+        if names is None:
+            return ref
+        if not isinstance(names, list) or not names or not set(names) <= set(EVAL_SUBSETS):
+            raise ValueError(
+                f"{path}: data.eval_classes: {names!r} is not allowed; expected a list of "
+                f"{', '.join(EVAL_SUBSETS)} (the first gives the headline mIoU)"
+            )
+        return replace(ref, eval_subsets={n: EVAL_SUBSETS[n] for n in names})
     if kind is None:
         raise ValueError(
             f"{data}: not a synthetic benchmark (no benchmark.json), not a .parquet manifest "
             "and not a .yaml dataset config; for a dataset root also give its kind "
             "(gta5, synthia, cityscapes)"
         )
-    table = scan_dataset(kind, str(path))
-    return _ref(f"{kind}:{path}", table, _subsets_for(kind))
+    # A Path would fold the "//" of s3://bucket/... URIs.
+    root = str(data) if storage.is_uri(str(data)) else str(path)
+    table = scan_dataset(kind, root)
+    return _ref(f"{kind}:{root}", table, _subsets_for(kind))

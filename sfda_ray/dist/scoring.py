@@ -40,7 +40,7 @@ from sfda_ray.data.manifest import error_reason
 from sfda_ray.data.transforms import normalize_batch
 from sfda_ray.evaluate import adabn_on_split
 from sfda_ray.method.scoring import class_confidence_histogram, score_images
-from sfda_ray.method.selection import select, selection_quality
+from sfda_ray.method.selection import select, select_by_config, selection_quality
 from sfda_ray.metrics import confusion_matrix, iou_per_class
 from sfda_ray.models.checkpoint import file_fingerprint, load_checkpoint, load_model, save_checkpoint
 
@@ -509,14 +509,7 @@ def write_pictures(out: str, select_cfg) -> list[str]:
     ok = table.filter(pc.is_null(table["error"]))
     if ok.num_rows == 0:
         return []
-    selection = select(
-        ok,
-        select_cfg.ratio,
-        select_cfg.score_threshold,
-        select_cfg.tau,
-        select_cfg.class_balanced,
-        select_cfg.cb_portion,
-    )
+    selection = select_by_config(ok, select_cfg)
     paths = [storage.join(out, "score_histogram.png"), storage.join(out, "selection_grid.png")]
     storage.atomic_write_bytes(paths[0], score_histogram(ok, selection))
     storage.atomic_write_bytes(paths[1], selection_grid(ok, selection))

@@ -131,6 +131,19 @@ def select(
     )
 
 
+def select_by_config(table: pa.Table, cfg, num_classes: int = 19) -> Selection:
+    """:func:`select` with the values of a ``SelectConfig``."""
+    return select(
+        table,
+        cfg.ratio,
+        cfg.score_threshold,
+        cfg.tau,
+        cfg.class_balanced,
+        cfg.cb_portion,
+        num_classes,
+    )
+
+
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
     """Rank correlation (ties broken by order: the inputs here are continuous)."""
     if len(x) < 2:

@@ -1,0 +1,113 @@
+"""Files that describe one adaptation: what the tuner logs to MLflow for each trial.
+
+Plain PyTorch and matplotlib; the files are returned as ``{name: bytes}`` so the caller
+decides where they go (a trial's storage, then MLflow).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+
+from sfda_ray import storage
+from sfda_ray.config import Config
+from sfda_ray.data.catalog import open_dataset
+from sfda_ray.data.io import load_image, load_label
+from sfda_ray.data.labels import CLASS_NAMES
+from sfda_ray.data.loaders import image_loader
+from sfda_ray.evaluate import evaluate_model
+from sfda_ray.method.selection import select_by_config
+from sfda_ray.models.checkpoint import load_model
+from sfda_ray.pictures import (
+    confusion_image,
+    overlay,
+    per_class_bars,
+    score_histogram,
+    tile_grid,
+)
+
+
+def selection_files(scores: str, cfg: Config) -> dict[str, bytes]:
+    """The score histogram with this configuration's selection cut."""
+    table = storage.read_parquet(storage.join(scores, "scores.parquet"))
+    table = table.filter(pc.is_null(table["error"]))
+    selection = select_by_config(table, cfg.select, cfg.model.num_classes)
+    return {"score_histogram.png": score_histogram(table, selection)}
+
+
+def evaluation_files(
+    source_checkpoint: str, adapted_checkpoint: str, data: str, overlay_images: int = 4
+) -> dict[str, bytes]:
+    """Per-class IoU (CSV, chart), confusion matrix and before/after overlays.
+
+    Evaluation needs target-val labels (used for reporting only); without them only the
+    overlays, on the first target images, are written.
+    """
+    ref = open_dataset(data, "target")
+    adapted, meta = load_model(adapted_checkpoint)
+    norm = meta["normalization"]
+    files: dict[str, bytes] = {}
+    val = ref.split("val") if "val" in set(ref.manifest["split"].to_pylist()) else None
+    labelled = val is not None and val.num_rows and None not in val["label_path"].to_pylist()
+    if labelled:
+        report = evaluate_model(adapted, ref, "val", norm, num_workers=0)
+        classes = next(iter(ref.eval_subsets.values()))
+        rows = ["class,iou"] + [
+            f"{name},{'' if iou is None else f'{iou:.2f}'}"
+            for name, iou in report["per_class"].items()
+        ]
+        files["per_class_iou.csv"] = ("\n".join(rows) + "\n").encode()
+        files["per_class_iou.png"] = per_class_bars(
+            report["per_class"], f"target val, mIoU {report['miou']:.1f}%"
+        )
+        files["confusion_matrix.png"] = confusion_image(
+            np.asarray(report["confusion_matrix"]), CLASS_NAMES, classes
+        )
+        files["evaluation.json"] = (json.dumps(report, indent=2) + "\n").encode()
+    shown = (val if labelled else ref.split("train")).sort_by("image_id").slice(0, overlay_images)
+    source, _ = load_model(source_checkpoint)
+    files["overlays.png"] = prediction_overlays(source, adapted, shown, norm)
+    return files
+
+
+@torch.no_grad()
+def _predict(model: torch.nn.Module, table: pa.Table, normalization: str) -> dict[str, np.ndarray]:
+    """Argmax maps by image id (images that fail to decode are skipped by the loader)."""
+    model.eval()
+    preds = {}
+    for batch in image_loader(table, None, normalization, batch_size=4, num_workers=0):
+        if "image" in batch:
+            out = model(batch["image"]).argmax(1).to(torch.uint8).numpy()
+            preds.update(zip(batch["image_id"], out, strict=True))
+    return preds
+
+
+def prediction_overlays(
+    source: torch.nn.Module, adapted: torch.nn.Module, table: pa.Table, normalization: str
+) -> bytes:
+    """One row per image: the image, the source model's prediction, the adapted model's
+    prediction, and the ground truth when there is one."""
+    tiles = []
+    before, after = _predict(source, table, normalization), _predict(adapted, table, normalization)
+    for row in table.to_pylist():
+        if row["image_id"] not in before:
+            continue
+        image = load_image(row["image_path"])
+        size = image.shape[:2]
+        maps = [before[row["image_id"]], after[row["image_id"]]]
+        if row.get("label_path"):
+            maps.append(load_label(row["label_path"], row["label_format"]))
+        tiles.append([image] + [overlay(image, _resize_label(m, size)) for m in maps])
+    return tile_grid(tiles)
+
+
+def _resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if label.shape == size:
+        return label
+    t = torch.from_numpy(label)[None, None].float()
+    return F.interpolate(t, size=size, mode="nearest")[0, 0].to(torch.uint8).numpy()

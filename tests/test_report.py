@@ -1,0 +1,30 @@
+"""The files logged for each trial, made from real checkpoints and a real benchmark."""
+
+import csv
+import io
+import json
+
+from PIL import Image
+
+from sfda_ray.report import evaluation_files
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluation_files(tiny_benchmark, tiny_source_ckpt):
+    files = evaluation_files(str(tiny_source_ckpt), str(tiny_source_ckpt), str(tiny_benchmark))
+    assert set(files) == {
+        "per_class_iou.csv",
+        "per_class_iou.png",
+        "confusion_matrix.png",
+        "evaluation.json",
+        "overlays.png",
+    }
+    assert all(files[n].startswith(PNG) for n in files if n.endswith(".png"))
+    report = json.loads(files["evaluation.json"])
+    rows = list(csv.DictReader(io.StringIO(files["per_class_iou.csv"].decode())))
+    assert [r["class"] for r in rows] == list(report["per_class"])
+    assert 0.0 <= report["miou"] <= 100.0
+    # Four target-val images, each: image | source | adapted | ground truth (48x96 tiles).
+    grid = Image.open(io.BytesIO(files["overlays.png"]))
+    assert grid.size == (4 * 96, 4 * 48)
