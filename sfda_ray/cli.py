@@ -150,12 +150,40 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         workers=args.workers,
         gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker,
+        placement_strategy=args.placement,
     )
     shown = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     print(
         f"adapted model: {args.out}/final.pt ({cfg.adapt.method}, "
         f"{metrics.get('iteration')} iterations) {shown}"
     )
+    return 0
+
+
+def add_tune_args(parser: argparse.ArgumentParser, default_out: str = "outputs/tune") -> None:
+    """Arguments of the main job (`sfda-ray tune`, `experiments/tune_*.py`)."""
+    parser.add_argument("--out", default=default_out, help="output directory")
+    parser.add_argument(
+        "--data", help="target data: manifest .parquet or dataset .yaml (default: synthetic)"
+    )
+    parser.add_argument("--checkpoint", help="source checkpoint (required with --data)")
+    parser.add_argument("--config", help="YAML config (flags and --set override it)")
+    parser.add_argument("--space", help="search-space YAML (default: the task's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--samples", type=int, help="trials (tune.num_samples)")
+    parser.add_argument("--concurrent", type=int, help="trials at once (tune.max_concurrent)")
+    parser.add_argument("--workers", type=int, help="Ray Train workers per trial")
+    parser.add_argument("--gpus-per-worker", type=float)
+    parser.add_argument("--experiment", help="MLflow experiment (default: from the task)")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic benchmark seed")
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, for a quick check")
+    parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from sfda_ray.dist.job import run_job
+
+    run_job(args, args.task)
     return 0
 
 
@@ -248,9 +276,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP)")
     p.add_argument("--gpus-per-worker", type=float, default=0.0)
     p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument(
+        "--placement",
+        choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+        default="PACK",
+        help="SPREAD: one worker per node; PACK (default): fill a node first",
+    )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     _add_config_args(p)
     p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser(
+        "tune", help="score once, then a Ray Tune sweep of adaptations, logged to MLflow"
+    )
+    add_tune_args(p)
+    p.add_argument(
+        "--task",
+        default="gta5_cityscapes",
+        help="names the MLflow experiment (sfda_ray/TASK) for real data",
+    )
+    p.set_defaults(func=cmd_tune)
     return parser
 
 

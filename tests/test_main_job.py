@@ -1,41 +1,98 @@
+"""The main job as a user runs it: `python experiments/tune_gta.py --smoke`, in its own
+Ray, logging to a real `mlflow server` on 127.0.0.1; killed mid-sweep and resumed."""
+
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
+from mlflow_server import mlflow_server
 
 ROOT = Path(__file__).resolve().parents[1]
+PNGS = {"score_histogram.png", "per_class_iou.png", "confusion_matrix.png", "overlays.png"}
+
+
+def _job(out: Path, env: dict) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "experiments" / "tune_gta.py"), "--smoke", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # the job's own Ray processes go with it when it is killed
+    )
+
+
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 420) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "the sweep never reached its first checkpoint"
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def _finish(proc: subprocess.Popen) -> str:
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-4000:]
+    return stdout
 
 
 @pytest.mark.slow
-def test_main_job_smoke_runs_every_stage(tmp_path):
-    """`python experiments/tune_gta.py --smoke`: synthetic data, source model, scoring on
-    Ray Data, adaptation on Ray Train, evaluation - in its own Ray, as a user runs it."""
+def test_main_job_sweeps_logs_to_mlflow_and_resumes(tmp_path):
     out = tmp_path / "job"
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "tune_gta.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    for key in ("source_only_miou", "adabn_miou", "adapted_miou"):
-        assert 0.0 <= summary[key] <= 100.0
-    assert (out / "run" / "final.pt").is_file()
-    assert (out / "scores" / "score_histogram.png").is_file()
-    assert "adapted" in proc.stdout and "summary.json" in proc.stdout
-    # A second run reuses the cached benchmark, model and scores.
-    again = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "tune_gta.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "already complete" in again.stderr
+    with mlflow_server(tmp_path) as uri:
+        env = {**os.environ, "RAY_ADDRESS": "", "MLFLOW_TRACKING_URI": uri}
+
+        # Kill the driver (and its Ray) once a trial has written a Ray Train checkpoint.
+        first = _job(out, env)
+        _kill_when(first, lambda: any(out.glob("trials/*/ray/adapt/checkpoint_*")))
+        assert not (out / "summary.json").exists()
+
+        stdout = _finish(_job(out, env))  # the same command resumes the sweep
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["mlflow_tracking_uri"] == uri
+        assert summary["mlflow_experiment"] == "sfda_ray/synthetic"
+        assert summary["metric"] == "val_miou"
+        assert len(summary["trials"]) == 2
+        assert all(t["completed"] for t in summary["trials"])
+        assert set(summary["best_config"]) == {
+            "select.ratio", "select.tau", "adapt.lambda_adv", "adapt.lambda_st",
+            "adapt.lambda_prior", "adapt.lr",
+        }
+        assert summary["best_miou"] > summary["source_only_miou"]
+        assert Path(summary["best_checkpoint"]).is_file()
+        assert f"open the runs: {uri}" in stdout and "best configuration" in stdout
+
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("sfda_ray/synthetic")
+        runs = client.search_runs([experiment.experiment_id])
+        parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+        # One run per trial and one for the sweep, although the sweep ran twice.
+        assert len(parents) == 1 and len(children) == 2
+        assert {r.info.status for r in runs} == {"FINISHED"}
+        parent = parents[0]
+        assert parent.data.metrics["best_miou"] == pytest.approx(summary["best_miou"])
+        assert parent.data.tags["git_commit"] and parent.data.tags["data_fingerprint"]
+        for run in children:
+            assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+            params = run.data.params
+            assert float(params["select.tau"]) > 0 and "adapt.iterations" in params
+            history = client.get_metric_history(run.info.run_id, "val_miou")
+            assert [m.step for m in history] == [5, 10]
+            assert client.get_metric_history(run.info.run_id, "loss_total")
+            artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+            assert PNGS <= artifacts, artifacts
+        best_run = parent.data.tags["sfda.best_run_id"]
+        assert [a.path for a in client.list_artifacts(best_run, "model")] == ["model/final.pt"]
+
+        # A finished sweep rerun restores and adds no run.
+        _finish(_job(out, env))
+        assert len(client.search_runs([experiment.experiment_id])) == 3

@@ -44,6 +44,8 @@ class RayTrainEnv:
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
+        # Nodes the worker group spans (workers are spread evenly by Ray Train).
+        self.nodes = self.world_size // ctx.get_local_world_size()
         self.device = ray.train.torch.get_device()
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -56,6 +58,7 @@ class RayTrainEnv:
 
     def report(self, metrics: dict, state: dict | None) -> None:
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        flat["train_workers"], flat["train_nodes"] = self.world_size, self.nodes
         if state is None:
             ray.train.report(flat)
             return
@@ -79,8 +82,13 @@ def train_loop_per_worker(config: dict) -> None:
 
 def run_adapt(cfg: Config, checkpoint: str, scores: str, data: str, out: str,
               workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
-              max_failures: int = 2) -> dict:
-    """Adapt on Ray Train; writes ``out/final.pt`` and returns the final metrics."""
+              max_failures: int = 2, callbacks: list | None = None,
+              placement_strategy: str = "PACK") -> dict:
+    """Adapt on Ray Train; writes ``out/final.pt`` and returns the final metrics.
+
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``);
+    ``placement_strategy`` SPREAD puts one worker per node, PACK fills a node first.
+    """
     plan = make_plan(cfg, checkpoint, scores, data)
     storage_path = storage.join(out, "ray") if storage.is_uri(out) else \
         os.path.abspath(os.path.join(str(out), "ray"))
@@ -91,12 +99,14 @@ def run_adapt(cfg: Config, checkpoint: str, scores: str, data: str, out: str,
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "plan": asdict(plan)},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
-                                     resources_per_worker=resources),
+                                     resources_per_worker=resources,
+                                     placement_strategy=placement_strategy),
         run_config=RunConfig(
             name="adapt",
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()

@@ -1,0 +1,202 @@
+"""The main job: source model -> scores -> Ray Tune sweep of adaptations -> best model.
+
+``experiments/tune_gta.py``, ``experiments/tune_synthia.py`` and ``sfda-ray tune`` all
+run this. With no dataset given it runs on the built-in synthetic benchmark (generated
+and cached under ``--out`` with its source model), so it works on a fresh CPU machine.
+Every stage is cached or resumable: rerunning the same command continues where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from sfda_ray import storage
+from sfda_ray.cli import add_tune_args
+from sfda_ray.config import (
+    Config,
+    ConfigError,
+    load_config,
+    load_search_space,
+    parse_override,
+)
+from sfda_ray.data.synthetic import BenchmarkSpec, generate
+from sfda_ray.dist.runtime import init_ray
+from sfda_ray.dist.scoring import ScoringOptions, score_dataset, write_pictures
+from sfda_ray.dist.tracking import default_tracking_uri
+from sfda_ray.dist.tune import has_labelled_val, run_sweep
+from sfda_ray.evaluate import evaluate_checkpoint
+from sfda_ray.train_source import train_source
+
+log = logging.getLogger(__name__)
+CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+
+# The synthetic run on a 2-core CPU: 4 trials of 60 iterations, two at a time, each
+# worker on one torch thread; ASHA may stop a trial at iteration 20 or 40.
+SYNTHETIC = {
+    "adapt.iterations": 60,
+    "adapt.eval_every": 20,
+    "adapt.threads": 1,
+    "tune.num_samples": 4,
+    "tune.max_concurrent": 2,
+    "tune.grace_period": 20,
+}
+# A couple of minutes through every stage (tests use it).
+SMOKE = {
+    "source.iterations": 60,
+    "adapt.iterations": 10,
+    "adapt.eval_every": 5,
+    "adapt.threads": 1,
+    "tune.num_samples": 2,
+    "tune.max_concurrent": 2,
+    "tune.grace_period": 10,
+}
+SMOKE_BENCH = BenchmarkSpec(
+    height=64, width=128, source_train=64, source_val=16, target_train=64, target_val=24
+)
+
+
+def job_config(args: argparse.Namespace) -> Config:
+    defaults = SMOKE if args.smoke else ({} if args.data else SYNTHETIC)
+    flags = {
+        "tune.num_samples": args.samples,
+        "tune.max_concurrent": args.concurrent,
+        "tune.workers_per_trial": args.workers,
+        "tune.gpus_per_worker": args.gpus_per_worker,
+        "tune.space": args.space,
+    }
+    overrides = {
+        **defaults,
+        **dict(map(parse_override, args.set)),
+        **{k: v for k, v in flags.items() if v is not None},
+    }
+    return load_config(args.config, overrides)
+
+
+def write_dataset_spec(cfg: Config, out: str) -> str:
+    """``OUT/dataset.yaml`` from the config's ``data:`` section (YAML, flags and --set
+    applied), readable by every node when ``OUT`` is shared storage."""
+    d = cfg.data
+    spec = {"kind": d.kind, "root": d.root, "manifest": d.manifest}
+    if d.eval_classes:
+        spec["eval_classes"] = d.eval_classes
+    path = storage.join(out, "dataset.yaml")
+    storage.atomic_write_bytes(path, yaml.safe_dump({"data": spec}).encode())
+    return path
+
+
+def run_job(args: argparse.Namespace, task: str) -> dict:
+    """Run the job for ``task`` (e.g. ``gta5_cityscapes``); returns ``summary.json``'s data."""
+    cfg = job_config(args)
+    out = str(args.out)
+    storage.makedirs(out)
+    if not args.data and (cfg.data.root or cfg.data.manifest):
+        args.data = write_dataset_spec(cfg, out)
+    if bool(args.data) != bool(args.checkpoint):
+        raise ValueError(
+            "a target dataset (--data, or data.root in --config) and --checkpoint go "
+            "together (or neither, for the synthetic run)"
+        )
+    space = load_search_space(cfg.tune.space or CONFIGS / "tune_space.yaml", cfg)
+    t0 = time.perf_counter()
+
+    if args.data:
+        data, checkpoint = args.data, args.checkpoint
+        experiment = args.experiment or f"sfda_ray/{task}"
+    else:
+        bench = Path(out) / ("synthetic_smoke" if args.smoke else f"synthetic_seed{args.seed}")
+        if not (bench / "benchmark.json").is_file():
+            generate(bench, SMOKE_BENCH if args.smoke else BenchmarkSpec(seed=args.seed))
+        data, checkpoint = str(bench), str(Path(out) / "source.pt")
+        train_source(cfg, data, checkpoint)  # a no-op once complete
+        experiment = args.experiment or "sfda_ray/synthetic"
+
+    init_ray(args.address)
+    scores = storage.join(out, "scores")
+    scored = score_dataset(checkpoint, data, scores, ScoringOptions.from_config(cfg))
+    pictures = write_pictures(scores, cfg.select)
+
+    summary: dict = {"task": task, "data": data, "checkpoint": checkpoint}
+    if has_labelled_val(data):
+        summary["source_only_miou"] = evaluate_checkpoint(checkpoint, data)["miou"]
+        if scored["checkpoint"] != checkpoint:  # scored with AdaBN: that model is the baseline
+            summary["adabn_miou"] = evaluate_checkpoint(scored["checkpoint"], data)["miou"]
+
+    tracking_uri = default_tracking_uri(out)
+    sweep, tracker = run_sweep(cfg, checkpoint, scores, data, out, space, experiment, tracking_uri)
+    try:
+        best = next(tr for tr in sweep["trials"] if tr["trial_id"] == sweep["best_trial"])
+        summary.update(
+            {
+                "best_miou": best["final_miou"],
+                "best_config": sweep["best_config"],
+                "best_checkpoint": sweep["best_checkpoint"],
+                "best_trial": sweep["best_trial"],
+                "metric": sweep["metric"],
+                "proxy_miou_spearman": sweep["proxy_miou_spearman"],
+                "trials": sweep["trials"],
+                "mlflow_tracking_uri": tracking_uri,
+                "mlflow_experiment": experiment,
+                "mlflow_parent_run_id": sweep["mlflow_parent_run_id"],
+                "seconds": round(time.perf_counter() - t0, 1),
+            }
+        )
+        parent = sweep["mlflow_parent_run_id"]
+        tracker.log_metrics(
+            parent,
+            {k: summary[k] for k in ("source_only_miou", "adabn_miou", "best_miou")
+             if summary.get(k) is not None},
+            0,
+        )
+        files = {p.rsplit("/", 1)[-1]: storage.read_bytes(p) for p in pictures}
+        files["summary.json"] = (json.dumps(summary, indent=2) + "\n").encode()
+        tracker.log_files(parent, files)
+        storage.atomic_write_bytes(storage.join(out, "summary.json"), files["summary.json"])
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    _print_summary(summary, out)
+    return summary
+
+
+def _print_summary(summary: dict, out: str) -> None:
+    print(f"\nbest configuration ({summary['metric']}, trial {summary['best_trial']}):")
+    for key, value in summary["best_config"].items():
+        print(f"  {key:<20} {value:.4g}" if isinstance(value, float) else f"  {key:<20} {value}")
+    if summary.get("best_miou") is not None:
+        print("target val mIoU (%):")
+        for key in ("source_only_miou", "adabn_miou", "best_miou"):
+            if summary.get(key) is not None:
+                print(f"  {key[:-5]:<12} {summary[key]:6.2f}")
+    if summary.get("proxy_miou_spearman") is not None:
+        print(f"proxy vs mIoU rank correlation across trials: {summary['proxy_miou_spearman']:.2f}")
+    print(f"best adapted model: {summary['best_checkpoint']}")
+    print(f"summary: {storage.join(out, 'summary.json')} ({summary['seconds']} s)")
+    uri = summary["mlflow_tracking_uri"]
+    if uri.startswith("sqlite:"):
+        print(f"open the runs:  mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+        print("                then http://127.0.0.1:5000 in a browser")
+    else:
+        print(f"open the runs: {uri} (experiment {summary['mlflow_experiment']})")
+
+
+def main(task: str, default_out: str, description: str, argv: list[str] | None = None) -> int:
+    """Entry point of the ``experiments/tune_*.py`` scripts."""
+    parser = argparse.ArgumentParser(description=description)
+    add_tune_args(parser, default_out)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        run_job(args, task)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,222 @@
+"""MLflow records of a sweep: one parent run, one child run per Tune trial.
+
+Everything is logged from the Tune driver (a Tune ``Callback``), so trials on other
+nodes need no route to the tracking server. The default store is a sqlite file under
+the sweep's output directory; ``MLFLOW_TRACKING_URI`` points it at a server instead.
+
+Resuming a sweep reuses its parent run and each trial's child run (found by the tag
+``sfda.trial_id``), so a restore never duplicates runs; runs the driver leaves behind
+when it stops are closed as KILLED, never left RUNNING.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+
+from sfda_ray import storage
+
+log = logging.getLogger(__name__)
+PARENT_TAG = "mlflow.parentRunId"
+TRIAL_TAG = "sfda.trial_id"
+# Tune's own bookkeeping, not worth a curve.
+_NOT_METRICS = {
+    "iteration",
+    "training_iteration",
+    "iterations_since_restore",
+    "time_this_iter_s",
+    "time_total_s",
+    "time_since_restore",
+    "timestamp",
+    "pid",
+    "done",
+    "resumed_from",
+}
+
+
+def default_tracking_uri(out: str) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else a sqlite file under ``out``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
+
+
+def git_commit() -> str:
+    """The commit of this checkout of the project, or ``unknown`` outside git."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            flat.update(flatten(v, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+class SweepTracker:
+    """The parent run of one sweep and the child runs of its trials."""
+
+    def __init__(self, tracking_uri: str, experiment: str, sweep_dir: str, out: str):
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.state_path = storage.join(sweep_dir, "mlflow.json")
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None:
+            self.experiment_id = found.experiment_id
+        else:
+            # A local store keeps artifacts beside it; a server decides for itself.
+            location = None
+            if tracking_uri.startswith("sqlite:"):
+                location = (Path(out).resolve() / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, location)
+        self.parent_id: str | None = None
+        self.children: dict[str, str] = {}
+
+    # Tune pickles its callbacks with the sweep; the client is rebuilt after unpickling.
+    @property
+    def client(self) -> MlflowClient:
+        if getattr(self, "_client", None) is None:
+            self._client = MlflowClient(self.tracking_uri)
+        return self._client
+
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("_client", "children")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _client=None, children={})
+
+    def start(self, run_name: str, params: dict, tags: dict) -> str:
+        """Open the sweep's parent run, or reopen it when the sweep is resumed."""
+        if storage.exists(self.state_path):
+            state = json.loads(storage.read_bytes(self.state_path))
+            if state.get("tracking_uri") == self.tracking_uri:
+                self.parent_id = state["parent_run_id"]
+                self.client.update_run(self.parent_id, status="RUNNING")
+                log.info("resuming MLflow run %s", self.parent_id)
+                return self.parent_id
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
+        self.parent_id = run.info.run_id
+        self._log_params(self.parent_id, params)
+        state = {"tracking_uri": self.tracking_uri, "parent_run_id": self.parent_id}
+        storage.atomic_write_bytes(self.state_path, json.dumps(state).encode())
+        return self.parent_id
+
+    def child(self, trial_id: str, run_name: str, params: dict, tags: dict) -> str:
+        """The child run of a trial: the existing one on resume, else a new one."""
+        if trial_id in self.children:
+            return self.children[trial_id]
+        runs = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}' "
+            f"and tags.`{TRIAL_TAG}` = '{trial_id}'",
+        )
+        if runs:
+            run_id = runs[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+        else:
+            all_tags = {**tags, PARENT_TAG: self.parent_id, TRIAL_TAG: trial_id}
+            run_id = self.client.create_run(
+                self.experiment_id, tags=all_tags, run_name=run_name
+            ).info.run_id
+            self._log_params(run_id, params)
+        self.children[trial_id] = run_id
+        return run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(batch), 500):
+            self.client.log_batch(run_id, metrics=batch[i : i + 500])
+
+    def log_files(self, run_id: str, files: dict[str, bytes], artifact_path: str | None = None):
+        if not files:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                Path(tmp, name).write_bytes(data)
+            self.client.log_artifacts(run_id, tmp, artifact_path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the parent run; any child still RUNNING was interrupted and is KILLED."""
+        if self.parent_id is None:
+            return
+        for run in self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'"
+        ):
+            if run.info.status == "RUNNING":
+                self.client.set_terminated(run.info.run_id, "KILLED")
+        self.client.set_terminated(self.parent_id, status)
+
+    def _log_params(self, run_id: str, params: dict) -> None:
+        items = [Param(k, str(v)) for k, v in flatten(params).items()]
+        for i in range(0, len(items), 100):  # MLflow's batch limit for params
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+
+class TrialLogger(Callback):
+    """Tune callback: a child run per trial, curves per reported step, files at the end.
+
+    ``files_of(trial_id)`` returns the trial's report files (name -> bytes).
+    """
+
+    def __init__(
+        self, tracker: SweepTracker, fixed: dict, tags: dict, files_of, iterations: int
+    ):
+        self.tracker = tracker
+        self.fixed = fixed
+        self.tags = tags
+        self.files_of = files_of
+        self.iterations = iterations
+
+    def _run(self, trial) -> str:
+        params = {**self.fixed, **trial.config}
+        return self.tracker.child(trial.trial_id, str(trial), params, self.tags)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run(trial)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        metrics = {
+            k: v
+            for k, v in result.items()
+            if k not in _NOT_METRICS
+            and isinstance(v, (int, float))
+            and not isinstance(v, bool)
+        }
+        self.tracker.log_metrics(self._run(trial), metrics, int(result.get("iteration", 0)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        run_id = self._run(trial)
+        last = (trial.last_result or {}).get("iteration", 0)
+        self.tracker.client.set_tag(run_id, "sfda.stopped_early", str(last < self.iterations))
+        self.tracker.log_files(run_id, self.files_of(trial.trial_id))
+        self.tracker.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        run_id = self._run(trial)
+        self.tracker.log_files(run_id, self.files_of(trial.trial_id))
+        self.tracker.client.set_terminated(run_id, "FAILED")

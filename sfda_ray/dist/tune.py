@@ -1,0 +1,297 @@
+"""The sweep on Ray Tune: each trial is a Ray Train adaptation run with sampled values.
+
+The Tune trial is a small driver function that fits a ``TorchTrainer`` (Ray Train V2),
+so a trial can itself span several workers and nodes; ``TuneReportCallback`` forwards
+the workers' reports, and ASHA stops weak trials early on them. Each trial writes its
+run under ``OUT/trials/<trial_id>/`` (checkpoints, ``final.pt``, report files), which
+the driver-side ``TrialLogger`` logs to MLflow.
+
+Rerunning with the same ``OUT`` resumes the sweep (``Tuner.restore``): finished trials
+are not run again, unfinished ones continue from their last Ray Train checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+
+import numpy as np
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search import BasicVariantGenerator
+
+from sfda_ray import storage
+from sfda_ray.config import Config, ConfigError, apply_overrides, from_dict, to_dict
+from sfda_ray.data.catalog import open_dataset
+from sfda_ray.dist.tracking import SweepTracker, TrialLogger, flatten, git_commit
+from sfda_ray.dist.train import run_adapt
+from sfda_ray.method.selection import spearman
+from sfda_ray.models.checkpoint import file_fingerprint
+from sfda_ray.report import evaluation_files, selection_files
+
+log = logging.getLogger(__name__)
+SWEEP_NAME = "sweep"
+TRIAL_DRIVER_MEMORY = 512 * 2**20
+
+
+def tune_domain(kind: str, args: list):
+    """A Ray Tune sampling domain from a validated search-space entry."""
+    if kind == "grid":
+        return tune.grid_search(args)
+    return {
+        "uniform": tune.uniform,
+        "loguniform": tune.loguniform,
+        "randint": tune.randint,
+        "choice": lambda *values: tune.choice(list(values)),
+    }[kind](*args)
+
+
+def trial_dir(out: str, trial_id: str) -> str:
+    return storage.join(out, "trials", trial_id)
+
+
+def _report_dir(out: str, trial_id: str) -> str:
+    return storage.join(trial_dir(out, trial_id), "report")
+
+
+def _write_files(directory: str, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        storage.atomic_write_bytes(storage.join(directory, name), data)
+
+
+def report_files(out: str, trial_id: str) -> dict[str, bytes]:
+    """The report files a trial has written so far (name -> bytes)."""
+    directory = _report_dir(out, trial_id)
+    if not storage.exists(directory):
+        return {}
+    return {
+        path.rsplit("/", 1)[-1]: storage.read_bytes(path)
+        for path in storage.list_files(directory, "")
+    }
+
+
+def adapt_trial(params: dict, base: dict, checkpoint: str, scores: str, data: str, out: str):
+    """One trial: adapt with the sampled values, then describe the adapted model."""
+    cfg = apply_overrides(from_dict(Config, base), params)
+    trial_id = tune.get_context().get_trial_id()
+    run_dir, reports = trial_dir(out, trial_id), _report_dir(out, trial_id)
+    _write_files(reports, selection_files(scores, cfg))
+    t = cfg.tune
+    run_adapt(
+        cfg,
+        checkpoint,
+        scores,
+        data,
+        run_dir,
+        workers=t.workers_per_trial,
+        gpus_per_worker=t.gpus_per_worker,
+        cpus_per_worker=t.cpus_per_worker,
+        callbacks=[TuneReportCallback()],
+        placement_strategy=t.placement_strategy,
+    )
+    _write_files(reports, evaluation_files(checkpoint, storage.join(run_dir, "final.pt"), data))
+
+
+def has_labelled_val(data: str) -> bool:
+    ref = open_dataset(data, "target")
+    if "val" not in set(ref.manifest["split"].to_pylist()):
+        return False
+    return None not in ref.split("val")["label_path"].to_pylist()
+
+
+def _max_concurrent(cfg: Config) -> int:
+    t = cfg.tune
+    if t.max_concurrent:
+        return t.max_concurrent
+    resources = ray.cluster_resources()
+    if t.gpus_per_worker:
+        fit = resources.get("GPU", 0) / (t.gpus_per_worker * t.workers_per_trial)
+    else:
+        fit = resources.get("CPU", 1) / (t.cpus_per_worker * t.workers_per_trial)
+    return max(1, int(fit))
+
+
+def run_sweep(
+    cfg: Config,
+    checkpoint: str,
+    scores: str,
+    data: str,
+    out: str,
+    space: dict[str, tuple[str, list]],
+    experiment: str,
+    tracking_uri: str,
+) -> tuple[dict, SweepTracker]:
+    """Run (or resume) the sweep; returns its summary (best trial, every trial) and the
+    tracker, whose parent run stays open for the caller's last records."""
+    t, a = cfg.tune, cfg.adapt
+    metric = t.metric
+    if metric == "auto":
+        metric = "val_miou" if has_labelled_val(data) else "proxy"
+    mode = "max" if metric == "val_miou" else "min"
+    # Every report must carry the metric ASHA ranks on: checkpoint when evaluating.
+    base = apply_overrides(cfg, {"adapt.checkpoint_every": a.eval_every})
+    storage_path = storage.join(out, "tune") if storage.is_uri(out) else \
+        os.path.abspath(os.path.join(str(out), "tune"))
+    sweep_path = storage.join(storage_path, SWEEP_NAME)
+    identity = {
+        "space": {k: [kind, args] for k, (kind, args) in space.items()},
+        "config": to_dict(base),
+        "checkpoint": file_fingerprint(checkpoint),
+        "scores": json.loads(storage.read_bytes(storage.join(scores, "summary.json"))).get(
+            "checkpoint_fingerprint"
+        ),
+        "data": open_dataset(data, "target").fingerprint,
+    }
+    identity_path = storage.join(out, "sweep.json")
+    resume = tune.Tuner.can_restore(sweep_path)
+    if resume:
+        recorded = json.loads(storage.read_bytes(identity_path))
+        if recorded != identity:
+            changed = sorted(k for k in identity if recorded.get(k) != identity[k])
+            raise ConfigError(
+                f"{out} holds a sweep with other settings ({', '.join(changed)} differ): "
+                f"use another output directory, or delete {sweep_path} to start over"
+            )
+    else:
+        storage.atomic_write_bytes(identity_path, (json.dumps(identity, indent=2) + "\n").encode())
+
+    tags = {
+        "git_commit": git_commit(),
+        "data_fingerprint": identity["data"],
+        "checkpoint_fingerprint": identity["checkpoint"],
+        "sfda.metric": metric,
+    }
+    fixed = {k: v for k, v in flatten(to_dict(base)).items() if k not in space}
+    tracker = SweepTracker(tracking_uri, experiment, sweep_path, str(out))
+    parent = tracker.start(f"sweep {os.path.basename(os.path.abspath(str(out)))}", fixed, tags)
+
+    trainable = tune.with_parameters(
+        adapt_trial, base=to_dict(base), checkpoint=checkpoint, scores=scores, data=data, out=out
+    )
+    # The trial function only drives its Ray Train workers, which hold the CPUs and GPUs:
+    # it asks for memory alone (Tune refuses an empty request), so it never blocks them.
+    trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
+    try:
+        if resume:
+            log.info("resuming the sweep at %s", sweep_path)
+            tuner = tune.Tuner.restore(sweep_path, trainable, resume_errored=True)
+        else:
+            tuner = _new_tuner(base, space, metric, mode, trainable, storage_path, tracker,
+                               tags, fixed, out)
+        grid = tuner.fit()
+    except BaseException:
+        tracker.finish("KILLED")
+        raise
+
+    trials = []
+    for result in grid:
+        if result.metrics is None or "trial_id" not in result.metrics:
+            continue
+        trial_id = result.metrics["trial_id"]
+        final = storage.join(trial_dir(out, trial_id), "final.pt")
+        report = report_files(out, trial_id)
+        evaluation = json.loads(report["evaluation.json"]) if "evaluation.json" in report else {}
+        trials.append(
+            {
+                "trial_id": trial_id,
+                "config": {k: result.config[k] for k in space},
+                "iteration": result.metrics.get("iteration"),
+                "completed": storage.exists(final) and result.error is None,
+                "val_miou": result.metrics.get("val_miou"),
+                "proxy": result.metrics.get("proxy"),
+                "final_miou": evaluation.get("miou"),
+                "train_nodes": result.metrics.get("train_nodes"),
+                "checkpoint": final if storage.exists(final) else None,
+                "error": str(result.error) if result.error else None,
+            }
+        )
+    completed = [tr for tr in trials if tr["completed"] and tr[metric] is not None]
+    if not completed:
+        tracker.finish("FAILED")
+        raise RuntimeError(f"no trial of the sweep at {sweep_path} completed: {trials}")
+    best = (max if mode == "max" else min)(completed, key=lambda tr: tr[metric])
+    paired = [tr for tr in trials if tr["val_miou"] is not None and tr["proxy"] is not None]
+    rho = None
+    if len(paired) >= 3:
+        rho = spearman(
+            -np.array([tr["proxy"] for tr in paired]), np.array([tr["val_miou"] for tr in paired])
+        )
+        rho = None if math.isnan(rho) else rho
+    summary = {
+        "metric": metric,
+        "mode": mode,
+        "best_trial": best["trial_id"],
+        "best_config": best["config"],
+        "best_checkpoint": best["checkpoint"],
+        "best_metric": best[metric],
+        "trials": trials,
+        # Rank correlation of (lower) proxy and mIoU across trials: does the label-free
+        # proxy pick the same trial as the labels would?
+        "proxy_miou_spearman": rho,
+        "sweep_path": sweep_path,
+        "mlflow_parent_run_id": parent,
+    }
+    best_run = tracker.child(best["trial_id"], best["trial_id"], {}, tags)
+    tracker.log_files(best_run, {"final.pt": storage.read_bytes(best["checkpoint"])}, "model")
+    tracker.client.set_tag(parent, "sfda.best_trial", best["trial_id"])
+    tracker.client.set_tag(parent, "sfda.best_run_id", best_run)
+    tracker.log_metrics(parent, {"best_" + metric: best[metric]}, 0)
+    if rho is not None:
+        tracker.log_metrics(parent, {"proxy_miou_spearman": rho}, 0)
+    return summary, tracker
+
+
+def _new_tuner(base, space, metric, mode, trainable, storage_path, tracker, tags, fixed, out):
+    t, a = base.tune, base.adapt
+    configured = to_dict(base)
+    points = []
+    if t.include_configured and all(kind != "grid" for kind, _ in space.values()):
+        point = {}
+        for key in space:
+            node = configured
+            for part in key.split("."):
+                node = node[part]
+            point[key] = node
+        points.append(point)
+    # Rungs stop at the last report before the final one: a trial that survives them runs
+    # to its end and writes its model (ASHA would otherwise stop it at its last report).
+    last_rung = a.iterations - a.eval_every
+    grace = t.grace_period or max(1, a.iterations // 3)
+    if t.scheduler == "asha" and grace <= last_rung:
+        scheduler = ASHAScheduler(
+            time_attr="iteration",
+            max_t=last_rung,
+            grace_period=grace,
+            reduction_factor=t.reduction_factor,
+            stop_last_trials=False,
+        )
+    else:
+        scheduler = FIFOScheduler()
+    logger = TrialLogger(tracker, fixed, tags, functools.partial(report_files, out), a.iterations)
+    return tune.Tuner(
+        trainable,
+        param_space={k: tune_domain(kind, args) for k, (kind, args) in space.items()},
+        tune_config=tune.TuneConfig(
+            metric=metric,
+            mode=mode,
+            # Tune ignores max_concurrent_trials for a generator: the limit goes here.
+            search_alg=BasicVariantGenerator(
+                points_to_evaluate=points,
+                random_state=t.seed,
+                max_concurrent=_max_concurrent(base),
+            ),
+            scheduler=scheduler,
+            num_samples=t.num_samples,
+        ),
+        run_config=tune.RunConfig(
+            name=SWEEP_NAME,
+            storage_path=storage_path,
+            callbacks=[logger],
+            failure_config=tune.FailureConfig(max_failures=1),
+        ),
+    )

@@ -1,0 +1,107 @@
+"""The sweep's pieces that need no running sweep: search spaces and MLflow bookkeeping."""
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from sfda_ray.config import ConfigError, load_config, load_search_space
+from sfda_ray.dist.tracking import PARENT_TAG, SweepTracker
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _space(tmp_path, text):
+    path = tmp_path / "space.yaml"
+    path.write_text(text)
+    return load_search_space(path, load_config())
+
+
+def test_shipped_search_space_is_valid():
+    space = load_search_space(ROOT / "experiments/configs/tune_space.yaml", load_config())
+    assert space["select.tau"] == ("uniform", [0.8, 0.95])
+    assert {"select.ratio", "adapt.lambda_adv", "adapt.lambda_st", "adapt.lr"} <= set(space)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("select.tua: {uniform: [0.1, 0.2]}", "select.tua: unknown key"),
+        ("select.tau: {uniform: [0.5, 1.5]}", "select.tau: 1.5 is out of range"),
+        ("adapt.lambda_adv: {loguniform: [0, 0.1]}", "loguniform needs low > 0"),
+        ("adapt.lr: {uniform: [0.1, 0.01]}", "needs low < high"),
+        ("adapt.lr: {normal: [0, 1]}", "unknown kind 'normal'"),
+        ("adapt.lr: {uniform: [0.1]}", "takes [low, high]"),
+        ("adapt.discriminator_input: {choice: [softmax, logits]}", "'logits' is not allowed"),
+        ("adapt.lr: 0.01", "should be one of {kind: args}"),
+        ("- a list", "expected a mapping"),
+    ],
+)
+def test_bad_search_space_names_key_and_rule(tmp_path, text, message):
+    with pytest.raises(ConfigError, match="space.yaml") as e:
+        _space(tmp_path, text)
+    assert message in str(e.value)
+
+
+def test_choice_and_grid_values_are_kept(tmp_path):
+    space = _space(
+        tmp_path,
+        "adapt.discriminator_input: {choice: [softmax, entropy]}\nadapt.st_rounds: {grid: [1, 2]}",
+    )
+    assert space == {
+        "adapt.discriminator_input": ("choice", ["softmax", "entropy"]),
+        "adapt.st_rounds": ("grid", [1, 2]),
+    }
+
+
+def test_tracker_reuses_runs_and_closes_interrupted_ones(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = tmp_path / "sweep"
+    tracker = SweepTracker(uri, "exp", str(sweep), str(tmp_path))
+    parent = tracker.start("sweep", {"adapt": {"lr": 0.01}}, {"git_commit": "abc"})
+    child = tracker.child("t1", "trial 1", {"select.tau": 0.9}, {})
+    tracker.log_metrics(child, {"val_miou": 20.0}, 5)
+
+    # A new driver (a resumed sweep) finds the same runs instead of making new ones.
+    again = SweepTracker(uri, "exp", str(sweep), str(tmp_path))
+    assert again.start("sweep", {}, {}) == parent
+    assert again.child("t1", "trial 1", {"select.tau": 0.9}, {}) == child
+    other = again.child("t2", "trial 2", {"select.tau": 0.8}, {})
+    again.client.set_terminated(other, "FINISHED")
+    again.finish()
+
+    client = MlflowClient(uri)
+    runs = {r.info.run_id: r for r in client.search_runs([again.experiment_id])}
+    assert len(runs) == 3
+    assert runs[parent].info.status == "FINISHED"
+    assert runs[child].info.status == "KILLED"  # left running by the interrupted driver
+    assert runs[other].info.status == "FINISHED"
+    assert runs[child].data.tags[PARENT_TAG] == parent
+    assert runs[parent].data.params["adapt.lr"] == "0.01"
+    assert runs[child].data.metrics["val_miou"] == 20.0
+    assert (tmp_path / "mlartifacts").as_uri() == client.get_experiment(
+        again.experiment_id
+    ).artifact_location
+
+
+def test_config_data_section_names_the_target(tmp_path):
+    from data_fixtures import make_cityscapes
+
+    from sfda_ray.data.catalog import open_dataset
+    from sfda_ray.dist.job import write_dataset_spec
+
+    make_cityscapes(tmp_path / "cs", {"val": ["lindau/lindau_000000_000019"]})
+    cfg = load_config(
+        None,
+        {
+            "data.kind": "cityscapes",
+            "data.root": str(tmp_path / "cs"),
+            "data.eval_classes": ["synthia13"],
+        },
+    )
+    (tmp_path / "out").mkdir()
+    ref = open_dataset(write_dataset_spec(cfg, str(tmp_path / "out")))
+    assert list(ref.eval_subsets) == ["synthia13"]
+    assert ref.split("val").num_rows == 1
+    with pytest.raises(ConfigError, match=r"data.eval_classes: \['synthia19'\]"):
+        load_config(None, {"data.eval_classes": ["synthia19"]})
