@@ -1,9 +1,5 @@
 import io
 import json
-import shutil
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pyarrow as pa
@@ -134,31 +130,3 @@ def test_score_command_writes_table_and_pictures(
             assert picture.format == "PNG" and picture.size[0] > 100
 
 
-@pytest.mark.slow
-def test_two_node_cluster_scores_on_both_nodes(tiny_benchmark, tiny_source_ckpt, tmp_path):
-    """A real 2-node Ray cluster (head + worker raylets) in a separate process."""
-    script = textwrap.dedent(f"""
-        import json, ray
-        from ray.cluster_utils import Cluster
-        from sfda_ray.dist.scoring import ScoringOptions, score_dataset
-        cluster = Cluster(initialize_head=True,
-                          head_node_args={{"num_cpus": 2, "include_dashboard": False}})
-        cluster.add_node(num_cpus=2)
-        ray.init(address=cluster.address)
-        summary = score_dataset({str(tiny_source_ckpt)!r}, {str(tiny_benchmark)!r},
-                                {str(tmp_path / "scores")!r},
-                                ScoringOptions(batch_size=2, actors=2))
-        print("RESULT", json.dumps(summary["nodes"]))
-        ray.shutdown()
-        cluster.shutdown()
-    """)
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    nodes = json.loads(proc.stdout.split("RESULT", 1)[1])
-    assert len(nodes) == 2, nodes
-    assert sum(nodes.values()) == 24
-    table = pq.read_table(tmp_path / "scores" / "scores.parquet")
-    assert len(set(table["node_id"].to_pylist())) == 2
-    shutil.rmtree(tmp_path / "scores")

@@ -1,0 +1,42 @@
+"""A real 2-node Ray cluster on 127.0.0.1 (head and worker raylets as separate processes)
+running score -> a 2-trial tune of 2-worker Ray Train runs, through the documented script."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_two_node_cluster_end_to_end(tiny_benchmark, tiny_source_ckpt, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable, str(ROOT / "experiments" / "local_cluster.py"), "--smoke",
+            "--data", str(tiny_benchmark), "--checkpoint", str(tiny_source_ckpt),
+            "--out", str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "RAY_ADDRESS": "", "MLFLOW_TRACKING_URI": ""},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    check = json.loads((out / "cluster_check.json").read_text())
+    assert len(check["nodes"]) == 2
+    # Scoring ran on both nodes; every target-train image scored exactly once.
+    assert sorted(check["scored_per_node"]) == sorted(check["nodes"])
+    assert sum(check["scored_per_node"].values()) == 24
+    # Each trial's Ray Train run had one worker on each node.
+    assert list(check["trial_train_nodes"].values()) == [2, 2]
+    # Results, checkpoints and MLflow runs are all in the shared output directory.
+    assert len(check["final_models"]) == 2
+    assert {c.split("/")[1] for c in check["checkpoints"]} == set(check["trial_train_nodes"])
+    assert check["mlflow_tracking_uri"] == f"sqlite:///{out.resolve() / 'mlflow.db'}"
+    assert list(check["mlflow_runs"].values()) == ["FINISHED"] * 3
+    assert (out / "summary.json").is_file() and check["best_miou"] is not None

@@ -1,0 +1,67 @@
+"""cluster.yaml against Ray's own cluster-config schema (offline), plus our own checks."""
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import tomllib
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    return yaml.safe_load((ROOT / "cluster.yaml").read_text())
+
+
+def _commands(cfg: dict) -> list[str]:
+    keys = ("setup_commands", "head_setup_commands", "head_start_ray_commands",
+            "worker_start_ray_commands")
+    return [c for k in keys for c in cfg.get(k, [])]
+
+
+def test_validates_against_ray_schema(cluster):
+    validate_config(prepare_config(copy.deepcopy(cluster)))
+
+
+def test_schema_check_rejects_a_broken_config(cluster):
+    broken = copy.deepcopy(cluster)
+    broken["available_node_types"]["gpu_worker"]["min_workers"] = "zero"
+    with pytest.raises(Exception, match="min_workers|zero"):
+        validate_config(prepare_config(broken))
+
+
+def test_gpu_workers_declare_gpus(cluster):
+    types = cluster["available_node_types"]
+    head = cluster["head_node_type"]
+    assert types[head]["resources"].get("GPU", 0) == 0  # the head only drives
+    gpu_types = [name for name, t in types.items() if name != head]
+    assert gpu_types
+    for name in gpu_types:
+        gpus = types[name]["resources"].get("GPU")
+        assert isinstance(gpus, int) and gpus >= 1, name
+        assert types[name]["max_workers"] >= types[name]["min_workers"] >= 0
+
+
+def test_setup_installs_the_pinned_project(cluster):
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    ray_pin = next(d for d in project["dependencies"] if d.startswith("ray["))
+    mount = next(dst for dst, src in cluster["file_mounts"].items() if src == ".")
+    setup = " ".join(cluster["setup_commands"])
+    # pip install -e of the mounted checkout installs exactly pyproject's pins ...
+    assert f"pip install -e {mount}" in setup
+    # ... and the dashboard extra is asked for at the very same Ray version.
+    version = ray_pin.split("==")[1]
+    assert f'"ray[default]=={version}"' in setup
+    assert "import torchvision.ops" in setup
+
+
+def test_nothing_listens_on_a_public_address(cluster):
+    commands = " ".join(_commands(cluster))
+    assert "0.0.0.0" not in commands
+    assert "--dashboard-host=127.0.0.1" in commands
+    mlflow = re.search(r"mlflow server .*?--host (\S+)", commands)
+    assert mlflow and mlflow.group(1) == "127.0.0.1"
