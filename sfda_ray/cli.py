@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, ValueError, OSError) as e:
         print(f"sfda-ray: error: {e}", file=sys.stderr)
         return 2
 

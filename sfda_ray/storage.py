@@ -42,6 +42,21 @@ def makedirs(path: str | os.PathLike) -> None:
     fs.create_dir(p, recursive=True)
 
 
+def prepare_output(path: str | os.PathLike) -> None:
+    """Create an output directory and prove it takes a file, before any work is done.
+
+    Raises ``OSError`` naming the directory when it cannot be created or written.
+    """
+    probe = join(path, f".write-probe-{os.getpid()}")
+    try:
+        makedirs(path)
+        atomic_write_bytes(probe, b"")
+        fs, p = resolve(probe)
+        fs.delete_file(p)
+    except OSError as e:
+        raise OSError(f"output location {path} is not writable: {e}") from e
+
+
 def read_bytes(path: str | os.PathLike) -> bytes:
     fs, p = resolve(path)
     with fs.open_input_stream(p) as f:

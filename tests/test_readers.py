@@ -160,7 +160,8 @@ def test_dataset_yaml_sets_evaluation_classes(tmp_path):
     from sfda_ray.data.catalog import open_dataset
     from sfda_ray.data.labels import EVAL_SUBSETS
 
-    make_cityscapes(tmp_path / "cs", {"val": ["lindau/lindau_000000_000019"]})
+    split_images = {"train": ["aachen/aachen_0_19"], "val": ["lindau/lindau_0_19"]}
+    make_cityscapes(tmp_path / "cs", split_images)
     plain = tmp_path / "cityscapes.yaml"
     plain.write_text(f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}}}\n")
     assert list(open_dataset(plain).eval_subsets) == ["cityscapes19"]
@@ -171,7 +172,7 @@ def test_dataset_yaml_sets_evaluation_classes(tmp_path):
     )
     ref = open_dataset(synthia)
     assert ref.eval_subsets == {n: EVAL_SUBSETS[n] for n in ("synthia16", "synthia13")}
-    assert ref.manifest.num_rows == 1
+    assert ref.manifest.num_rows == 2
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}, eval_classes: [all]}}\n")
     with pytest.raises(ValueError, match=r"bad.yaml: data.eval_classes: \['all'\]"):

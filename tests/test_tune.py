@@ -90,7 +90,8 @@ def test_config_data_section_names_the_target(tmp_path):
     from sfda_ray.data.catalog import open_dataset
     from sfda_ray.dist.job import write_dataset_spec
 
-    make_cityscapes(tmp_path / "cs", {"val": ["lindau/lindau_000000_000019"]})
+    split_images = {"train": ["aachen/aachen_0_19"], "val": ["lindau/lindau_0_19"]}
+    make_cityscapes(tmp_path / "cs", split_images)
     cfg = load_config(
         None,
         {
@@ -105,3 +106,14 @@ def test_config_data_section_names_the_target(tmp_path):
     assert ref.split("val").num_rows == 1
     with pytest.raises(ConfigError, match=r"data.eval_classes: \['synthia19'\]"):
         load_config(None, {"data.eval_classes": ["synthia19"]})
+
+
+def test_remote_output_needs_a_tracking_server(monkeypatch, tmp_path):
+    from sfda_ray.dist.tracking import default_tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert default_tracking_uri(str(tmp_path)) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    with pytest.raises(ValueError, match="set MLFLOW_TRACKING_URI"):
+        default_tracking_uri("s3://bucket/runs")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert default_tracking_uri("s3://bucket/runs") == "http://127.0.0.1:5000"

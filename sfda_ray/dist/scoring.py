@@ -333,7 +333,7 @@ def score_dataset(
     opts = options or ScoringOptions()
     ref = open_dataset(data, opts.domain)
     manifest = ref.split(opts.split)
-    storage.makedirs(out)
+    storage.prepare_output(out)
     source_checkpoint = checkpoint
     if opts.adabn:
         checkpoint = adabn_checkpoint(checkpoint, manifest, out, opts.size)
@@ -418,6 +418,9 @@ def _run_pipeline(checkpoint: str, todo: list[dict], out: str, opts: ScoringOpti
     # load its model takes all the work of a small job and the other nodes sit idle.
     ctx = ray.data.DataContext.get_current()
     ctx.wait_for_min_actors_s = max(ctx.wait_for_min_actors_s, 600)
+    # A scorer lost while starting (node lost, process killed) is replaced, not fatal;
+    # one lost later is restarted by Ray Data and its batches are retried.
+    ctx.max_consecutive_actor_init_deaths = max(ctx.max_consecutive_actor_init_deaths, 3)
     by_fp = {r["fingerprint"]: r for r in todo}
     pending: list[dict] = []
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -48,6 +48,11 @@ def default_tracking_uri(out: str) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
+    if storage.is_uri(out):
+        raise ValueError(
+            f"--out {out} is remote storage, where a sqlite MLflow store cannot live: set "
+            "MLFLOW_TRACKING_URI to a tracking server (e.g. http://127.0.0.1:5000)"
+        )
     return f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
 
 

@@ -89,6 +89,7 @@ def run_adapt(cfg: Config, checkpoint: str, scores: str, data: str, out: str,
     ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``);
     ``placement_strategy`` SPREAD puts one worker per node, PACK fills a node first.
     """
+    storage.prepare_output(out)
     plan = make_plan(cfg, checkpoint, scores, data)
     storage_path = storage.join(out, "ray") if storage.is_uri(out) else \
         os.path.abspath(os.path.join(str(out), "ray"))

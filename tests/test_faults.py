@@ -1,0 +1,178 @@
+"""Real faults against the Ray layer: a bad-input corpus among good files, a killed
+scoring actor, a killed training worker, an unwritable output location."""
+
+import io
+import threading
+import time
+
+import numpy as np
+import psutil
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+from data_fixtures import all_ids_label, random_rgb, truncate, write_png
+from PIL import Image
+
+from sfda_ray import storage
+from sfda_ray.config import load_config
+from sfda_ray.dist.scoring import ScoringOptions, score_dataset
+from sfda_ray.dist.train import run_adapt
+from sfda_ray.models.checkpoint import load_checkpoint
+
+H, W = 48, 96
+
+
+def _pair(root, split, name, image=None, label=None):
+    city = name.split("_")[0]
+    img = root / "leftImg8bit" / split / city / f"{name}_leftImg8bit.png"
+    lab = root / "gtFine" / split / city / f"{name}_gtFine_labelIds.png"
+    write_png(img, random_rgb(len(name), H, W) if image is None else image)
+    write_png(lab, all_ids_label(34, H, W) if label is None else label)
+    return img, lab
+
+
+def _bad_input_corpus(root):
+    """Cityscapes train split: 4 good images and one of each kind of bad input."""
+    for k in range(4):
+        _pair(root, "train", f"good_00000{k}_000019")
+    img, _ = _pair(root, "train", "truncated_000000_000019")
+    truncate(img, img.stat().st_size // 2)  # header intact: fails only when decoded
+    img, _ = _pair(root, "train", "zerobyte_000000_000019")
+    img.write_bytes(b"")
+    img, _ = _pair(root, "train", "notimage_000000_000019")
+    img.write_text("this is not a PNG")
+    img, _ = _pair(root, "train", "sixteenbit_000000_000019")
+    write_png(img, (np.arange(H * W).reshape(H, W) * 13).astype(np.uint16))
+    img, _ = _pair(root, "train", "cmyk_000000_000019")
+    buf = io.BytesIO()  # a CMYK JPEG under the dataset's .png name
+    Image.fromarray(random_rgb(5, H, W)).convert("CMYK").save(buf, format="JPEG")
+    img.write_bytes(buf.getvalue())
+    _pair(root, "train", "sizemismatch_000000_000019", label=all_ids_label(34, H // 2, W))
+    _pair(root, "train", "badids_000000_000019", label=np.full((H, W), 250, np.uint8))
+    yaml_path = root / "dataset.yaml"
+    yaml_path.write_text(f"data: {{kind: cityscapes, root: {root}}}\n")
+    return yaml_path
+
+
+@pytest.mark.slow
+def test_bad_input_corpus_is_skipped_and_counted(ray_session, tiny_source_ckpt, tmp_path):
+    data = _bad_input_corpus(tmp_path / "cityscapes")
+    out = tmp_path / "scores"
+    summary = score_dataset(
+        str(tiny_source_ckpt), str(data), str(out), ScoringOptions(batch_size=4, actors=1)
+    )
+    # Zero-byte, non-image and size-mismatched files are caught by the manifest scan.
+    assert summary["manifest_skipped"] == 3
+    # The truncated PNG fails when decoded: kept as a row with its error, and counted.
+    assert summary["skipped"] == 1
+    assert summary["skipped_reasons"] == {"unreadable image": 1}
+    # Good, 16-bit, CMYK and bad-label images are scored, each exactly once.
+    table = pq.read_table(out / "scores.parquet")
+    ok = [i for i, e in zip(table["image_id"].to_pylist(), table["error"].to_pylist(),
+                            strict=True) if e is None]
+    assert len(ok) == len(set(ok)) == summary["scored"] == 7
+    names = " ".join(ok)
+    assert "sixteenbit" in names and "cmyk" in names and "badids" in names
+    bad = table.filter(pc.is_valid(table["error"]))
+    assert "truncated" in bad["image_id"][0].as_py()
+    assert str(tmp_path) in bad["error"][0].as_py()  # the error names the file
+
+
+def _scorer_processes():
+    return [
+        p for p in psutil.process_iter(["cmdline"])
+        if "MapBatches(Scorer)" in " ".join(p.info["cmdline"] or [])
+    ]
+
+
+@pytest.mark.slow
+def test_killed_scoring_actor_loses_and_duplicates_nothing(
+    ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path
+):
+    out = tmp_path / "scores"
+    killed = []
+
+    def kill_first_scorer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            for proc in _scorer_processes():
+                proc.kill()
+                killed.append(proc.pid)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_first_scorer)
+    killer.start()
+    summary = score_dataset(
+        str(tiny_source_ckpt),
+        str(tiny_benchmark),
+        str(out),
+        ScoringOptions(batch_size=2, actors=1, adabn=False),
+    )
+    killer.join()
+    assert killed, "no scoring actor was found to kill"
+    ids = pq.read_table(out / "scores.parquet")["image_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 24  # every target-train image, exactly once
+    assert summary["scored"] == 24 and summary["skipped"] == 0
+
+
+def _train_workers():
+    return [
+        p for p in psutil.process_iter(["cmdline"])
+        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
+    ]
+
+
+@pytest.mark.slow
+def test_killed_train_worker_resumes_from_its_checkpoint(
+    ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    scores, _ = tiny_scores
+    cfg = load_config(
+        None,
+        {
+            "adapt.iterations": 12,
+            "adapt.batch_size": 2,
+            "adapt.eval_every": 4,
+            "adapt.checkpoint_every": 4,
+            "adapt.threads": 1,
+            "data.num_workers": 0,
+        },
+    )
+    args = (cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+    clean = run_adapt(*args, str(tmp_path / "clean"))
+
+    run = tmp_path / "faulty"
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if list(run.glob("ray/adapt/checkpoint_*")):
+                for proc in _train_workers():
+                    proc.kill()
+                    killed.append(proc.pid)
+                return
+            time.sleep(0.1)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint)
+    killer.start()
+    faulty = run_adapt(*args, str(run), max_failures=2)
+    killer.join()
+    assert killed, "no training worker was killed"
+    assert faulty["iteration"] == clean["iteration"] == 12
+    assert faulty["resumed_from"] > 0  # the restarted group continued, not restarted at 0
+    # Same seed, different batch order after the restart: within noise of the clean run.
+    assert abs(faulty["val_miou"] - clean["val_miou"]) < 10.0
+    for checkpoint in run.glob("ray/adapt/checkpoint_*"):  # none lost or corrupted
+        state = storage.read_bytes(str(checkpoint / "state.pt"))
+        assert len(state) > 0
+    assert load_checkpoint(str(run / "final.pt"))["meta"]["iteration"] == 12
+
+
+def test_unwritable_output_fails_before_work(tiny_benchmark, tiny_source_ckpt, tmp_path):
+    blocker = tmp_path / "results"
+    blocker.write_text("a file where the output directory should be")
+    with pytest.raises(OSError, match=r"output location .*results/scores is not writable"):
+        score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), str(blocker / "scores"))
+    assert blocker.read_text().startswith("a file")  # what was there is untouched
