@@ -1,0 +1,114 @@
+"""experiments/bench_gpu.py on the CPU at a tiny size, as the GPU machine would run it."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from sfda_ray.models import build_model
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_gpu.py"
+# Missing on the GPU machine; the core path must not need them (nor this package installed).
+BLOCKED = ("sfda_ray", "pyarrow", "cv2", "mlflow", "cityscapesscripts")
+ARGS = ["--device", "cpu", "--model", "deeplabv2_resnet18", "--size", "32", "64"]
+ARGS += ["--score-batch", "2", "--train-batch", "2", "--iters", "2", "--warmup", "1"]
+ARGS += ["--matmul-size", "128", "--no-ray"]
+
+
+@pytest.fixture(scope="module")
+def blocked(tmp_path_factory):
+    """subprocess.run keywords for a Python in which BLOCKED fail to import."""
+    stubs = tmp_path_factory.mktemp("blocked")
+    for name in BLOCKED:
+        (stubs / f"{name}.py").write_text(f"raise ImportError('{name} blocked by the test')\n")
+    env = dict(os.environ, PYTHONPATH=str(stubs))
+    # One intra-op thread: on a busy 2-core machine more threads spin against each other
+    # and a run takes many times longer.
+    env["OMP_NUM_THREADS"] = "1"
+    # Not the repo root as working directory: `python -c` would find sfda_ray/ there.
+    return {"env": env, "cwd": stubs, "capture_output": True, "text": True}
+
+
+@pytest.fixture(scope="module")
+def run(blocked, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_gpu") / "gpu_cpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *ARGS, "--json", str(out)], timeout=120, **blocked
+    )
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_blocked_modules_really_fail_to_import(blocked):
+    probe = (
+        "import importlib, sys\n"
+        f"for name in {BLOCKED!r}:\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except ImportError:\n"
+        "        continue\n"
+        "    sys.exit(f'{name} imported')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], **blocked)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_json_has_the_numbers_and_settings(run):
+    result, _ = run
+    assert result["device"] == "cpu"
+    assert result["ray"] is None  # --no-ray
+    numbers = [
+        result["scoring"]["fp32_images_per_s"],
+        result["scoring"]["bf16_images_per_s"],
+        result["train"]["fp32_iters_per_s"],
+        result["train"]["bf16_iters_per_s"],
+        result["bf16_matmul_tflops"],
+        result["model_gflops_per_image"],
+        result["scoring_bf16_fraction_of_matmul"],
+    ]
+    assert all(math.isfinite(x) and x > 0 for x in numbers), numbers
+    settings = result["settings"]
+    assert settings["model"] == "deeplabv2_resnet18"
+    assert (settings["height"], settings["width"]) == (32, 64)
+    assert (settings["score_batch"], settings["train_batch"]) == (2, 2)
+    assert (settings["iters"], settings["warmup"]) == (2, 1)
+    assert settings["channels_last"] is False and settings["compile"] is False
+    assert settings["torch"] == torch.__version__
+
+
+def test_fraction_and_speedups_follow_from_the_rates(run):
+    result, _ = run
+    scoring, train = result["scoring"], result["train"]
+    fraction = (
+        scoring["bf16_images_per_s"]
+        * result["model_gflops_per_image"]
+        / (result["bf16_matmul_tflops"] * 1000)
+    )
+    assert result["scoring_bf16_fraction_of_matmul"] == pytest.approx(fraction, rel=1e-9)
+    ratio = scoring["bf16_images_per_s"] / scoring["fp32_images_per_s"]
+    assert scoring["bf16_speedup"] == pytest.approx(ratio, rel=1e-9)
+    ratio = train["bf16_iters_per_s"] / train["fp32_iters_per_s"]
+    assert train["bf16_speedup"] == pytest.approx(ratio, rel=1e-9)
+
+
+def test_gflops_are_one_image_of_the_package_model(run):
+    # Counted at batch 1 (not the score batch) on the very model sfda_ray.models builds.
+    model = build_model("deeplabv2_resnet18", 19).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(torch.zeros(1, 3, 32, 64))
+    expected = counter.get_total_flops() / 1e9
+    assert run[0]["model_gflops_per_image"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_prints_a_table(run):
+    _, stdout = run
+    for row in ("core scoring img/s", "core train it/s", "GFLOPs/image", "TFLOPS"):
+        assert row in stdout, stdout
+    assert "ray scoring" not in stdout
