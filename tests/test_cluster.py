@@ -20,6 +20,9 @@ def test_two_node_cluster_end_to_end(tiny_benchmark, tiny_source_ckpt, tmp_path)
             sys.executable, str(ROOT / "experiments" / "local_cluster.py"), "--smoke",
             "--data", str(tiny_benchmark), "--checkpoint", str(tiny_source_ckpt),
             "--out", str(out),
+            # 24 images in batches of 2 for one scorer per node: work for both.
+            "--set", "score.batch_size=2", "--set", "score.actors=2",
+            "--set", "adapt.iterations=6", "--set", "adapt.eval_every=3",
         ],
         capture_output=True,
         text=True,

@@ -117,3 +117,16 @@ def test_remote_output_needs_a_tracking_server(monkeypatch, tmp_path):
         default_tracking_uri("s3://bucket/runs")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert default_tracking_uri("s3://bucket/runs") == "http://127.0.0.1:5000"
+
+
+def test_looking_up_a_finished_trial_run_leaves_it_finished(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = SweepTracker(uri, "exp", str(tmp_path / "sweep"), str(tmp_path))
+    tracker.start("sweep", {}, {})
+    run = tracker.child("t1", "trial 1", {}, {})
+    tracker.client.set_terminated(run, "FINISHED")
+    again = SweepTracker(uri, "exp", str(tmp_path / "sweep"), str(tmp_path))
+    again.start("sweep", {}, {})
+    assert again.child("t1", "trial 1", {}, {}, reopen=False) == run
+    again.finish()
+    assert again.client.get_run(run).info.status == "FINISHED"

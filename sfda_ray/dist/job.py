@@ -38,15 +38,15 @@ from sfda_ray.train_source import train_source
 log = logging.getLogger(__name__)
 CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
 
-# The synthetic run within 15 minutes on a 2-core CPU: 4 trials of 40 iterations, two
-# at a time, each worker on one torch thread; ASHA may stop a trial at iteration 20.
+# The synthetic run well within 15 minutes on a 2-core CPU: 4 trials of 30 iterations,
+# two at a time, each worker on one torch thread; ASHA may stop a trial at iteration 15.
 SYNTHETIC = {
-    "adapt.iterations": 40,
-    "adapt.eval_every": 20,
+    "adapt.iterations": 30,
+    "adapt.eval_every": 15,
     "adapt.threads": 1,
     "tune.num_samples": 4,
     "tune.max_concurrent": 2,
-    "tune.grace_period": 20,
+    "tune.grace_period": 15,
 }
 # A couple of minutes through every stage (tests use it).
 SMOKE = {

@@ -421,6 +421,10 @@ def _run_pipeline(checkpoint: str, todo: list[dict], out: str, opts: ScoringOpti
     # A scorer lost while starting (node lost, process killed) is replaced, not fatal;
     # one lost later is restarted by Ray Data and its batches are retried.
     ctx.max_consecutive_actor_init_deaths = max(ctx.max_consecutive_actor_init_deaths, 3)
+    # Dispatch to the least busy scorer, not to the one on the node holding the decoded
+    # batch: scoring costs far more than moving a batch, and locality would keep every
+    # batch on the node where the decode tasks ran.
+    ctx.execution_options.actor_locality_enabled = False
     by_fp = {r["fingerprint"]: r for r in todo}
     pending: list[dict] = []
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -130,8 +130,11 @@ class SweepTracker:
         storage.atomic_write_bytes(self.state_path, json.dumps(state).encode())
         return self.parent_id
 
-    def child(self, trial_id: str, run_name: str, params: dict, tags: dict) -> str:
-        """The child run of a trial: the existing one on resume, else a new one."""
+    def child(
+        self, trial_id: str, run_name: str, params: dict, tags: dict, reopen: bool = True
+    ) -> str:
+        """The child run of a trial: the existing one (set RUNNING again when ``reopen``,
+        as for a resumed trial), else a new one."""
         if trial_id in self.children:
             return self.children[trial_id]
         runs = self.client.search_runs(
@@ -141,7 +144,8 @@ class SweepTracker:
         )
         if runs:
             run_id = runs[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
+            if reopen:
+                self.client.update_run(run_id, status="RUNNING")
         else:
             all_tags = {**tags, PARENT_TAG: self.parent_id, TRIAL_TAG: trial_id}
             run_id = self.client.create_run(

@@ -44,9 +44,14 @@ class RayTrainEnv:
         ctx = ray.train.get_context()
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
-        # Nodes the worker group spans (workers are spread evenly by Ray Train).
-        self.nodes = self.world_size // ctx.get_local_world_size()
         self.device = ray.train.torch.get_device()
+        # Distinct Ray nodes the worker group spans (by node id: nodes may share an IP).
+        node = ray.get_runtime_context().get_node_id()
+        nodes = [node]
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            nodes = [None] * self.world_size
+            torch.distributed.all_gather_object(nodes, node)
+        self.nodes = len(set(nodes))
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.world_size == 1:

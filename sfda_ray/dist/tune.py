@@ -236,7 +236,7 @@ def run_sweep(
         "sweep_path": sweep_path,
         "mlflow_parent_run_id": parent,
     }
-    best_run = tracker.child(best["trial_id"], best["trial_id"], {}, tags)
+    best_run = tracker.child(best["trial_id"], best["trial_id"], {}, tags, reopen=False)
     tracker.log_files(best_run, {"final.pt": storage.read_bytes(best["checkpoint"])}, "model")
     tracker.client.set_tag(parent, "sfda.best_trial", best["trial_id"])
     tracker.client.set_tag(parent, "sfda.best_run_id", best_run)
