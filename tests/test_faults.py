@@ -79,10 +79,11 @@ def test_bad_input_corpus_is_skipped_and_counted(ray_session, tiny_source_ckpt, 
     assert str(tmp_path) in bad["error"][0].as_py()  # the error names the file
 
 
-def _scorer_processes():
+def _processes(marker: str) -> list[psutil.Process]:
+    """Ray worker processes whose title (Ray sets it as the command line) has ``marker``."""
     return [
         p for p in psutil.process_iter(["cmdline"])
-        if "MapBatches(Scorer)" in " ".join(p.info["cmdline"] or [])
+        if marker in " ".join(p.info["cmdline"] or [])
     ]
 
 
@@ -96,7 +97,7 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(
     def kill_first_scorer():
         deadline = time.time() + 120
         while time.time() < deadline and not killed:
-            for proc in _scorer_processes():
+            for proc in _processes("MapBatches(Scorer)"):
                 proc.kill()
                 killed.append(proc.pid)
                 return
@@ -115,13 +116,6 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(
     ids = pq.read_table(out / "scores.parquet")["image_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 24  # every target-train image, exactly once
     assert summary["scored"] == 24 and summary["skipped"] == 0
-
-
-def _train_workers():
-    return [
-        p for p in psutil.process_iter(["cmdline"])
-        if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])
-    ]
 
 
 @pytest.mark.slow
@@ -151,7 +145,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(
         while time.time() < deadline:
             if list(run.glob("ray/adapt/checkpoint_*/state.pt")):
                 time.sleep(2)  # let Ray Train register the checkpoint it just wrote
-                for proc in _train_workers():
+                for proc in _processes("RayTrainWorker"):
                     proc.kill()
                     killed.append(proc.pid)
                 return
