@@ -3,7 +3,9 @@
 Per seed: the benchmark and its source model and oracle (cached; the calibration
 script's --out is reused when given the same directory), one scoring pass on Ray Data,
 then every row below adapted with the plain single-process loop (the same code Ray
-Train runs per worker) and evaluated on target val.
+Train runs per worker) and evaluated on target val. Each finished row is kept in
+OUT/ablation_seed<N>.json with its resolved config, so a rerun after an interruption
+skips the rows already done with the same config.
 
     python experiments/ablation_synthetic.py --seeds 0 1 --json ablation.json
 """
@@ -19,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sfda_ray.adaptation import LocalEnv, make_plan, run_adaptation
-from sfda_ray.config import load_config
+from sfda_ray.config import load_config, to_dict
 from sfda_ray.data.catalog import open_dataset
 from sfda_ray.data.synthetic import BenchmarkSpec, generate
 from sfda_ray.dist.runtime import init_ray
@@ -57,8 +59,17 @@ def run_seed(out: Path, seed: int, config: str | None, rows: list[str]) -> dict:
     result["scoring"] = score_dataset(
         str(source), str(bench), str(scores), ScoringOptions(batch_size=16)
     )
+    done_path = out / f"ablation_seed{seed}.json"
+    done = json.loads(done_path.read_text()) if done_path.is_file() else {}
     for name in rows:
         cfg = load_config(config, {"source.seed": seed, "adapt.seed": seed, **ROWS[name]})
+        resolved = json.loads(json.dumps(to_dict(cfg)))  # as stored: tuples become lists
+        if name in done and done[name]["config"] == resolved:
+            result[name] = done[name]
+            logging.info(
+                "seed %d %-24s mIoU %.2f (kept from %s)", seed, name, done[name]["miou"], done_path
+            )
+            continue
         t0 = time.perf_counter()
         plan = make_plan(cfg, str(source), str(scores), str(bench))
         metrics = run_adaptation(plan, cfg, LocalEnv())["metrics"]
@@ -67,7 +78,10 @@ def run_seed(out: Path, seed: int, config: str | None, rows: list[str]) -> dict:
             "proxy": metrics["proxy"],
             "per_class": metrics["per_class"],
             "seconds": round(time.perf_counter() - t0, 1),
+            "config": resolved,
         }
+        done[name] = result[name]
+        done_path.write_text(json.dumps(done, indent=1) + "\n")
         logging.info("seed %d %-24s mIoU %.2f", seed, name, metrics["val_miou"])
     return result
 
@@ -122,7 +136,13 @@ def main() -> None:
                     "oracle": oracle,
                     "seeds": args.seeds,
                     "details": {
-                        str(s): {k: v for k, v in r.items() if k != "scoring"}
+                        str(s): {
+                            k: {f: x for f, x in v.items() if f != "config"}
+                            if isinstance(v, dict)
+                            else v
+                            for k, v in r.items()
+                            if k != "scoring"
+                        }
                         for s, r in per_seed.items()
                     },
                 },
