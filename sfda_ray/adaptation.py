@@ -3,7 +3,8 @@
 Source-free by construction: the inputs are a source checkpoint, a scores table and
 target data; nothing here can open a source dataset. The loop is plain PyTorch; the
 environment it runs in (a single process, or a Ray Train worker) is passed in as a
-``TrainEnv`` that wraps models, builds loaders and reports metrics and checkpoints.
+``TrainEnv`` that names the worker's rank and device, wraps models for DDP and reports
+metrics and checkpoints.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from sfda_ray.models.checkpoint import (
     load_model,
     save_checkpoint,
 )
+from sfda_ray.models.execution import Execution
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +139,6 @@ class TrainEnv(Protocol):
 
     def wrap(self, model: nn.Module) -> nn.Module: ...
 
-    def loader(
-        self, dataset: Dataset, batch_size: int, seed: int, weights: list[float] | None = None
-    ) -> DataLoader: ...
-
     def report(self, metrics: dict, state: dict | None) -> None: ...
 
     def load_state(self) -> dict | None: ...
@@ -157,7 +155,11 @@ def _forever(make: Callable[[int], DataLoader]) -> Iterator[dict]:
 
 @torch.no_grad()
 def evaluate_adapted(
-    model: nn.Module, plan: AdaptPlan, normalization: str, size: tuple[int, int]
+    model: nn.Module,
+    plan: AdaptPlan,
+    normalization: str,
+    size: tuple[int, int],
+    execution: Execution | None = None,
 ) -> dict:
     """Target-val mIoU (labels: evaluation only) and the unsupervised proxy.
 
@@ -178,7 +180,7 @@ def evaluate_adapted(
         totals["mean_pred"] = totals["mean_pred"] + prob.mean(dim=(2, 3)).sum(0)
         totals["n"] += prob.shape[0]
 
-    cm, _ = confusion_on(model, loader, len(CLASS_NAMES), observe=observe)
+    cm, _ = confusion_on(model, loader, len(CLASS_NAMES), execution, observe=observe)
     entropy, mean_pred, n = totals["entropy"], totals["mean_pred"], totals["n"]
     prior = torch.tensor(plan.prior_target)
     mean_pred = (mean_pred / n).clamp_min(1e-8)
@@ -204,7 +206,8 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
     model, meta = load_model(
         plan.source_checkpoint if a.method == "source_only" else plan.checkpoint
     )
-    model.to(env.device)
+    exe = Execution.resolve(cfg.perf, env.device)
+    exe.prepare(model)
     norm = meta["normalization"]
     size = plan.map_size
     scale = (cfg.data.scale_min, cfg.data.scale_max)
@@ -216,26 +219,44 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
         plan.virtual_rows, size, np.array(plan.thresholds), scale, cfg.data.hflip
     )
 
+    def loader(dataset: Dataset, batch_size: int, seed: int, weights=None) -> Iterator[dict]:
+        """Endless batches of this worker's shard, reshuffled (with a new seed) each pass."""
+        return _forever(
+            lambda e: make_loader(
+                dataset,
+                batch_size,
+                seed + 1000 * e,
+                weights,
+                env.rank,
+                env.world_size,
+                exe.loader_workers,
+                exe.pin_memory,
+            )
+        )
+
     def plain_images(n_batches: int, seed: int) -> Iterator[torch.Tensor]:
         """Unaugmented-geometry target images for AdaBN and round thresholds."""
         plain = AdaptationDataset(t_rows, size, None, (1.0, 1.0), hflip=False)
-        batches = _forever(lambda e: env.loader(plain, a.batch_size * 2, seed + e))
+        batches = loader(plain, a.batch_size * 2, seed)
         for _ in range(n_batches):
-            yield next(batches)["image"].to(env.device)
+            yield exe.to_device(next(batches)["image"])
 
     state = env.load_state()
     if state is None and a.adabn_init and not plan.bn_adapted and a.method != "source_only":
         n_batches = max(1, len(t_rows) // (a.batch_size * 2))
-        adapt_batchnorm(
-            model, (to_input(x, norm) for x in plain_images(n_batches, a.seed)), max_batches=50
-        )
+        with exe.autocast():
+            adapt_batchnorm(
+                model,
+                (to_input(x, norm) for x in plain_images(n_batches, a.seed)),
+                max_batches=50,
+            )
     adapter = Adapter(
         model,
         a,
         norm,
         torch.tensor(plan.prior_target),
         torch.tensor(plan.class_weight),
-        env.device,
+        exe,
         env.wrap,
     )
     start = 0
@@ -246,15 +267,14 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
 
     iterations = 0 if a.method in ("source_only", "adabn") else a.iterations
     per_round = max(1, -(-iterations // a.st_rounds))
-    t_batches = _forever(lambda e: env.loader(target_set, a.batch_size, a.seed + 1000 * e))
+    t_batches = loader(target_set, a.batch_size, a.seed)
     v_batches = None
     if a.method == "sfda":
-        v_batches = _forever(
-            lambda e: env.loader(
-                virtual_set, a.batch_size, a.seed + 1000 * e + 1, plan.virtual_sampling_weights
-            )
-        )
-    metrics: dict = {}
+        v_batches = loader(virtual_set, a.batch_size, a.seed + 1, plan.virtual_sampling_weights)
+    # Losses are reported as means over the interval since the previous report.
+    interval: dict[str, float] = {}
+    interval_steps = 0
+    final: dict = {}
     t0 = time.perf_counter()
     for it in range(start, iterations):
         round_index = it // per_round
@@ -262,27 +282,32 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
             adapter.begin_round(round_index, plain_images(8, a.seed + round_index))
         adapter.set_lr(it, iterations)
         logs = adapter.step(next(v_batches) if v_batches else None, next(t_batches))
+        for k, v in logs.items():
+            interval[k] = interval.get(k, 0.0) + v
+        interval_steps += 1
         done = it + 1
-        metrics = {
-            "iteration": done,
-            "round": round_index,
-            "resumed_from": start,
-            **logs,
-            "seconds_per_iter": (time.perf_counter() - t0) / (done - start),
-        }
         if done % a.log_every == 0:
             log.info(
                 "iter %d/%d %s", done, iterations, " ".join(f"{k} {v:.4f}" for k, v in logs.items())
             )
         evaluate_now = done % a.eval_every == 0 or done == iterations
         checkpoint_now = done % a.checkpoint_every == 0 or done == iterations
+        if not (evaluate_now or checkpoint_now):
+            continue
+        elapsed = time.perf_counter() - t0
+        metrics = {
+            "iteration": done,
+            "round": round_index,
+            "resumed_from": start,
+            **{k: v / interval_steps for k, v in interval.items()},
+            "seconds": elapsed,  # in this loop since it (re)started, reports included
+            "seconds_per_iter": elapsed / (done - start),
+        }
+        interval, interval_steps = {}, 0
         if evaluate_now and env.rank == 0:
+            final = evaluate_adapted(unwrap(adapter.student), plan, norm, size, exe)
             metrics.update(
-                {
-                    k: v
-                    for k, v in evaluate_adapted(unwrap(adapter.student), plan, norm, size).items()
-                    if k not in ("per_class", "confusion_matrix")
-                }
+                {k: v for k, v in final.items() if k not in ("per_class", "confusion_matrix")}
             )
             if "proxy" in metrics:
                 log.info(
@@ -293,15 +318,15 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
             if checkpoint_now and env.rank == 0
             else None
         )
-        if evaluate_now or checkpoint_now:
-            env.report(metrics, state_out)
-    final = evaluate_adapted(unwrap(adapter.student), plan, norm, size) if env.rank == 0 else {}
-    final.update({"iteration": iterations, "method": a.method})
+        env.report(metrics, state_out)
     if iterations == start:  # nothing trained in this call (baselines, or already done)
+        if env.rank == 0:
+            final = evaluate_adapted(unwrap(adapter.student), plan, norm, size, exe)
         env.report(
             {k: v for k, v in final.items() if not isinstance(v, (dict, list))},
             {"adapter": adapter.state_dict(), "iteration": iterations} if env.rank == 0 else None,
         )
+    final.update({"iteration": iterations, "method": a.method})
     return {"model": unwrap(adapter.student), "meta": meta, "metrics": final}
 
 
@@ -313,6 +338,7 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """Shuffled (or weighted) batches of this worker's share of ``dataset``.
 
@@ -333,6 +359,7 @@ def make_loader(
         drop_last=n >= batch_size,
         num_workers=num_workers,
         collate_fn=collate_skip_bad,
+        pin_memory=pin_memory,
     )
 
 
@@ -349,9 +376,6 @@ class LocalEnv:
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
-
-    def loader(self, dataset, batch_size, seed, weights=None) -> DataLoader:
-        return make_loader(dataset, batch_size, seed, weights)
 
     def report(self, metrics: dict, state: dict | None) -> None:
         self.reports.append(dict(metrics))

@@ -202,6 +202,25 @@ class SweepConfig:
 
 
 @dataclass
+class PerfConfig:
+    """How models run on their device (scoring, adaptation, evaluation). Every setting is
+    safe on a CPU, where ``auto`` means fp32, NCHW and no loader processes."""
+
+    # bf16 autocast of forward passes (losses stay fp32); auto: bf16 on a GPU.
+    precision: str = _field("auto", choices=("auto", "fp32", "bf16"))
+    # NHWC activations (tensor-core convolutions under bf16); auto: on on a GPU.
+    channels_last: str = _field("auto", choices=("auto", "on", "off"))
+    # torch.compile the trained and the scoring model; the first steps pay for compiling.
+    compile: bool = False
+    compile_backend: str = "inductor"
+    # Page-locked host batches and non-blocking copies to the GPU (nothing on a CPU).
+    pin_memory: bool = True
+    # DataLoader processes per adaptation worker; null: 4 on a GPU, 0 on a CPU (where
+    # extra processes only compete with the model for cores).
+    loader_workers: int | None = _field(None, lo=0)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -210,6 +229,7 @@ class Config:
     select: SelectConfig = field(default_factory=SelectConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     tune: SweepConfig = field(default_factory=SweepConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
 
 
 # --- loading and validation -------------------------------------------------------------

@@ -17,6 +17,7 @@ from sfda_ray.data.loaders import eval_loader, image_loader, images_of
 from sfda_ray.method.baselines import adapt_batchnorm
 from sfda_ray.metrics import confusion_matrix, segmentation_report
 from sfda_ray.models.checkpoint import load_model
+from sfda_ray.models.execution import Execution
 
 
 @torch.no_grad()
@@ -24,14 +25,16 @@ def confusion_on(
     model: nn.Module,
     loader: DataLoader,
     num_classes: int,
-    device: str | torch.device = "cpu",
+    execution: Execution | None = None,
     observe: Callable[[torch.Tensor], None] | None = None,
 ) -> tuple[np.ndarray, int]:
     """Accumulated confusion matrix over ``loader`` and the number of skipped images.
 
-    ``observe`` sees each batch's logits at model resolution, so label-free statistics
-    come from the same forward pass.
+    ``model`` is on ``execution``'s device (default: fp32 on the CPU). ``observe`` sees
+    each batch's fp32 logits at model resolution, so label-free statistics come from the
+    same forward pass.
     """
+    exe = execution or Execution(torch.device("cpu"))
     model.eval()
     cm = np.zeros((num_classes, num_classes), np.int64)
     skipped = 0
@@ -40,7 +43,9 @@ def confusion_on(
         if "image" not in batch:
             continue
         label = batch["label"]
-        logits = model(batch["image"].to(device))
+        with exe.autocast():
+            logits = model(exe.to_device(batch["image"]))
+        logits = logits.float()
         if observe is not None:
             observe(logits)
         if logits.shape[-2:] != label.shape[-2:]:

@@ -22,9 +22,11 @@ from sfda_ray.method.losses import (
 from sfda_ray.method.scoring import normalized_entropy
 from sfda_ray.models import build_model
 from sfda_ray.models.checkpoint import load_checkpoint, load_model
+from sfda_ray.models.execution import Execution
 from sfda_ray.train_source import train_source
 
 C = 19
+CPU = Execution(torch.device("cpu"))
 
 
 def test_uniform_prediction_has_entropy_one_and_one_hot_zero():
@@ -86,7 +88,7 @@ def test_step_updates_segmentation_net_and_discriminator():
     model = build_model("deeplabv2_resnet18", C, output_stride=16)
     cfg = AdaptConfig(strong_aug=True)
     prior = torch.full((C,), 1 / C)
-    adapter = Adapter(model, cfg, "imagenet", prior, torch.ones(C), torch.device("cpu"))
+    adapter = Adapter(model, cfg, "imagenet", prior, torch.ones(C), CPU)
     images = torch.rand(2, 3, 32, 64)
     adapter.begin_round(0, [images])
     before_net = model.layer1[0].conv1.weight.clone()
@@ -115,7 +117,7 @@ def test_tent_trains_only_normalisation_parameters():
         "imagenet",
         torch.full((C,), 1 / C),
         None,
-        torch.device("cpu"),
+        CPU,
     )
     adapter.step(None, {"image": torch.rand(2, 3, 32, 64)})
     assert torch.equal(conv, model.layer1[0].conv1.weight)

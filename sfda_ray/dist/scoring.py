@@ -42,7 +42,9 @@ from sfda_ray.evaluate import adabn_on_split
 from sfda_ray.method.scoring import class_confidence_histogram, score_images
 from sfda_ray.method.selection import select, select_by_config, selection_quality
 from sfda_ray.metrics import confusion_matrix, iou_per_class
+from sfda_ray.config import PerfConfig
 from sfda_ray.models.checkpoint import file_fingerprint, load_checkpoint, load_model, save_checkpoint
+from sfda_ray.models.execution import Execution
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ class ScoringOptions:
     adabn: bool = True
     split: str = "train"
     domain: str = "target"
+    perf: PerfConfig | None = None  # precision, memory format, compile (None: the defaults)
 
     @classmethod
     def from_config(cls, cfg, domain: str = "target") -> ScoringOptions:
@@ -123,6 +126,7 @@ class ScoringOptions:
             adabn=cfg.score.adabn,
             split=cfg.score.split,
             domain=domain,
+            perf=cfg.perf,
         )
 
 
@@ -182,11 +186,13 @@ def _objects(values: list) -> np.ndarray:
 class Scorer:
     """Ray Data actor: the source model, loaded once, scoring batches of decoded images."""
 
-    def __init__(self, checkpoint: str, mc_passes: int, threads: int):
+    def __init__(
+        self, checkpoint: str, mc_passes: int, threads: int, perf: PerfConfig | None = None
+    ):
         torch.set_num_threads(threads)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, meta = load_model(checkpoint)
-        self.model.to(self.device).eval()
+        self.exe = Execution.resolve(perf, "cuda" if torch.cuda.is_available() else "cpu")
+        model, meta = load_model(checkpoint)
+        self.model = self.exe.compiled(self.exe.prepare(model).eval())
         self.normalization = meta["normalization"]
         self.num_classes = meta["num_classes"]
         self.mc_passes = mc_passes
@@ -201,8 +207,10 @@ class Scorer:
                 by_shape.setdefault(batch["image"][i].shape, []).append(i)
         for idx in by_shape.values():
             images = torch.from_numpy(np.stack([batch["image"][i] for i in idx]))
-            x = normalize_batch(images.to(self.device), self.normalization)
-            scores = score_images(self.model, x, self.mc_passes)
+            # uint8 over the bus, normalised on the device.
+            x = normalize_batch(self.exe.to_device(images), self.normalization)
+            with self.exe.autocast():
+                scores = score_images(self.model, x, self.mc_passes)
             for j, i in enumerate(idx):
                 gt = batch["label"][i]
                 gt = gt if isinstance(gt, np.ndarray) and gt.ndim == 2 else None
@@ -404,6 +412,7 @@ def _run_pipeline(checkpoint: str, todo: list[dict], out: str, opts: ScoringOpti
             "checkpoint": checkpoint,
             "mc_passes": opts.mc_passes,
             "threads": threads,
+            "perf": opts.perf,
         },
         compute=ray.data.ActorPoolStrategy(size=actors),
         batch_size=opts.batch_size,

@@ -24,7 +24,6 @@ from sfda_ray import storage
 from sfda_ray.adaptation import (
     AdaptPlan,
     load_state,
-    make_loader,
     make_plan,
     run_adaptation,
     save_adapted,
@@ -58,11 +57,9 @@ class RayTrainEnv:
             return model.to(self.device)
         return ray.train.torch.prepare_model(model)
 
-    def loader(self, dataset, batch_size, seed, weights=None):
-        return make_loader(dataset, batch_size, seed, weights, self.rank, self.world_size)
-
     def report(self, metrics: dict, state: dict | None) -> None:
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        flat.update(self._mean_over_workers(flat))
         flat["train_workers"], flat["train_nodes"] = self.world_size, self.nodes
         if state is None:
             ray.train.report(flat)
@@ -70,6 +67,18 @@ class RayTrainEnv:
         with tempfile.TemporaryDirectory() as tmp:
             save_state(state, os.path.join(tmp, STATE_FILE))
             ray.train.report(flat, checkpoint=Checkpoint.from_directory(tmp))
+
+    def _mean_over_workers(self, metrics: dict) -> dict:
+        """Losses averaged over every worker's shard (Ray Train keeps rank 0's metrics).
+
+        Every rank reports at the same iterations with the same loss keys, so this
+        collective is entered by all of them."""
+        keys = sorted(k for k in metrics if k.startswith("loss_") or k == "st_kept_fraction")
+        if self.world_size == 1 or not keys or not torch.distributed.is_initialized():
+            return {}
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(values)
+        return dict(zip(keys, (values / self.world_size).tolist(), strict=True))
 
     def load_state(self) -> dict | None:
         checkpoint = ray.train.get_checkpoint()

@@ -5,6 +5,8 @@ output-space discriminator and their optimizers. A step takes one virtual-source
 (images in [0, 1], pseudo-labels with low-confidence pixels set to 255, confidence
 weights) and one target batch (images only). Distribution is the caller's business:
 ``wrap`` (e.g. Ray Train's ``prepare_model``) is applied to the trained modules.
+Forward passes run under the ``Execution``'s autocast (bf16 on a GPU by default);
+losses are taken in fp32.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from sfda_ray.method.losses import (
 from sfda_ray.method.scoring import CONFIDENCE_BINS, class_confidence_histogram, normalized_entropy
 from sfda_ray.method.selection import class_balanced_thresholds
 from sfda_ray.models.discriminator import FCDiscriminator
+from sfda_ray.models.execution import Execution
 
 SOURCE_LABEL, TARGET_LABEL = 0.0, 1.0  # the virtual source plays the source domain
 
@@ -82,12 +85,14 @@ class Adapter:
         normalization: str,
         prior_target: torch.Tensor,
         class_weight: torch.Tensor | None,
-        device: torch.device,
+        execution: Execution,
         wrap: Callable[[nn.Module], nn.Module] = lambda m: m,
     ) -> None:
+        """``model`` is already on the execution's device (see ``Execution.prepare``)."""
         self.cfg = cfg
         self.normalization = normalization
-        self.device = device
+        self.exe = execution
+        self.device = device = execution.device
         self.num_classes = prior_target.numel()
         self.prior = prior_target.to(device)
         self.alpha = (
@@ -95,13 +100,14 @@ class Adapter:
         )
         params = split_params(model, bn_only=cfg.method == "tent")
         self.student = wrap(model)
+        self.forward = execution.compiled(self.student)
         self.opt = torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
         self.use_adv = cfg.method == "sfda" and cfg.lambda_adv > 0
         self.disc = self.opt_d = None
         if self.use_adv:
-            self.disc = wrap(FCDiscriminator(self.num_classes).to(device))
+            self.disc = wrap(execution.prepare(FCDiscriminator(self.num_classes)))
             self.opt_d = torch.optim.Adam(
                 self.disc.parameters(), lr=cfg.lr_discriminator, betas=(0.9, 0.99)
             )
@@ -130,7 +136,7 @@ class Adapter:
                 p.requires_grad_(False)
         hist = torch.zeros(self.num_classes * CONFIDENCE_BINS, dtype=torch.long)
         for images in target_images:
-            prob = self.teacher(self._normalize(images)).softmax(1)
+            prob = self._teacher_prob(images)
             conf, label = prob.max(1)
             conf_u8 = (conf * 255).round().to(torch.uint8)
             hist += class_confidence_histogram(label.cpu(), conf_u8.cpu(), self.num_classes)
@@ -145,13 +151,18 @@ class Adapter:
     def pseudo_label(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher labels for target images: class-balanced and certainty-weighted for the
         method, plain argmax for the self-training baseline."""
-        prob = self.teacher(self._normalize(images)).softmax(1)
+        prob = self._teacher_prob(images)
         conf, label = prob.max(1)
         if self.cfg.method == "self_training":
             return label, torch.ones_like(conf)
         label = torch.where(conf >= self.st_thresholds[label], label, IGNORE_INDEX)
         weight = conf if self.cfg.uncertainty_weights else torch.ones_like(conf)
         return label, weight
+
+    def _teacher_prob(self, images: torch.Tensor) -> torch.Tensor:
+        with self.exe.autocast():
+            logits = self.teacher(self._normalize(images))
+        return logits.float().softmax(1)
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -175,7 +186,8 @@ class Adapter:
 
     def _view(self, images: torch.Tensor) -> torch.Tensor:
         if self.cfg.strong_aug:
-            images = strong_augment(images.cpu(), self.generator).to(self.device)
+            # On the device; only the random parameters and noise come from the CPU generator.
+            images = strong_augment(images, self.generator)
         return self._normalize(images)
 
     def set_lr(self, it: int, total: int) -> None:
@@ -190,10 +202,10 @@ class Adapter:
         """One update of the student (and discriminator); returns each loss as a float."""
         cfg = self.cfg
         self.student.train()
-        xt = batch_t["image"].to(self.device)
+        xt = self.exe.to_device(batch_t["image"])
         logs: dict[str, float] = {}
         if cfg.method in ("tent", "minent"):
-            loss = cfg.lambda_entropy * entropy_loss(self.student(self._view(xt)))
+            loss = cfg.lambda_entropy * entropy_loss(self._logits(self._view(xt)))
             logs["loss_entropy"] = loss.item()
             self._update(loss)
             return logs
@@ -201,15 +213,15 @@ class Adapter:
         use_v = cfg.method == "sfda" and batch_v is not None and cfg.lambda_v > 0
         if self.uses_teacher:
             pl_t, w_t = self.pseudo_label(xt)
-        views = [self._view(batch_v["image"].to(self.device))] if use_v else []
-        logits = self.student(torch.cat([*views, self._view(xt)]))
+        views = [self._view(self.exe.to_device(batch_v["image"]))] if use_v else []
+        logits = self._logits(torch.cat([*views, self._view(xt)]))
         n_v = views[0].shape[0] if use_v else 0
         logits_v, logits_t = logits[:n_v], logits[n_v:]
         total = logits.sum() * 0.0
         if use_v:
-            w_v = batch_v["weight"].to(self.device) if cfg.uncertainty_weights else None
+            w_v = self.exe.to_device(batch_v["weight"]) if cfg.uncertainty_weights else None
             l_v = weighted_cross_entropy(
-                logits_v, batch_v["label"].to(self.device), w_v, self.alpha
+                logits_v, self.exe.to_device(batch_v["label"]), w_v, self.alpha
             )
             total = total + cfg.lambda_v * l_v
             logs["loss_v"] = l_v.item()
@@ -228,7 +240,9 @@ class Adapter:
             d_in_t = discriminator_input(logits_t, cfg.discriminator_input)
             # Fool D on the target: weighted towards uncertain pixels and rare classes.
             w_adv = self._adversarial_weight(logits_t)
-            l_adv = weighted_bce(unwrap(self.disc)(d_in_t), SOURCE_LABEL, w_adv)
+            with self.exe.autocast():
+                d_out_t = unwrap(self.disc)(d_in_t)
+            l_adv = weighted_bce(d_out_t.float(), SOURCE_LABEL, w_adv)
             total = total + cfg.lambda_adv * l_adv
             logs["loss_adv"] = l_adv.item()
         self._update(total)
@@ -237,6 +251,12 @@ class Adapter:
         self.update_ema()
         logs["loss_total"] = total.item()
         return logs
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The student's forward (compiled when asked) under autocast; fp32 logits."""
+        with self.exe.autocast():
+            logits = self.forward(x)
+        return logits.float()
 
     @torch.no_grad()
     def _adversarial_weight(self, logits_t: torch.Tensor) -> torch.Tensor | None:
@@ -258,7 +278,8 @@ class Adapter:
     def _discriminator_step(self, logits_v: torch.Tensor, logits_t: torch.Tensor) -> float:
         mode = self.cfg.discriminator_input
         d_in = torch.cat([discriminator_input(logits_v, mode), discriminator_input(logits_t, mode)])
-        d_out = self.disc(d_in)
+        with self.exe.autocast():
+            d_out = self.disc(d_in).float()
         n_v = logits_v.shape[0]
         loss = 0.5 * (
             weighted_bce(d_out[:n_v], SOURCE_LABEL) + weighted_bce(d_out[n_v:], TARGET_LABEL)

@@ -1,0 +1,71 @@
+"""How a model runs on its device: autocast precision, memory format, compilation, copies.
+
+One ``Execution`` per process, resolved from the config's ``perf`` section and the
+device, so scoring, adaptation and evaluation make the same choices. On a CPU the
+``auto`` defaults keep fp32, NCHW and plain copies: the fast path there is the plain one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sfda_ray.config import PerfConfig
+
+
+@dataclass(frozen=True)
+class Execution:
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None  # None: fp32
+    channels_last: bool = False
+    compile_backend: str | None = None  # None: eager
+    pin_memory: bool = False
+    loader_workers: int = 0
+
+    @classmethod
+    def resolve(cls, perf: PerfConfig | None, device: torch.device | str) -> Execution:
+        device = torch.device(device)
+        perf = perf or PerfConfig()
+        gpu = device.type == "cuda"
+        bf16 = perf.precision == "bf16" or (perf.precision == "auto" and gpu)
+        nhwc = perf.channels_last == "on" or (perf.channels_last == "auto" and gpu)
+        workers = perf.loader_workers if perf.loader_workers is not None else (4 if gpu else 0)
+        return cls(
+            device=device,
+            autocast_dtype=torch.bfloat16 if bf16 else None,
+            channels_last=nhwc,
+            compile_backend=perf.compile_backend if perf.compile else None,
+            pin_memory=perf.pin_memory and gpu,
+            loader_workers=workers,
+        )
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Forward passes under this; run ``backward`` outside it."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Move ``model`` to the device (in place) in the chosen memory format."""
+        if self.channels_last:
+            return model.to(self.device, memory_format=torch.channels_last)
+        return model.to(self.device)
+
+    def compiled(self, model: nn.Module) -> nn.Module:
+        """A compiled view of ``model`` sharing its parameters (state-dict keys unchanged
+        on ``model``); ``model`` itself when compilation is off."""
+        if self.compile_backend is None:
+            return model
+        return torch.compile(model, backend=self.compile_backend)
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch to the device, non-blocking from pinned memory. (A channels-last model
+        converts its NCHW input in the first convolution.)"""
+        return x.to(self.device, non_blocking=self.pin_memory)
