@@ -188,8 +188,9 @@ class SweepConfig:
     cpus_per_worker: float = _field(1.0, lo=0.0, lo_open=True)
     gpus_per_worker: float = _field(0.0, lo=0.0)
     # SPREAD: one worker per node; PACK: fill a node (NVLink) before the next.
-    placement_strategy: str = _field("PACK", choices=("PACK", "SPREAD", "STRICT_PACK",
-                                                       "STRICT_SPREAD"))
+    placement_strategy: str = _field(
+        "PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+    )
     # ASHA stops weak trials at rungs of `grace_period` * reduction_factor^k iterations.
     scheduler: str = _field("asha", choices=("asha", "fifo"))
     grace_period: int | None = _field(None, lo=1)  # null: a third of adapt.iterations

@@ -6,7 +6,9 @@ never leaves a file that looks complete.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -37,15 +39,22 @@ def exists(path: str | os.PathLike) -> bool:
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
+def file_size(path: str | os.PathLike) -> int:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).size or 0
+
+
 def makedirs(path: str | os.PathLike) -> None:
     fs, p = resolve(path)
     fs.create_dir(p, recursive=True)
 
 
-def prepare_output(path: str | os.PathLike) -> None:
+def prepare_output(path: str | os.PathLike, needs_bytes: int = 0, what: str = "") -> None:
     """Create an output directory and prove it takes a file, before any work is done.
 
-    Raises ``OSError`` naming the directory when it cannot be created or written.
+    Raises ``OSError`` naming the directory when it cannot be created or written, or when
+    a local disk has less free space than ``needs_bytes`` (an estimate of what ``what``
+    will write; object stores are not checked).
     """
     probe = join(path, f".write-probe-{os.getpid()}")
     try:
@@ -55,6 +64,20 @@ def prepare_output(path: str | os.PathLike) -> None:
         fs.delete_file(p)
     except OSError as e:
         raise OSError(f"output location {path} is not writable: {e}") from e
+    check_free_space(path, needs_bytes, what)
+
+
+def check_free_space(path: str | os.PathLike, needs_bytes: int, what: str) -> None:
+    """``OSError`` (ENOSPC) naming ``path`` when its local disk cannot take ``needs_bytes``."""
+    if needs_bytes <= 0 or (is_uri(path) and not str(path).startswith("file://")):
+        return
+    free = shutil.disk_usage(resolve(path)[1]).free
+    if free < needs_bytes:
+        raise OSError(
+            errno.ENOSPC,
+            f"output location {path} has {free / 2**20:.1f} MiB free; {what} needs about "
+            f"{needs_bytes / 2**20:.1f} MiB: free some space or choose another output",
+        )
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
@@ -74,10 +97,19 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         with fs.open_output_stream(tmp) as f:
             f.write(data)
         fs.move(tmp, p)
-    except BaseException:
+    except BaseException as e:
         if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
             fs.delete_file(tmp)
+        if isinstance(e, OSError) and _disk_full(e):
+            # pyarrow's message does not name the file; the previous version stays intact.
+            raise OSError(
+                errno.ENOSPC, f"no space left on device writing {path} ({len(data)} bytes)"
+            ) from e
         raise
+
+
+def _disk_full(error: OSError) -> bool:
+    return error.errno == errno.ENOSPC or "No space left on device" in str(error)
 
 
 def list_files(directory: str | os.PathLike, suffix: str = "") -> list[str]:

@@ -1,7 +1,10 @@
 """Real faults against the Ray layer: a bad-input corpus among good files, a killed
-scoring actor, a killed training worker, an unwritable output location."""
+scoring actor, a killed training worker, an unwritable output location, a full disk."""
 
+import errno
 import io
+import shutil
+import subprocess
 import threading
 import time
 
@@ -13,6 +16,7 @@ import pytest
 from data_fixtures import all_ids_label, random_rgb, truncate, write_png
 from PIL import Image
 
+from sfda_ray import storage
 from sfda_ray.adaptation import load_state
 from sfda_ray.config import load_config
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
@@ -174,3 +178,87 @@ def test_unwritable_output_fails_before_work(tiny_benchmark, tiny_source_ckpt, t
     with pytest.raises(OSError, match=r"output location .*results/scores is not writable"):
         score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), str(blocker / "scores"))
     assert blocker.read_text().startswith("a file")  # what was there is untouched
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB filesystem (tmpfs) mounted for the test; skipped where mounting is not
+    permitted (it needs CAP_SYS_ADMIN, which CI's container has)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk) -> None:
+    """Write zeros to ``disk`` until it is full."""
+    with open(disk / "filler", "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
+def test_full_disk_is_refused_before_work(tiny_benchmark, tiny_source_ckpt, small_disk):
+    earlier = small_disk / "earlier.json"
+    earlier.write_text('{"miou": 42.0}')
+    # The AdaBN model alone (~45 MB) cannot fit on a 4 MiB disk: refused before scoring.
+    with pytest.raises(OSError, match=r"disk/scores has .* MiB free; scoring 24 images needs"):
+        score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), str(small_disk / "scores"))
+    # Adaptation checkpoints (about ten model sizes): refused before Ray Train starts.
+    with pytest.raises(OSError, match=r"disk/run has .* MiB free; the adaptation's checkpoints"):
+        run_adapt(load_config(), str(tiny_source_ckpt), "unused", "unused", str(small_disk / "run"))
+    assert earlier.read_text() == '{"miou": 42.0}'
+    assert not list(small_disk.rglob("*.tmp-*"))
+
+
+def test_disk_filling_up_mid_run_keeps_earlier_results(
+    ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, small_disk
+):
+    earlier = small_disk / "earlier" / "scores.parquet"
+    earlier.parent.mkdir()
+    shutil.copy(tiny_scores[0] / "scores.parquet", earlier)
+    before = earlier.read_bytes()
+    # An overwrite on a full disk: a clear error naming the file, the old version intact.
+    _fill(small_disk)
+    with pytest.raises(OSError, match=r"no space left on device writing .*earlier/scores"):
+        storage.atomic_write_bytes(earlier, b"x" * 1_000_000)
+    assert earlier.read_bytes() == before
+    (small_disk / "filler").unlink()
+
+    # The disk fills (another process, say) while maps are being written.
+    out = small_disk / "scores"
+    filled = threading.Event()
+
+    def fill_once_maps_appear():
+        while not filled.is_set():
+            if list(out.rglob("*_label.png")):
+                _fill(small_disk)
+                filled.set()
+            time.sleep(0.05)
+
+    filler = threading.Thread(target=fill_once_maps_appear, daemon=True)
+    filler.start()
+    options = ScoringOptions(batch_size=2, actors=1, adabn=False)
+    try:
+        with pytest.raises(OSError, match=r"no space left on device writing .*scores/maps"):
+            score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), str(out), options)
+    finally:
+        filled.set()
+        filler.join()
+    assert earlier.read_bytes() == before
+    assert not list(small_disk.rglob("*.tmp-*"))  # no half-written file left behind
+    # Space freed, the same command finishes the job: every image exactly once.
+    (small_disk / "filler").unlink()
+    summary = score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), str(out), options)
+    ids = pq.read_table(out / "scores.parquet")["image_id"].to_pylist()
+    assert summary["scored"] == len(ids) == len(set(ids)) == 24

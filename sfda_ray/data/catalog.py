@@ -82,8 +82,10 @@ def open_dataset(data: str | Path, domain: str = "target", kind: str | None = No
         if not storage.exists(where):
             raise FileNotFoundError(f"dataset config {where} does not exist")
         spec = (yaml.safe_load(storage.read_bytes(where)) or {}).get("data")
-        if not isinstance(spec, dict) or "kind" not in spec or not (
-            spec.get("root") or spec.get("manifest")
+        if (
+            not isinstance(spec, dict)
+            or "kind" not in spec
+            or not (spec.get("root") or spec.get("manifest"))
         ):
             raise ValueError(
                 f"{where}: expected a `data:` section with `kind` and `root` (or `manifest`)"

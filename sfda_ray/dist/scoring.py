@@ -43,7 +43,12 @@ from sfda_ray.method.scoring import class_confidence_histogram, score_images
 from sfda_ray.method.selection import select, select_by_config, selection_quality
 from sfda_ray.metrics import confusion_matrix, iou_per_class
 from sfda_ray.config import PerfConfig
-from sfda_ray.models.checkpoint import file_fingerprint, load_checkpoint, load_model, save_checkpoint
+from sfda_ray.models.checkpoint import (
+    file_fingerprint,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 from sfda_ray.models.execution import Execution
 
 log = logging.getLogger(__name__)
@@ -289,8 +294,13 @@ def evaluate_pseudo_label(
 # --- driver -----------------------------------------------------------------------------
 
 
-def adabn_checkpoint(checkpoint: str, manifest: pa.Table, out: str,
-                     size: tuple[int, int] | None, max_batches: int = 30) -> str:
+def adabn_checkpoint(
+    checkpoint: str,
+    manifest: pa.Table,
+    out: str,
+    size: tuple[int, int] | None,
+    max_batches: int = 30,
+) -> str:
     """The source model with BatchNorm statistics re-estimated on target images.
 
     Still the source model's weights, still source-free; its pseudo-labels are far better
@@ -341,22 +351,24 @@ def score_dataset(
     opts = options or ScoringOptions()
     ref = open_dataset(data, opts.domain)
     manifest = ref.split(opts.split)
-    storage.prepare_output(out)
+    rows = manifest.select(
+        ["image_id", "image_path", "label_path", "label_format", "split", "height", "width"]
+    ).to_pylist()
+    previous = _read_parts(out) if storage.exists(out) else None
+    ok = previous.filter(pc.is_null(previous["error"])) if previous is not None else None
+    # Space for the maps of the images not scored yet (and the AdaBN model), before any
+    # work: by image id, as the fingerprints need the AdaBN model.
+    scored_ids = set(ok["image_id"].to_pylist()) if ok is not None else set()
+    unscored = [r for r in rows if r["image_id"] not in scored_ids]
+    needs = _maps_bytes(unscored, opts) + (storage.file_size(checkpoint) if opts.adabn else 0)
+    storage.prepare_output(out, needs, f"scoring {len(unscored)} images")
     source_checkpoint = checkpoint
     if opts.adabn:
         checkpoint = adabn_checkpoint(checkpoint, manifest, out, opts.size)
     checkpoint_fp = file_fingerprint(checkpoint)
-    rows = manifest.select(
-        ["image_id", "image_path", "label_path", "label_format", "split", "height", "width"]
-    ).to_pylist()
     for row in rows:
         row["fingerprint"] = _row_fingerprint(checkpoint_fp, row)
-
-    previous = _read_parts(out)
-    done = set()
-    if previous is not None:
-        ok = previous.filter(pc.is_null(previous["error"]))
-        done = set(ok["fingerprint"].to_pylist())
+    done = set(ok["fingerprint"].to_pylist()) if ok is not None else set()
     todo = [r for r in rows if r["fingerprint"] not in done]
     log.info(
         "scoring %d images (%d already scored) with %s",
@@ -390,6 +402,23 @@ def score_dataset(
         storage.join(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode()
     )
     return summary
+
+
+# PNG bytes per map pixel, generously: synthetic maps take 0.05 (labels) and 0.4
+# (confidences); real scenes' confidence maps are noisier.
+_PNG_BYTES_PER_PIXEL = {"label": 0.3, "conf": 0.7, "unc": 0.7}
+
+
+def _maps_bytes(rows: list[dict], opts: ScoringOptions) -> int:
+    """About what the maps of ``rows`` will take on disk."""
+    per_pixel = _PNG_BYTES_PER_PIXEL["label"] + _PNG_BYTES_PER_PIXEL["conf"]
+    if opts.mc_passes > 1:
+        per_pixel += _PNG_BYTES_PER_PIXEL["unc"]
+    if opts.size:
+        pixels = len(rows) * opts.size[0] * opts.size[1]
+    else:
+        pixels = sum(r["height"] * r["width"] for r in rows)
+    return int(pixels * per_pixel)
 
 
 def _run_pipeline(checkpoint: str, todo: list[dict], out: str, opts: ScoringOptions) -> None:

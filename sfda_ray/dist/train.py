@@ -94,28 +94,46 @@ def train_loop_per_worker(config: dict) -> None:
     run_adaptation(plan, cfg, RayTrainEnv())
 
 
-def run_adapt(cfg: Config, checkpoint: str, scores: str, data: str, out: str,
-              workers: int = 1, gpus_per_worker: float = 0.0, cpus_per_worker: float = 1.0,
-              max_failures: int = 2, callbacks: list | None = None,
-              placement_strategy: str = "PACK") -> dict:
+def run_adapt(
+    cfg: Config,
+    checkpoint: str,
+    scores: str,
+    data: str,
+    out: str,
+    workers: int = 1,
+    gpus_per_worker: float = 0.0,
+    cpus_per_worker: float = 1.0,
+    max_failures: int = 2,
+    callbacks: list | None = None,
+    placement_strategy: str = "PACK",
+) -> dict:
     """Adapt on Ray Train; writes ``out/final.pt`` and returns the final metrics.
 
     ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``);
     ``placement_strategy`` SPREAD puts one worker per node, PACK fills a node first.
     """
-    storage.prepare_output(out)
+    # A Ray Train checkpoint holds student, teacher, discriminator and optimizer state
+    # (about 3-4 model sizes); 2 are kept and a third is written before the oldest goes,
+    # then final.pt: about ten model files in all.
+    storage.prepare_output(out, 10 * storage.file_size(checkpoint), "the adaptation's checkpoints")
     plan = make_plan(cfg, checkpoint, scores, data)
-    storage_path = storage.join(out, "ray") if storage.is_uri(out) else \
-        os.path.abspath(os.path.join(str(out), "ray"))
+    storage_path = (
+        storage.join(out, "ray")
+        if storage.is_uri(out)
+        else os.path.abspath(os.path.join(str(out), "ray"))
+    )
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "plan": asdict(plan)},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
-                                     resources_per_worker=resources,
-                                     placement_strategy=placement_strategy),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=gpus_per_worker > 0,
+            resources_per_worker=resources,
+            placement_strategy=placement_strategy,
+        ),
         run_config=RunConfig(
             name="adapt",
             storage_path=storage_path,
