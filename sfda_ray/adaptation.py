@@ -109,11 +109,9 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
             start_checkpoint, bn_adapted = scored_with["checkpoint"], True
 
     ref = open_dataset(data, "target")
-    eval_rows, eval_classes = [], next(iter(ref.eval_subsets.values()))
-    if "val" in set(ref.manifest["split"].to_pylist()):
-        val = ref.split("val")
-        if all(p is not None for p in val["label_path"].to_pylist()):
-            eval_rows = val.to_pylist()
+    val = ref.labelled("val")
+    eval_rows = val.to_pylist() if val is not None else []
+    eval_classes = next(iter(ref.eval_subsets.values()))
     return AdaptPlan(
         checkpoint=start_checkpoint,
         source_checkpoint=str(checkpoint),

@@ -52,9 +52,8 @@ def evaluation_files(
     adapted, meta = load_model(adapted_checkpoint)
     norm = meta["normalization"]
     files: dict[str, bytes] = {}
-    val = ref.split("val") if "val" in set(ref.manifest["split"].to_pylist()) else None
-    labelled = val is not None and val.num_rows and None not in val["label_path"].to_pylist()
-    if labelled:
+    val = ref.labelled("val")
+    if val is not None:
         report = evaluate_model(adapted, ref, "val", norm, num_workers=0)
         classes = next(iter(ref.eval_subsets.values()))
         rows = ["class,iou"] + [
@@ -69,7 +68,11 @@ def evaluation_files(
             np.asarray(report["confusion_matrix"]), CLASS_NAMES, classes
         )
         files["evaluation.json"] = (json.dumps(report, indent=2) + "\n").encode()
-    shown = (val if labelled else ref.split("train")).sort_by("image_id").slice(0, overlay_images)
+    shown = (
+        (val if val is not None else ref.split("train"))
+        .sort_by("image_id")
+        .slice(0, overlay_images)
+    )
     source, _ = load_model(source_checkpoint)
     files["overlays.png"] = prediction_overlays(source, adapted, shown, norm)
     return files

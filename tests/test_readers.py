@@ -177,3 +177,17 @@ def test_dataset_yaml_sets_evaluation_classes(tmp_path):
     bad.write_text(f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}, eval_classes: [all]}}\n")
     with pytest.raises(ValueError, match=r"bad.yaml: data.eval_classes: \['all'\]"):
         open_dataset(bad)
+
+
+def test_labelled_split_only_when_every_image_has_a_label(tmp_path):
+    from sfda_ray.data.catalog import open_dataset
+
+    images = {"train": ["aachen/aachen_0_19"], "val": ["lindau/lindau_0_19", "lindau/lindau_1_19"]}
+    make_cityscapes(tmp_path / "all", images)
+    make_cityscapes(tmp_path / "some", images, unlabelled=("lindau/lindau_1_19",))
+    for name, expected in (("all", 2), ("some", None)):
+        spec = tmp_path / f"{name}.yaml"
+        spec.write_text(f"data: {{kind: cityscapes, root: {tmp_path / name}}}\n")
+        val = open_dataset(spec).labelled("val")
+        assert (val.num_rows if val is not None else None) == expected, name
+        assert open_dataset(spec).labelled("test") is None

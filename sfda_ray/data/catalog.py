@@ -32,6 +32,13 @@ class DatasetRef:
     def fingerprint(self) -> str:
         return manifest_fingerprint(self.manifest)
 
+    def labelled(self, split: str) -> pa.Table | None:
+        """The split when every image of it has a label (evaluation), else None."""
+        if split not in set(self.manifest["split"].to_pylist()):
+            return None
+        table = self.split(split)
+        return table if None not in table["label_path"].to_pylist() else None
+
     def split(self, split: str) -> pa.Table:
         table = self.manifest.filter(pa.compute.equal(self.manifest["split"], split))
         if table.num_rows == 0:

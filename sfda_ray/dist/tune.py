@@ -98,10 +98,7 @@ def adapt_trial(params: dict, base: dict, checkpoint: str, scores: str, data: st
 
 
 def has_labelled_val(data: str) -> bool:
-    ref = open_dataset(data, "target")
-    if "val" not in set(ref.manifest["split"].to_pylist()):
-        return False
-    return None not in ref.split("val")["label_path"].to_pylist()
+    return open_dataset(data, "target").labelled("val") is not None
 
 
 def _max_concurrent(cfg: Config) -> int:
