@@ -1,8 +1,11 @@
 """Scoring throughput: the Ray Data pipeline against a plain single-process PyTorch loop.
 
-Same model, same images, same work per image (decode, normalise, forward, scores,
-two PNG maps written), in one run. Peak memory is the largest resident set of this
-process plus every Ray worker process, sampled while scoring.
+Same model, same images, same code per image: the plain loop calls the functions the
+pipeline distributes (``decode_batch``, the ``Scorer`` actor's ``__call__``, the
+driver's ``ScoreWriter``: decode image and label, normalise, forward, scores, per-image
+pseudo-label quality, two PNG maps and the Parquet rows written) one batch after the
+other in this process, before Ray is started. Peak memory is the largest resident set
+of this process plus every Ray worker process, sampled while scoring.
 
     python experiments/bench_scoring.py --images 2000 --json bench_scoring.json
 """
@@ -17,20 +20,24 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
-from torch.utils.data import DataLoader
 
-from sfda_ray import storage
 from sfda_ray.config import load_config
 from sfda_ray.data.catalog import open_dataset
-from sfda_ray.data.dataset import SegmentationDataset, collate_skip_bad
 from sfda_ray.data.synthetic import BenchmarkSpec, generate
 from sfda_ray.dist.runtime import init_ray
-from sfda_ray.dist.scoring import ScoringOptions, encode_png, score_dataset
-from sfda_ray.method.scoring import score_images
+from sfda_ray.dist.scoring import (
+    MANIFEST_COLUMNS,
+    Scorer,
+    ScoreWriter,
+    ScoringOptions,
+    decode_batch,
+    score_dataset,
+)
 from sfda_ray.models import build_model
-from sfda_ray.models.checkpoint import load_model, save_checkpoint
+from sfda_ray.models.checkpoint import save_checkpoint
 
 
 class PeakMemory:
@@ -61,25 +68,18 @@ class PeakMemory:
         self._thread.join()
 
 
-def plain_loop(checkpoint: str, table, batch_size: int, out: Path, threads: int) -> float:
-    torch.set_num_threads(threads)
-    model, meta = load_model(checkpoint)
-    from sfda_ray.data.transforms import build_transform
-
-    dataset = SegmentationDataset(
-        table, build_transform(False, None, normalization=meta["normalization"]), with_labels=False
-    )
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=0, collate_fn=collate_skip_bad)
-    t0, n = time.perf_counter(), 0
-    for batch in loader:
-        scores = score_images(model, batch["image"])
-        for j, image_id in enumerate(batch["image_id"]):
-            for name, array in (("label", scores.label[j]), ("conf", scores.confidence[j])):
-                storage.atomic_write_bytes(
-                    out / f"{image_id}_{name}.png", encode_png(array.numpy())
-                )
-        n += len(batch["image_id"])
-    return n / (time.perf_counter() - t0)
+def plain_loop(
+    checkpoint: str, rows: list[dict], batch_size: int, out: Path, threads: int
+) -> float:
+    scorer = Scorer(checkpoint, mc_passes=0, threads=threads)
+    writer = ScoreWriter(str(out), rows)
+    t0 = time.perf_counter()
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        batch = {k: np.array([r[k] for r in chunk], dtype=object) for k in chunk[0]}
+        writer.add(scorer(decode_batch(batch, None)))
+    writer.flush()
+    return len(rows) / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -103,9 +103,12 @@ def main() -> None:
         )
         save_checkpoint(checkpoint, model, {"normalization": "imagenet"})
         table = open_dataset(tmp / "bench", "target").split("train")
+        rows = table.select([c for c in MANIFEST_COLUMNS if c != "fingerprint"]).to_pylist()
+        for row in rows:
+            row["fingerprint"] = row["image_id"]
 
         with PeakMemory() as plain_mem:
-            plain = plain_loop(checkpoint, table, args.batch_size, tmp / "plain", args.threads)
+            plain = plain_loop(checkpoint, rows, args.batch_size, tmp / "plain", args.threads)
         init_ray(num_cpus=psutil.cpu_count())
         with PeakMemory() as ray_mem:
             t0 = time.perf_counter()
@@ -114,7 +117,10 @@ def main() -> None:
                 str(tmp / "bench"),
                 str(tmp / "ray"),
                 ScoringOptions(
-                    batch_size=args.batch_size, actors=args.actors, threads_per_actor=args.threads
+                    batch_size=args.batch_size,
+                    actors=args.actors,
+                    threads_per_actor=args.threads,
+                    adabn=False,  # the same model as the plain loop
                 ),
             )
             wall = time.perf_counter() - t0

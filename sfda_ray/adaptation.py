@@ -175,7 +175,7 @@ def evaluate_adapted(
     def observe(logits: torch.Tensor) -> None:
         prob = logits.softmax(1)
         totals["entropy"] += normalized_entropy(prob).mean().item() * prob.shape[0]
-        totals["mean_pred"] = totals["mean_pred"] + prob.mean(dim=(2, 3)).sum(0)
+        totals["mean_pred"] = totals["mean_pred"] + prob.mean(dim=(2, 3)).sum(0).cpu()
         totals["n"] += prob.shape[0]
 
     cm, _ = confusion_on(model, loader, len(CLASS_NAMES), execution, observe=observe)
@@ -247,6 +247,7 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
                 model,
                 (to_input(x, norm) for x in plain_images(n_batches, a.seed)),
                 max_batches=50,
+                device=exe.device,
             )
     adapter = Adapter(
         model,

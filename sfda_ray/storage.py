@@ -44,6 +44,13 @@ def file_size(path: str | os.PathLike) -> int:
     return fs.get_file_info(p).size or 0
 
 
+def tree_size(directory: str | os.PathLike) -> int:
+    """Bytes in the files under ``directory`` (0 when it does not exist)."""
+    fs, p = resolve(directory)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True, allow_not_found=True))
+    return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File)
+
+
 def makedirs(path: str | os.PathLike) -> None:
     fs, p = resolve(path)
     fs.create_dir(p, recursive=True)

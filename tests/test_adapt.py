@@ -136,15 +136,23 @@ def _adapt_cfg(**kw):
     return tiny_config(**{**base, **kw})
 
 
-def test_plain_loop_adapts_and_reports(tiny_benchmark, tiny_source_ckpt, tiny_scores):
+def test_plain_loop_adapts_and_reports(tiny_benchmark, tiny_source_ckpt, tiny_scores, monkeypatch):
     scores, _ = tiny_scores
     cfg = _adapt_cfg()
     plan = make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
     assert len(plan.virtual_rows) == 12 and len(plan.target_rows) == 12
     assert plan.map_size == (TINY.height, TINY.width) and len(plan.eval_rows) == TINY.target_val
+    steps = []
+    step = Adapter.step
+    monkeypatch.setattr(Adapter, "step", lambda self, *a: steps.append(step(self, *a)) or steps[-1])
     env = LocalEnv()
     result = run_adaptation(plan, cfg, env)
     assert [r["iteration"] for r in env.reports] == [2, 4]
+    # Losses are reported as means over the interval since the previous report.
+    for report, interval in zip(env.reports, (steps[:2], steps[2:]), strict=True):
+        for key in ("loss_total", "loss_v", "loss_st"):
+            expected = sum(s[key] for s in interval) / 2
+            assert report[key] == pytest.approx(expected, rel=1e-9), key
     assert 0.0 <= result["metrics"]["val_miou"] <= 100.0
     assert result["metrics"]["proxy"] > 0
     source, _ = load_model(str(tiny_source_ckpt))

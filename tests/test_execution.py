@@ -132,8 +132,10 @@ def test_scoring_actor_in_bf16_writes_the_same_rows(ray_session, model, tmp_path
         "fingerprint": np.array(["f"] * 3, dtype=object),
     }
     decoded = decode_batch(batch, None)
-    fp32 = Scorer(str(ckpt), 0, 1)(decoded).to_pylist()
-    bf16 = Scorer(str(ckpt), 0, 1, PerfConfig(precision="bf16", channels_last="on"))(decoded)
+    threads = torch.get_num_threads()  # a Scorer sets the process's torch threads
+    fp32 = Scorer(str(ckpt), 0, threads)(decoded).to_pylist()
+    perf = PerfConfig(precision="bf16", channels_last="on")
+    bf16 = Scorer(str(ckpt), 0, threads, perf)(decoded)
     assert bf16.num_rows == 3
     for a, b in zip(fp32, bf16.to_pylist(), strict=True):
         assert a["error"] is None and b["error"] is None

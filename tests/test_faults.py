@@ -73,8 +73,11 @@ def test_bad_input_corpus_is_skipped_and_counted(ray_session, tiny_source_ckpt, 
     assert summary["skipped_reasons"] == {"unreadable image": 1}
     # Good, 16-bit, CMYK and bad-label images are scored, each exactly once.
     table = pq.read_table(out / "scores.parquet")
-    ok = [i for i, e in zip(table["image_id"].to_pylist(), table["error"].to_pylist(),
-                            strict=True) if e is None]
+    ok = [
+        i
+        for i, e in zip(table["image_id"].to_pylist(), table["error"].to_pylist(), strict=True)
+        if e is None
+    ]
     assert len(ok) == len(set(ok)) == summary["scored"] == 7
     names = " ".join(ok)
     assert "sixteenbit" in names and "cmyk" in names and "badids" in names
@@ -86,8 +89,7 @@ def test_bad_input_corpus_is_skipped_and_counted(ray_session, tiny_source_ckpt, 
 def _processes(marker: str) -> list[psutil.Process]:
     """Ray worker processes whose title (Ray sets it as the command line) has ``marker``."""
     return [
-        p for p in psutil.process_iter(["cmdline"])
-        if marker in " ".join(p.info["cmdline"] or [])
+        p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])
     ]
 
 
@@ -198,14 +200,15 @@ def small_disk(tmp_path):
 
 
 def _fill(disk) -> None:
-    """Write zeros to ``disk`` until it is full."""
+    """Write zeros to ``disk`` until it is full (ENOSPC)."""
     with open(disk / "filler", "wb") as f:
         try:
             while True:
-                f.write(b"\0" * 65536)
+                f.write(b"\0" * 4096)
                 f.flush()
         except OSError as e:
-            assert e.errno == errno.ENOSPC
+            if e.errno != errno.ENOSPC:
+                raise
 
 
 def test_full_disk_is_refused_before_work(tiny_benchmark, tiny_source_ckpt, small_disk):
@@ -230,6 +233,7 @@ def test_disk_filling_up_mid_run_keeps_earlier_results(
     before = earlier.read_bytes()
     # An overwrite on a full disk: a clear error naming the file, the old version intact.
     _fill(small_disk)
+    assert shutil.disk_usage(small_disk).free < 8192
     with pytest.raises(OSError, match=r"no space left on device writing .*earlier/scores"):
         storage.atomic_write_bytes(earlier, b"x" * 1_000_000)
     assert earlier.read_bytes() == before
@@ -244,7 +248,7 @@ def test_disk_filling_up_mid_run_keeps_earlier_results(
             if list(out.rglob("*_label.png")):
                 _fill(small_disk)
                 filled.set()
-            time.sleep(0.05)
+            time.sleep(0.01)
 
     filler = threading.Thread(target=fill_once_maps_appear, daemon=True)
     filler.start()
@@ -255,6 +259,7 @@ def test_disk_filling_up_mid_run_keeps_earlier_results(
     finally:
         filled.set()
         filler.join()
+    assert shutil.disk_usage(small_disk).free < 8192  # the disk really was full
     assert earlier.read_bytes() == before
     assert not list(small_disk.rglob("*.tmp-*"))  # no half-written file left behind
     # Space freed, the same command finishes the job: every image exactly once.

@@ -82,26 +82,32 @@ SCORES_SCHEMA = pa.schema(
 )
 
 
-# What a scoring actor returns per image: numbers, and the maps as PNG bytes.
+# The manifest columns of a scores row: known on the driver before scoring.
+MANIFEST_COLUMNS = (
+    "image_id",
+    "image_path",
+    "label_path",
+    "label_format",
+    "split",
+    "height",
+    "width",
+    "fingerprint",
+)
+# PNG bytes an actor returns -> the scores column holding the written file, its suffix.
+MAP_COLUMNS = {
+    "label_png": ("pseudo_label_path", "label"),
+    "conf_png": ("confidence_path", "conf"),
+    "unc_png": ("uncertainty_path", "unc"),
+}
+# What a scoring actor returns per image: ids, numbers and the maps as PNG bytes.
 ACTOR_SCHEMA = pa.schema(
     [
-        ("image_id", pa.string()),
-        ("fingerprint", pa.string()),
-        ("node_id", pa.string()),
-        ("error", pa.string()),
-        ("eval_error", pa.string()),
-        ("score", pa.float32()),
-        ("mean_confidence", pa.float32()),
-        ("mc_score", pa.float32()),
-        ("eval_miou", pa.float32()),
-        ("class_hist", pa.list_(pa.int64())),
-        ("class_confidence", pa.list_(pa.float32())),
-        ("class_conf_hist", pa.list_(pa.int64())),
-        ("eval_correct_hist", pa.list_(pa.int64())),
-        ("label_png", pa.binary()),
-        ("conf_png", pa.binary()),
-        ("unc_png", pa.binary()),
+        f
+        for f in SCORES_SCHEMA
+        if f.name in ("image_id", "fingerprint")
+        or (f.name not in MANIFEST_COLUMNS and f.name not in {c for c, _ in MAP_COLUMNS.values()})
     ]
+    + [pa.field(name, pa.binary()) for name in MAP_COLUMNS]
 )
 
 
@@ -201,7 +207,8 @@ class Scorer:
         self.normalization = meta["normalization"]
         self.num_classes = meta["num_classes"]
         self.mc_passes = mc_passes
-        self.node_id = ray.get_runtime_context().get_node_id()
+        # Outside Ray (a plain loop over the same code) there is no node to name.
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         n = len(batch["image_id"])
@@ -230,24 +237,15 @@ def _text(value) -> str | None:
 
 
 def score_row_template(batch: dict, i: int, node_id: str) -> dict:
-    return {
-        "image_id": batch["image_id"][i],
-        "fingerprint": batch["fingerprint"][i],
-        "node_id": node_id,
-        "error": _text(batch["error"][i]),
-        "eval_error": _text(batch["eval_error"][i]),
-        "score": None,
-        "mean_confidence": None,
-        "class_hist": None,
-        "class_confidence": None,
-        "class_conf_hist": None,
-        "mc_score": None,
-        "eval_miou": None,
-        "eval_correct_hist": None,
-        "label_png": None,
-        "conf_png": None,
-        "unc_png": None,
-    }
+    row = dict.fromkeys(ACTOR_SCHEMA.names)
+    row.update(
+        image_id=batch["image_id"][i],
+        fingerprint=batch["fingerprint"][i],
+        node_id=node_id,
+        error=_text(batch["error"][i]),
+        eval_error=_text(batch["eval_error"][i]),
+    )
+    return row
 
 
 def image_row(scores, j: int, num_classes: int, gt: np.ndarray | None) -> dict:
@@ -360,7 +358,9 @@ def score_dataset(
     # work: by image id, as the fingerprints need the AdaBN model.
     scored_ids = set(ok["image_id"].to_pylist()) if ok is not None else set()
     unscored = [r for r in rows if r["image_id"] not in scored_ids]
-    needs = _maps_bytes(unscored, opts) + (storage.file_size(checkpoint) if opts.adabn else 0)
+    needs = _maps_bytes(unscored, opts)
+    if opts.adabn and not storage.exists(storage.join(out, "source_adabn.pt")):
+        needs += storage.file_size(checkpoint)
     storage.prepare_output(out, needs, f"scoring {len(unscored)} images")
     source_checkpoint = checkpoint
     if opts.adabn:
@@ -417,7 +417,7 @@ def _maps_bytes(rows: list[dict], opts: ScoringOptions) -> int:
     if opts.size:
         pixels = len(rows) * opts.size[0] * opts.size[1]
     else:
-        pixels = sum(r["height"] * r["width"] for r in rows)
+        pixels = sum((r["height"] or 0) * (r["width"] or 0) for r in rows)
     return int(pixels * per_pixel)
 
 
@@ -463,66 +463,47 @@ def _run_pipeline(checkpoint: str, todo: list[dict], out: str, opts: ScoringOpti
     # batch: scoring costs far more than moving a batch, and locality would keep every
     # batch on the node where the decode tasks ran.
     ctx.execution_options.actor_locality_enabled = False
-    by_fp = {r["fingerprint"]: r for r in todo}
-    pending: list[dict] = []
+    writer = ScoreWriter(out, todo)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for row in batch.to_pylist():
-            pending.append(_store_maps(row, by_fp[row["fingerprint"]], out))
-        if len(pending) >= 64:
-            _flush(pending, out)
-    _flush(pending, out)
+        writer.add(batch)
+    writer.flush()
 
 
-def _store_maps(row: dict, source: dict, out: str) -> dict:
-    """Write the row's PNG maps next to the table; return the table row."""
-    record = {
-        k: source[k]
-        for k in (
-            "image_id",
-            "image_path",
-            "label_path",
-            "label_format",
-            "split",
-            "height",
-            "width",
-            "fingerprint",
-        )
-    }
-    for key in (
-        "score",
-        "mean_confidence",
-        "class_hist",
-        "class_confidence",
-        "class_conf_hist",
-        "mc_score",
-        "eval_miou",
-        "eval_correct_hist",
-        "eval_error",
-        "node_id",
-        "error",
-    ):
-        record[key] = row[key]
-    for column, key, suffix in (
-        ("pseudo_label_path", "label_png", "label"),
-        ("confidence_path", "conf_png", "conf"),
-        ("uncertainty_path", "unc_png", "unc"),
-    ):
-        record[column] = None
-        if row[key] is not None:
-            path = storage.join(out, "maps", f"{source['image_id']}_{suffix}.png")
-            storage.atomic_write_bytes(path, row[key])
-            record[column] = path
-    return record
+class ScoreWriter:
+    """The driver's side of scoring: each image's PNG maps written next to the table, its
+    row appended to ``OUT/parts`` in atomically written parts of ``part_rows`` rows."""
 
+    def __init__(self, out: str, todo: list[dict], part_rows: int = 64):
+        self.out, self.part_rows = out, part_rows
+        self.by_fp = {r["fingerprint"]: r for r in todo}
+        self.pending: list[dict] = []
 
-def _flush(pending: list[dict], out: str) -> None:
-    if not pending:
-        return
-    table = pa.Table.from_pylist(pending, schema=SCORES_SCHEMA)
-    storage.write_parquet(
-        table, storage.join(out, "parts", f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet")
-    )
-    pending.clear()
+    def add(self, scored: pa.Table) -> None:
+        """Rows of ``ACTOR_SCHEMA`` (what a ``Scorer`` returns)."""
+        for row in scored.to_pylist():
+            self.pending.append(self._store_maps(row))
+        if len(self.pending) >= self.part_rows:
+            self.flush()
+
+    def _store_maps(self, row: dict) -> dict:
+        source = self.by_fp[row["fingerprint"]]
+        record = {k: source[k] for k in MANIFEST_COLUMNS}
+        record.update({k: v for k, v in row.items() if k not in MAP_COLUMNS})
+        for key, (column, suffix) in MAP_COLUMNS.items():
+            record[column] = None
+            if row[key] is not None:
+                path = storage.join(self.out, "maps", f"{source['image_id']}_{suffix}.png")
+                storage.atomic_write_bytes(path, row[key])
+                record[column] = path
+        return record
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        table = pa.Table.from_pylist(self.pending, schema=SCORES_SCHEMA)
+        name = f"part-{time.time_ns()}-{uuid.uuid4().hex[:6]}.parquet"
+        storage.write_parquet(table, storage.join(self.out, "parts", name))
+        self.pending.clear()
 
 
 def summarize_scores(table: pa.Table, scored_now: int, seconds: float) -> dict:

@@ -114,8 +114,11 @@ def run_adapt(
     """
     # A Ray Train checkpoint holds student, teacher, discriminator and optimizer state
     # (about 3-4 model sizes); 2 are kept and a third is written before the oldest goes,
-    # then final.pt: about ten model files in all.
-    storage.prepare_output(out, 10 * storage.file_size(checkpoint), "the adaptation's checkpoints")
+    # then final.pt: about ten model files in all (baselines: one checkpoint and final.pt),
+    # less what an earlier attempt at this run already wrote.
+    models = 10 if cfg.adapt.method not in ("source_only", "adabn") else 5
+    needs = models * storage.file_size(checkpoint) - storage.tree_size(out)
+    storage.prepare_output(out, needs, "the adaptation's checkpoints")
     plan = make_plan(cfg, checkpoint, scores, data)
     storage_path = (
         storage.join(out, "ray")

@@ -137,7 +137,8 @@ def run_sweep(
     sweep_path = storage.join(storage_path, SWEEP_NAME)
     identity = {
         "space": {k: [kind, args] for k, (kind, args) in space.items()},
-        "config": to_dict(base),
+        # How trials run (perf: precision, compile, ...) may change between attempts.
+        "config": {k: v for k, v in to_dict(base).items() if k != "perf"},
         "checkpoint": file_fingerprint(checkpoint),
         "scores": json.loads(storage.read_bytes(storage.join(scores, "summary.json"))).get(
             "checkpoint_fingerprint"
