@@ -1,5 +1,6 @@
 """A real 2-node Ray cluster on 127.0.0.1 (head and worker raylets as separate processes)
-running score -> a 2-trial tune of 2-worker Ray Train runs, through the documented script."""
+running score -> a tune trial that is a 2-worker Ray Train run, through the documented script
+(one trial here; several trials are the main-job test's business)."""
 
 import json
 import os
@@ -23,6 +24,7 @@ def test_two_node_cluster_end_to_end(tiny_benchmark, tiny_source_ckpt, tmp_path)
             # 24 images in batches of 2 for one scorer per node: work for both.
             "--set", "score.batch_size=2", "--set", "score.actors=2",
             "--set", "adapt.iterations=6", "--set", "adapt.eval_every=3",
+            "--set", "tune.num_samples=1",
         ],
         capture_output=True,
         text=True,
@@ -35,11 +37,11 @@ def test_two_node_cluster_end_to_end(tiny_benchmark, tiny_source_ckpt, tmp_path)
     # Scoring ran on both nodes; every target-train image scored exactly once.
     assert sorted(check["scored_per_node"]) == sorted(check["nodes"])
     assert sum(check["scored_per_node"].values()) == 24
-    # Each trial's Ray Train run had one worker on each node.
-    assert list(check["trial_train_nodes"].values()) == [2, 2]
+    # The trial's Ray Train run had one worker on each node.
+    assert list(check["trial_train_nodes"].values()) == [2]
     # Results, checkpoints and MLflow runs are all in the shared output directory.
-    assert len(check["final_models"]) == 2
+    assert len(check["final_models"]) == 1
     assert {c.split("/")[1] for c in check["checkpoints"]} == set(check["trial_train_nodes"])
     assert check["mlflow_tracking_uri"] == f"sqlite:///{out.resolve() / 'mlflow.db'}"
-    assert list(check["mlflow_runs"].values()) == ["FINISHED"] * 3
+    assert list(check["mlflow_runs"].values()) == ["FINISHED"] * 2  # the sweep and its trial
     assert (out / "summary.json").is_file() and check["best_miou"] is not None
