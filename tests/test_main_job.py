@@ -54,9 +54,15 @@ def test_main_job_sweeps_logs_to_mlflow_and_resumes(tmp_path):
         first = _job(out, env)
         _kill_when(first, lambda: any(out.glob("trials/*/ray/adapt/checkpoint_*")))
         assert not (out / "summary.json").exists()
+        baselines = out / "scores" / "baselines.json"
+        evaluated_at = baselines.stat().st_mtime_ns  # evaluated before the sweep started
 
         stdout = _finish(_job(out, env))  # the same command resumes the sweep
         summary = json.loads((out / "summary.json").read_text())
+        # The rerun took the baselines from the cache instead of evaluating them again.
+        assert baselines.stat().st_mtime_ns == evaluated_at
+        cached = json.loads(baselines.read_text())["miou"]
+        assert summary["source_only_miou"] == cached["source_only_miou"]
         assert summary["mlflow_tracking_uri"] == uri
         assert summary["mlflow_experiment"] == "sfda_ray/synthetic"
         assert summary["metric"] == "val_miou"

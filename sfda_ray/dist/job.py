@@ -33,6 +33,7 @@ from sfda_ray.dist.scoring import ScoringOptions, score_dataset, write_pictures
 from sfda_ray.dist.tracking import default_tracking_uri
 from sfda_ray.dist.tune import has_labelled_val, run_sweep
 from sfda_ray.evaluate import evaluate_checkpoint
+from sfda_ray.models.checkpoint import file_fingerprint
 from sfda_ray.train_source import train_source
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,26 @@ def write_dataset_spec(cfg: Config, out: str) -> str:
     return path
 
 
+def baseline_mious(checkpoint: str, scored: dict, data: str, scores: str) -> dict:
+    """Target-val mIoU of source-only and (when scoring used it) AdaBN, cached in
+    ``SCORES/baselines.json`` for this checkpoint, scoring model and dataset."""
+    key = {
+        "checkpoint": file_fingerprint(checkpoint),
+        "scored_with": scored["checkpoint_fingerprint"],
+        "data": scored["data_fingerprint"],
+    }
+    path = storage.join(scores, "baselines.json")
+    if storage.exists(path):
+        cached = json.loads(storage.read_bytes(path))
+        if cached.get("key") == key:
+            return cached["miou"]
+    miou = {"source_only_miou": evaluate_checkpoint(checkpoint, data)["miou"]}
+    if scored["checkpoint"] != checkpoint:  # scored with AdaBN: that model is the baseline
+        miou["adabn_miou"] = evaluate_checkpoint(scored["checkpoint"], data)["miou"]
+    storage.atomic_write_bytes(path, (json.dumps({"key": key, "miou": miou}) + "\n").encode())
+    return miou
+
+
 def run_job(args: argparse.Namespace, task: str) -> dict:
     """Run the job for ``task`` (e.g. ``gta5_cityscapes``); returns ``summary.json``'s data."""
     cfg = job_config(args)
@@ -126,9 +147,7 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
 
     summary: dict = {"task": task, "data": data, "checkpoint": checkpoint}
     if has_labelled_val(data):
-        summary["source_only_miou"] = evaluate_checkpoint(checkpoint, data)["miou"]
-        if scored["checkpoint"] != checkpoint:  # scored with AdaBN: that model is the baseline
-            summary["adabn_miou"] = evaluate_checkpoint(scored["checkpoint"], data)["miou"]
+        summary.update(baseline_mious(checkpoint, scored, data, scores))
 
     sweep, tracker = run_sweep(cfg, checkpoint, scores, data, out, space, experiment, tracking_uri)
     try:
@@ -151,8 +170,11 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
         parent = sweep["mlflow_parent_run_id"]
         tracker.log_metrics(
             parent,
-            {k: summary[k] for k in ("source_only_miou", "adabn_miou", "best_miou")
-             if summary.get(k) is not None},
+            {
+                k: summary[k]
+                for k in ("source_only_miou", "adabn_miou", "best_miou")
+                if summary.get(k) is not None
+            },
             0,
         )
         files = {p.rsplit("/", 1)[-1]: storage.read_bytes(p) for p in pictures}
