@@ -26,6 +26,9 @@ def scored(tiny_scores):
 def test_ray_pipeline_equals_plain_core(scored, tiny_benchmark, tiny_source_ckpt):
     out, summary = scored
     assert summary["scored"] == 24 and summary["skipped"] == 0
+    # 5 batches of 5: a start-up time, and a rate over the batches after the first.
+    assert 0 < summary["startup_seconds"] <= summary["seconds"]
+    assert summary["steady_images_per_s"] > 0
     table = pq.read_table(out / "scores.parquet")
     assert table.num_rows == 24
     assert sorted(table["image_id"].to_pylist()) == sorted(

@@ -179,11 +179,20 @@ def decode_batch(batch: dict[str, np.ndarray], size: tuple[int, int] | None) -> 
         errors.append(error)
         eval_errors.append(eval_error)
     out = dict(batch)
-    out["image"] = _objects(images)  # ragged: one array per row
-    out["label"] = _objects(labels)
+    out["image"] = _column(images)
+    out["label"] = _column(labels)
     out["error"] = _objects(errors)
     out["eval_error"] = _objects(eval_errors)
     return out
+
+
+def _column(arrays: list) -> np.ndarray:
+    """One (B, ...) array when every row's array has the same shape (moved between
+    processes as a tensor block, no per-row pickling); else ragged, one array per row."""
+    shapes = {a.shape if isinstance(a, np.ndarray) else None for a in arrays}
+    if len(shapes) == 1 and None not in shapes:
+        return np.stack(arrays)
+    return _objects(arrays)
 
 
 def _objects(values: list) -> np.ndarray:
@@ -378,8 +387,9 @@ def score_dataset(
     )
 
     t0 = time.perf_counter()
+    writer = ScoreWriter(out, todo)
     if todo:
-        _run_pipeline(checkpoint, todo, out, opts)
+        _run_pipeline(checkpoint, out, opts, writer)
     elapsed = time.perf_counter() - t0
 
     by_id = {r["image_id"]: r for r in rows}
@@ -389,6 +399,10 @@ def score_dataset(
     summary = summarize_scores(table, len(todo), elapsed)
     summary.update(
         {
+            # Until the first scored batch reached the driver (workers starting, models
+            # loading), and the rate after it: what a long job runs at.
+            "startup_seconds": writer.startup_seconds(t0),
+            "steady_images_per_s": writer.steady_images_per_s(),
             "source_checkpoint": str(source_checkpoint),
             "checkpoint": str(checkpoint),
             "checkpoint_fingerprint": checkpoint_fp,
@@ -421,7 +435,8 @@ def _maps_bytes(rows: list[dict], opts: ScoringOptions) -> int:
     return int(pixels * per_pixel)
 
 
-def _run_pipeline(checkpoint: str, todo: list[dict], out: str, opts: ScoringOptions) -> None:
+def _run_pipeline(checkpoint: str, out: str, opts: ScoringOptions, writer: ScoreWriter) -> None:
+    todo = list(writer.by_fp.values())
     gpus = opts.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -463,7 +478,6 @@ def _run_pipeline(checkpoint: str, todo: list[dict], out: str, opts: ScoringOpti
     # batch: scoring costs far more than moving a batch, and locality would keep every
     # batch on the node where the decode tasks ran.
     ctx.execution_options.actor_locality_enabled = False
-    writer = ScoreWriter(out, todo)
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         writer.add(batch)
     writer.flush()
@@ -477,9 +491,16 @@ class ScoreWriter:
         self.out, self.part_rows = out, part_rows
         self.by_fp = {r["fingerprint"]: r for r in todo}
         self.pending: list[dict] = []
+        self.rows = 0
+        self.first: tuple[float, int] | None = None  # (time, rows) of the first batch
+        self.last = 0.0
 
     def add(self, scored: pa.Table) -> None:
         """Rows of ``ACTOR_SCHEMA`` (what a ``Scorer`` returns)."""
+        self.rows += scored.num_rows
+        self.last = time.perf_counter()
+        if self.first is None:
+            self.first = (self.last, self.rows)
         for row in scored.to_pylist():
             self.pending.append(self._store_maps(row))
         if len(self.pending) >= self.part_rows:
@@ -496,6 +517,14 @@ class ScoreWriter:
                 storage.atomic_write_bytes(path, row[key])
                 record[column] = path
         return record
+
+    def startup_seconds(self, start: float) -> float | None:
+        return round(self.first[0] - start, 2) if self.first else None
+
+    def steady_images_per_s(self) -> float | None:
+        if self.first is None or self.last <= self.first[0]:
+            return None
+        return round((self.rows - self.first[1]) / (self.last - self.first[0]), 2)
 
     def flush(self) -> None:
         if not self.pending:
