@@ -301,6 +301,9 @@ def evaluate_pseudo_label(
 # --- driver -----------------------------------------------------------------------------
 
 
+ADABN_FILE = "source_adabn.pt"
+
+
 def adabn_checkpoint(
     checkpoint: str,
     manifest: pa.Table,
@@ -315,7 +318,7 @@ def adabn_checkpoint(
     from the same BN statistics, so the virtual source agrees with its initial student.
     Cached as ``OUT/source_adabn.pt`` for this source checkpoint.
     """
-    path = storage.join(out, "source_adabn.pt")
+    path = storage.join(out, ADABN_FILE)
     source_fp = file_fingerprint(checkpoint)
     if storage.exists(path) and load_checkpoint(path)["meta"].get("adabn_of") == source_fp:
         return path
@@ -361,14 +364,14 @@ def score_dataset(
     rows = manifest.select(
         ["image_id", "image_path", "label_path", "label_format", "split", "height", "width"]
     ).to_pylist()
-    previous = _read_parts(out) if storage.exists(out) else None
+    previous = _read_parts(out)  # None when nothing was scored (or OUT does not exist)
     ok = previous.filter(pc.is_null(previous["error"])) if previous is not None else None
     # Space for the maps of the images not scored yet (and the AdaBN model), before any
     # work: by image id, as the fingerprints need the AdaBN model.
     scored_ids = set(ok["image_id"].to_pylist()) if ok is not None else set()
     unscored = [r for r in rows if r["image_id"] not in scored_ids]
     needs = _maps_bytes(unscored, opts)
-    if opts.adabn and not storage.exists(storage.join(out, "source_adabn.pt")):
+    if opts.adabn and not storage.exists(storage.join(out, ADABN_FILE)):
         needs += storage.file_size(checkpoint)
     storage.prepare_output(out, needs, f"scoring {len(unscored)} images")
     source_checkpoint = checkpoint
