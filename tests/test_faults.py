@@ -146,11 +146,14 @@ def test_killed_train_worker_resumes_from_its_checkpoint(
     run = tmp_path / "faulty"
     killed = []
 
+    # Ray Train's controller writes this snapshot when it registers a reported checkpoint;
+    # a checkpoint on disk but not yet registered would (rightly) not be resumed from.
+    snapshot = run / "ray" / "adapt" / "checkpoint_manager_snapshot.json"
+
     def kill_after_first_checkpoint():
         deadline = time.time() + 300
         while time.time() < deadline:
-            if list(run.glob("ray/adapt/checkpoint_*/state.pt")):
-                time.sleep(2)  # let Ray Train register the checkpoint it just wrote
+            if snapshot.exists() and "checkpoint_" in snapshot.read_text():
                 for proc in _processes("RayTrainWorker"):
                     proc.kill()
                     killed.append(proc.pid)
