@@ -28,10 +28,13 @@ def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
+    """``base/parts...``; a local base is made absolute, so that a path written into a
+    manifest or a scores table still names the file from another working directory or
+    another node's worker."""
     base = str(base)
     if is_uri(base):
         return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
-    return str(Path(base, *parts))
+    return str(Path(os.path.abspath(Path(base).expanduser()), *parts))
 
 
 def exists(path: str | os.PathLike) -> bool:

@@ -74,6 +74,27 @@ def _gta5_with_bad_rows(root):
         write_png(root / "labels" / f"{name}.png", random_rgb(0)[..., 0])
 
 
+@pytest.mark.parametrize("kind", ["gta5", "synthia", "cityscapes"])
+def test_relative_root_gives_absolute_paths(tmp_path, monkeypatch, kind):
+    make = {
+        "gta5": lambda root: make_gta5(root, n=2),
+        "synthia": lambda root: make_synthia(root, n=2),
+        "cityscapes": lambda root: make_cityscapes(
+            root, {"train": ["a/a_000000_000019"], "val": ["b/b_000000_000019"]}
+        ),
+    }[kind]
+    make(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    build_manifest(kind, "data", "manifest.parquet")
+    monkeypatch.chdir(tmp_path / "data")  # another working directory, as on a Ray worker
+    rows = read_manifest(tmp_path / "manifest.parquet").to_pylist()
+    assert rows and all(r["error"] is None for r in rows)
+    for r in rows:
+        for key in ("image_path", "label_path"):
+            assert r[key].startswith(str(tmp_path / "data") + "/"), r[key]
+            assert (tmp_path / r[key]).is_file()
+
+
 def test_bad_rows_are_recorded_and_good_rows_survive(tmp_path):
     _gta5_with_bad_rows(tmp_path)
     table = scan_gta5(tmp_path)

@@ -1,4 +1,5 @@
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -52,6 +53,14 @@ def test_same_seed_gives_identical_files(tmp_path):
         tmp_path / "b", "*_leftImg8bit.png"
     )
     assert a != digests(tmp_path / "c", "*_labelIds.png")
+
+
+def test_relative_out_gives_a_benchmark_usable_from_anywhere(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["synth", "--out", "bench", "--seed", "0", *SMALL]) == 0
+    monkeypatch.chdir(tmp_path / "bench")
+    paths = open_dataset(tmp_path / "bench", "target").manifest["image_path"].to_pylist()
+    assert paths and all(Path(p).is_absolute() and Path(p).is_file() for p in paths)
 
 
 def test_layout_manifests_and_preview(tmp_path):
