@@ -9,6 +9,7 @@ import sys
 from typing import Any
 
 from sfda_ray.config import Config, ConfigError, load_config, parse_override
+from sfda_ray.data.labels import EVAL_SUBSETS
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -80,18 +81,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.split,
         tuple(args.size) if args.size else None,
         args.batch_size,
+        args.classes,
     )
     if args.json:
         print(json.dumps(report))
         return 0
+
+    def percent(value: float | None) -> str:  # None: no pixel of the class(es) anywhere
+        return "-" if value is None else f"{value:.2f}"
+
     print(
-        f"{report['dataset']} {args.split}: mIoU {report['miou']:.2f} over "
+        f"{report['dataset']} {args.split}: mIoU {percent(report['miou'])} over "
         f"{report['eval_classes']} ({report['images']} images, {report['skipped']} skipped)"
     )
     for name, iou in report["per_class"].items():
-        print(f"  {name:<14} {'-' if iou is None else f'{iou:.2f}'}")
+        print(f"  {name:<14} {percent(iou)}")
     for name, miou in report["subsets"].items():
-        print(f"  mIoU[{name}] {miou:.2f}")
+        print(f"  mIoU[{name}] {percent(miou)}")
     return 0
 
 
@@ -246,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="model input size; predictions are scored at label resolution",
     )
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--classes",
+        nargs="+",
+        choices=list(EVAL_SUBSETS),
+        help="class subsets to score (the first gives the headline mIoU); default: the "
+        "dataset's own, e.g. `--classes synthia16 synthia13` for SYNTHIA -> Cityscapes",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 

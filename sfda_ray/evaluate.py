@@ -90,9 +90,14 @@ def evaluate_checkpoint(
     split: str = "val",
     size: tuple[int, int] | None = None,
     batch_size: int = 8,
+    eval_classes: list[str] | None = None,
 ) -> dict:
+    """``eval_classes`` (names of class subsets) overrides the dataset's own, e.g. to score
+    Cityscapes over SYNTHIA's 16 and 13 classes."""
     model, meta = load_model(checkpoint)
     ref = open_dataset(data, domain)
+    if eval_classes:
+        ref = ref.with_eval_classes(eval_classes)
     report = evaluate_model(model, ref, split, meta["normalization"], size, batch_size)
     report["checkpoint"] = str(checkpoint)
     return report

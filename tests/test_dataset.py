@@ -1,14 +1,18 @@
 import logging
 
 import numpy as np
+import pytest
 import torch
 from data_fixtures import (
     CITYSCAPES_TO_TRAIN,
+    SYNTHIA_TO_TRAIN,
     H,
     W,
+    all_ids_label,
     expected_train_ids,
     make_cityscapes,
     make_gta5,
+    make_synthia,
     truncate,
 )
 from PIL import Image
@@ -16,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from sfda_ray.data.dataset import SegmentationDataset, collate_skip_bad
 from sfda_ray.data.manifest import write_manifest
-from sfda_ray.data.readers import scan_cityscapes, scan_gta5
+from sfda_ray.data.readers import scan_cityscapes, scan_dataset, scan_gta5
 from sfda_ray.data.transforms import build_transform
 
 EVAL = build_transform(False, None)
@@ -48,6 +52,30 @@ def test_items_and_skipped_bad_files(tmp_path, caplog):
     assert item["image"].shape == (3, H, W)
     expected = expected_train_ids(labels["00002.png"], CITYSCAPES_TO_TRAIN)
     np.testing.assert_array_equal(item["label"].numpy(), expected)
+
+
+def _cityscapes_tree(root):
+    make_cityscapes(root, {"train": ["a/a_000000_000019"], "val": ["b/b_000000_000019"]})
+    return {"train": all_ids_label(34), "val": all_ids_label(34)}
+
+
+@pytest.mark.parametrize(
+    "kind, make, table",
+    [
+        ("gta5", lambda root: make_gta5(root, n=2), CITYSCAPES_TO_TRAIN),
+        ("synthia", lambda root: make_synthia(root, n=2), SYNTHIA_TO_TRAIN),
+        ("cityscapes", _cityscapes_tree, CITYSCAPES_TO_TRAIN),
+    ],
+)
+def test_every_layout_reaches_train_ids_through_the_dataset(tmp_path, kind, make, table):
+    """Real on-disk layout and encoding -> manifest -> dataset item: every raw id mapped."""
+    raw = list(make(tmp_path).values())
+    ds = SegmentationDataset(scan_dataset(kind, tmp_path), EVAL)
+    assert len(ds) == len(raw)
+    for i, labels in enumerate(raw):
+        got = ds[i]["label"].numpy()
+        np.testing.assert_array_equal(got, expected_train_ids(labels, table))
+    assert 255 in got and got[got != 255].max() == 18  # ignored and mapped ids both present
 
 
 def test_rows_with_scan_errors_are_left_out(tmp_path):

@@ -149,3 +149,31 @@ def test_eval_errors_name_the_problem(tiny_benchmark, tiny_source_ckpt, tmp_path
     assert "missing.pt" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tiny_source_ckpt), "--data", str(tmp_path)]) == 2
     assert "not a synthetic benchmark" in capsys.readouterr().err
+
+
+def test_eval_over_synthia_subsets_of_a_cityscapes_tree(tiny_source_ckpt, tmp_path, capsys):
+    """SYNTHIA -> Cityscapes: the target is Cityscapes, scored over SYNTHIA's classes."""
+    from data_fixtures import make_cityscapes
+
+    from sfda_ray.data.labels import CLASS_NAMES, EVAL_SUBSETS
+    from sfda_ray.data.readers import build_manifest
+
+    make_cityscapes(tmp_path / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19", "c/c_0_19"]})
+    build_manifest("cityscapes", tmp_path / "cs", tmp_path / "cs.parquet")
+    args = ["eval", "--checkpoint", str(tiny_source_ckpt), "--data", str(tmp_path / "cs.parquet")]
+    assert main([*args, "--classes", "synthia16", "synthia13", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report["subsets"]) == ["synthia16", "synthia13"]
+    assert report["eval_classes"] == "synthia16" and report["images"] == 2
+    assert list(report["per_class"]) == [CLASS_NAMES[c] for c in EVAL_SUBSETS["synthia16"]]
+    for name in ("synthia16", "synthia13"):  # each subset's mIoU is over its own classes
+        ious = [report["per_class"][CLASS_NAMES[c]] for c in EVAL_SUBSETS[name]]
+        present = [v for v in ious if v is not None]
+        assert report["subsets"][name] == pytest.approx(sum(present) / len(present))
+    assert report["miou"] == report["subsets"]["synthia16"]
+    assert main(args) == 0  # without --classes: Cityscapes' own 19 classes, as text
+    out = capsys.readouterr().out
+    assert "over cityscapes19" in out and "mIoU[cityscapes19]" in out
+    with pytest.raises(SystemExit):  # argparse names the allowed subsets
+        main([*args, "--classes", "all"])
+    assert "invalid choice: 'all'" in capsys.readouterr().err

@@ -39,6 +39,16 @@ class DatasetRef:
         table = self.split(split)
         return table if None not in table["label_path"].to_pylist() else None
 
+    def with_eval_classes(self, names: list[str] | tuple[str, ...]) -> DatasetRef:
+        """The same data scored over other class subsets (names of ``EVAL_SUBSETS``; the
+        first gives the headline mIoU), e.g. Cityscapes over SYNTHIA's 16 and 13 classes."""
+        if not isinstance(names, list | tuple) or not names or not set(names) <= set(EVAL_SUBSETS):
+            raise ValueError(
+                f"eval_classes: {names!r} is not allowed; expected a list of "
+                f"{', '.join(EVAL_SUBSETS)} (the first gives the headline mIoU)"
+            )
+        return replace(self, eval_subsets={n: EVAL_SUBSETS[n] for n in names})
+
     def split(self, split: str) -> pa.Table:
         table = self.manifest.filter(pa.compute.equal(self.manifest["split"], split))
         if table.num_rows == 0:
@@ -102,12 +112,10 @@ def open_dataset(data: str | Path, domain: str = "target", kind: str | None = No
         names = spec.get("eval_classes")
         if names is None:
             return ref
-        if not isinstance(names, list) or not names or not set(names) <= set(EVAL_SUBSETS):
-            raise ValueError(
-                f"{path}: data.eval_classes: {names!r} is not allowed; expected a list of "
-                f"{', '.join(EVAL_SUBSETS)} (the first gives the headline mIoU)"
-            )
-        return replace(ref, eval_subsets={n: EVAL_SUBSETS[n] for n in names})
+        try:
+            return ref.with_eval_classes(names)
+        except ValueError as e:
+            raise ValueError(f"{where}: data.{e}") from None
     if kind is None:
         raise ValueError(
             f"{data}: not a synthetic benchmark (no benchmark.json), not a .parquet manifest "
