@@ -41,6 +41,12 @@ ROWS = {
     "- L_adv": {"adapt.lambda_adv": 0.0},
     "- L_ST": {"adapt.lambda_st": 0.0},
     "- L_prior and alpha": {"adapt.lambda_prior": 0.0, "adapt.class_weights": False},
+    # The recipe's other switches (each on in the full method unless marked "+").
+    "- AdaBN start": {"adapt.adabn_init": False},
+    "- strong augmentation": {"adapt.strong_aug": False},
+    "- rare-class sampling": {"adapt.rare_class_sampling": False},
+    "+ EMA teacher (for rounds)": {"adapt.teacher": "ema"},
+    "+ 2x schedule (300 iterations)": {"adapt.iterations": 300, "adapt.eval_every": 150},
 }
 
 
