@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from sfda_ray.adaptation import LocalEnv, make_plan, run_adaptation
-from sfda_ray.config import load_config, to_dict
+from sfda_ray.config import load_config, result_identity
 from sfda_ray.data.catalog import open_dataset
 from sfda_ray.data.synthetic import BenchmarkSpec, generate
 from sfda_ray.dist.runtime import init_ray
@@ -69,7 +69,7 @@ def run_seed(out: Path, seed: int, config: str | None, rows: list[str]) -> dict:
     done = json.loads(done_path.read_text()) if done_path.is_file() else {}
     for name in rows:
         cfg = load_config(config, {"source.seed": seed, "adapt.seed": seed, **ROWS[name]})
-        resolved = json.loads(json.dumps(to_dict(cfg)))  # as stored: tuples become lists
+        resolved = result_identity(cfg)
         if name in done and done[name]["config"] == resolved:
             result[name] = done[name]
             logging.info(

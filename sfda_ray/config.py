@@ -8,6 +8,7 @@ values through :func:`apply_overrides` with the same validation.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -413,6 +414,12 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def result_identity(cfg: Config) -> dict[str, Any]:
+    """What decides a run's result: the config without ``perf`` (how models run, which may
+    change between attempts of the same experiment), as plain JSON values."""
+    return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items() if k != "perf"}))
 
 
 # --- search spaces ----------------------------------------------------------------------

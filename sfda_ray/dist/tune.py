@@ -26,7 +26,14 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from sfda_ray import storage
-from sfda_ray.config import Config, ConfigError, apply_overrides, from_dict, to_dict
+from sfda_ray.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    result_identity,
+    to_dict,
+)
 from sfda_ray.data.catalog import open_dataset
 from sfda_ray.dist.tracking import SweepTracker, TrialLogger, flatten, git_commit
 from sfda_ray.dist.train import run_adapt
@@ -132,13 +139,11 @@ def run_sweep(
     mode = "max" if metric == "val_miou" else "min"
     # Every report must carry the metric ASHA ranks on: checkpoint when evaluating.
     base = apply_overrides(cfg, {"adapt.checkpoint_every": a.eval_every})
-    storage_path = storage.join(out, "tune") if storage.is_uri(out) else \
-        os.path.abspath(os.path.join(str(out), "tune"))
+    storage_path = storage.join(out, "tune")
     sweep_path = storage.join(storage_path, SWEEP_NAME)
     identity = {
         "space": {k: [kind, args] for k, (kind, args) in space.items()},
-        # How trials run (perf: precision, compile, ...) may change between attempts.
-        "config": {k: v for k, v in to_dict(base).items() if k != "perf"},
+        "config": result_identity(base),
         "checkpoint": file_fingerprint(checkpoint),
         "scores": json.loads(storage.read_bytes(storage.join(scores, "summary.json"))).get(
             "checkpoint_fingerprint"
@@ -179,8 +184,9 @@ def run_sweep(
             log.info("resuming the sweep at %s", sweep_path)
             tuner = tune.Tuner.restore(sweep_path, trainable, resume_errored=True)
         else:
-            tuner = _new_tuner(base, space, metric, mode, trainable, storage_path, tracker,
-                               tags, fixed, out)
+            tuner = _new_tuner(
+                base, space, metric, mode, trainable, storage_path, tracker, tags, fixed, out
+            )
         grid = tuner.fit()
     except BaseException:
         tracker.finish("KILLED")
