@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from sfda_ray.data.labels import EVAL_SUBSETS
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or out of range."""
@@ -343,13 +345,12 @@ def _check_cross_fields(obj: Any, prefix: str) -> None:
             raise ConfigError(
                 f"{prefix}.scale_min: {obj.scale_min} is larger than scale_max {obj.scale_max}"
             )
-        allowed = ("cityscapes19", "synthia16", "synthia13")
         if obj.eval_classes is not None and (
-            not obj.eval_classes or not set(obj.eval_classes) <= set(allowed)
+            not obj.eval_classes or not set(obj.eval_classes) <= set(EVAL_SUBSETS)
         ):
             raise ConfigError(
                 f"{prefix}.eval_classes: {obj.eval_classes!r} is not allowed; expected a list "
-                f"of {', '.join(allowed)}"
+                f"of {', '.join(EVAL_SUBSETS)}"
             )
         for name in ("size", "crop"):
             hw = getattr(obj, name)

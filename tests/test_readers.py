@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -92,7 +94,7 @@ def test_relative_root_gives_absolute_paths(tmp_path, monkeypatch, kind):
     for r in rows:
         for key in ("image_path", "label_path"):
             assert r[key].startswith(str(tmp_path / "data") + "/"), r[key]
-            assert (tmp_path / r[key]).is_file()
+            assert Path(r[key]).is_file()
 
 
 def test_bad_rows_are_recorded_and_good_rows_survive(tmp_path):
