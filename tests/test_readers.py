@@ -202,6 +202,24 @@ def test_dataset_yaml_sets_evaluation_classes(tmp_path):
         open_dataset(bad)
 
 
+def test_dataset_yaml_relative_root_is_relative_to_the_yaml(tmp_path, monkeypatch):
+    from sfda_ray.data.catalog import open_dataset
+
+    make_cityscapes(
+        tmp_path / "cs", {"train": ["aachen/aachen_0_19"], "val": ["lindau/lindau_0_19"]}
+    )
+    (tmp_path / "configs").mkdir()
+    spec = tmp_path / "configs" / "cityscapes.yaml"
+    spec.write_text("data: {kind: cityscapes, root: ../cs}\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ref = open_dataset(spec)
+    assert ref.manifest.num_rows == 2
+    image = Path(ref.manifest["image_path"][0].as_py())
+    assert image.is_absolute() and image.is_file()
+
+
 def test_labelled_split_only_when_every_image_has_a_label(tmp_path):
     from sfda_ray.data.catalog import open_dataset
 

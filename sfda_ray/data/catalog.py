@@ -81,6 +81,15 @@ def _ref(name: str, table: pa.Table, subsets: dict[str, tuple[int, ...]]) -> Dat
     return DatasetRef(name, ok, subsets, table.num_rows - ok.num_rows)
 
 
+def _relative_to(config: str, location: str) -> str:
+    """A relative ``root`` or ``manifest`` in a dataset YAML is relative to the YAML's
+    folder, not to the working directory, so the file means the same from anywhere."""
+    if storage.is_uri(location) or Path(location).expanduser().is_absolute():
+        return location
+    folder = config.rsplit("/", 1)[0] if storage.is_uri(config) else str(Path(config).parent)
+    return storage.join(folder, location)
+
+
 def open_dataset(data: str | Path, domain: str = "target", kind: str | None = None) -> DatasetRef:
     """Open ``data`` (see module doc). ``domain`` picks the half of a synthetic benchmark."""
     path = Path(str(data)).expanduser()
@@ -107,7 +116,8 @@ def open_dataset(data: str | Path, domain: str = "target", kind: str | None = No
             raise ValueError(
                 f"{where}: expected a `data:` section with `kind` and `root` (or `manifest`)"
             )
-        ref = open_dataset(spec.get("manifest") or spec["root"], domain, spec["kind"])
+        location = _relative_to(where, str(spec.get("manifest") or spec["root"]))
+        ref = open_dataset(location, domain, spec["kind"])
         # e.g. SYNTHIA -> Cityscapes scores Cityscapes on SYNTHIA's 16 and 13 classes.
         names = spec.get("eval_classes")
         if names is None:
