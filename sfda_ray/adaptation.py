@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -29,7 +29,7 @@ from sfda_ray.data.adaptation import AdaptationDataset, load_map, rare_class_sam
 from sfda_ray.data.catalog import open_dataset
 from sfda_ray.data.dataset import collate_skip_bad
 from sfda_ray.data.labels import CLASS_NAMES
-from sfda_ray.data.loaders import eval_loader
+from sfda_ray.data.loaders import eval_loader, forever
 from sfda_ray.evaluate import confusion_on
 from sfda_ray.method.adapt import Adapter, to_input, unwrap
 from sfda_ray.method.baselines import adapt_batchnorm
@@ -142,15 +142,6 @@ class TrainEnv(Protocol):
     def load_state(self) -> dict | None: ...
 
 
-def _forever(make: Callable[[int], DataLoader]) -> Iterator[dict]:
-    epoch = 0
-    while True:
-        for batch in make(epoch):
-            if "image" in batch:
-                yield batch
-        epoch += 1
-
-
 @torch.no_grad()
 def evaluate_adapted(
     model: nn.Module,
@@ -219,7 +210,7 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
 
     def loader(dataset: Dataset, batch_size: int, seed: int, weights=None) -> Iterator[dict]:
         """Endless batches of this worker's shard, reshuffled (with a new seed) each pass."""
-        return _forever(
+        return forever(
             lambda e: make_loader(
                 dataset,
                 batch_size,

@@ -100,9 +100,8 @@ def train_source(cfg: Config, data: str, out: str, domain: str = "source") -> di
         log.info("resuming %s from iteration %d", out, start)
 
     # Reseed per resume point so a resumed run does not replay the same batches.
-    batches = forever(
-        train_loader(table, cfg.data, sc.batch_size, sc.seed + start, cfg.data.normalization)
-    )
+    loader = train_loader(table, cfg.data, sc.batch_size, sc.seed + start, cfg.data.normalization)
+    batches = forever(lambda _: loader)
     model.train()
     t0, seen, skipped = time.perf_counter(), 0, 0
     for it in range(start, sc.iterations):

@@ -18,8 +18,12 @@ def cluster():
 
 
 def _commands(cfg: dict) -> list[str]:
-    keys = ("setup_commands", "head_setup_commands", "head_start_ray_commands",
-            "worker_start_ray_commands")
+    keys = (
+        "setup_commands",
+        "head_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    )
     return [c for k in keys for c in cfg.get(k, [])]
 
 

@@ -113,3 +113,17 @@ def test_loader_counts_skipped_items(tmp_path):
 def test_all_bad_batch_has_no_image():
     batch = collate_skip_bad([None, None, None])
     assert batch == {"num_skipped": 3}
+
+
+def test_forever_reads_a_fresh_pass_each_time_and_skips_empty_batches():
+    from sfda_ray.data.loaders import forever
+
+    passes = []
+
+    def make(epoch):
+        passes.append(epoch)
+        return [{"image": (epoch, 0)}, {"num_skipped": 4}, {"image": (epoch, 1)}]
+
+    batches = forever(make)
+    assert [next(batches)["image"] for _ in range(5)] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
+    assert passes == [0, 1, 2]

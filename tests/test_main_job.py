@@ -69,8 +69,12 @@ def test_main_job_sweeps_logs_to_mlflow_and_resumes(tmp_path):
         assert len(summary["trials"]) == 2
         assert all(t["completed"] for t in summary["trials"])
         assert set(summary["best_config"]) == {
-            "select.ratio", "select.tau", "adapt.lambda_adv", "adapt.lambda_st",
-            "adapt.lambda_prior", "adapt.lr",
+            "select.ratio",
+            "select.tau",
+            "adapt.lambda_adv",
+            "adapt.lambda_st",
+            "adapt.lambda_prior",
+            "adapt.lr",
         }
         assert summary["best_miou"] > summary["source_only_miou"]
         assert Path(summary["best_checkpoint"]).is_file()
@@ -100,4 +104,3 @@ def test_main_job_sweeps_logs_to_mlflow_and_resumes(tmp_path):
             assert PNGS <= artifacts, artifacts
         best_run = parent.data.tags["sfda.best_run_id"]
         assert [a.path for a in client.list_artifacts(best_run, "model")] == ["model/final.pt"]
-

@@ -131,5 +131,3 @@ def test_score_command_writes_table_and_pictures(
     for name in ("score_histogram.png", "selection_grid.png"):
         with Image.open(io.BytesIO((out / name).read_bytes())) as picture:
             assert picture.format == "PNG" and picture.size[0] > 100
-
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -47,12 +48,15 @@ def _common_size(table: pa.Table) -> tuple[int, int]:
     return sizes.most_common(1)[0][0]
 
 
-def forever(loader: DataLoader):
-    """Endless stream of non-empty batches (a fresh shuffle each pass)."""
+def forever(make: Callable[[int], Iterable[dict]]) -> Iterator[dict]:
+    """Endless stream of non-empty batches: pass ``e`` reads ``make(e)``, so a caller can
+    reseed each pass or return the same (reshuffling) loader every time."""
+    epoch = 0
     while True:
-        for batch in loader:
+        for batch in make(epoch):
             if "image" in batch:
                 yield batch
+        epoch += 1
 
 
 def image_loader(
