@@ -22,6 +22,7 @@ import json
 import logging
 import time
 import uuid
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -468,8 +469,7 @@ def _run_pipeline(checkpoint: str, out: str, opts: ScoringOptions, writer: Score
         # A CPU actor reserves one CPU however many torch threads it runs, so that decode
         # tasks always find a CPU to run on (an actor holding every CPU would starve them).
         num_cpus=0 if gpus else 1,
-        scheduling_strategy="SPREAD",  # one scorer per node before doubling up
-    )
+    )  # Ray Data's default actor placement is SPREAD: one scorer per node before doubling up
     # Start every scorer before the first batch is dispatched: otherwise the first actor to
     # load its model takes all the work of a small job and the other nodes sit idle.
     ctx = ray.data.DataContext.get_current()
@@ -480,7 +480,10 @@ def _run_pipeline(checkpoint: str, out: str, opts: ScoringOptions, writer: Score
     # Dispatch to the least busy scorer, not to the one on the node holding the decoded
     # batch: scoring costs far more than moving a batch, and locality would keep every
     # batch on the node where the decode tasks ran.
-    ctx.execution_options.actor_locality_enabled = False
+    # Deprecated in Ray 2.60 (to be removed after January 2027) but still honoured.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.execution_options.actor_locality_enabled = False
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         writer.add(batch)
     writer.flush()
