@@ -82,6 +82,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tuple(args.size) if args.size else None,
         args.batch_size,
         args.classes,
+        args.device,
     )
     if args.json:
         print(json.dumps(report))
@@ -258,6 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(EVAL_SUBSETS),
         help="class subsets to score (the first gives the headline mIoU); default: the "
         "dataset's own, e.g. `--classes synthia16 synthia13` for SYNTHIA -> Cityscapes",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="where the model runs, in fp32 (auto: a GPU when there is one; cpu; cuda:N)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)

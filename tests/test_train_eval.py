@@ -149,6 +149,10 @@ def test_eval_errors_name_the_problem(tiny_benchmark, tiny_source_ckpt, tmp_path
     assert "missing.pt" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tiny_source_ckpt), "--data", str(tmp_path)]) == 2
     assert "not a synthetic benchmark" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # asking for a GPU that is not there is an error
+        args = ["eval", "--checkpoint", str(tiny_source_ckpt), "--data", str(tiny_benchmark)]
+        assert main([*args, "--device", "cuda"]) == 2
+        assert "device 'cuda': no CUDA GPU" in capsys.readouterr().err
 
 
 def test_eval_over_synthia_subsets_of_a_cityscapes_tree(tiny_source_ckpt, tmp_path, capsys):
