@@ -46,6 +46,7 @@ ROWS = {
     "- strong augmentation": {"adapt.strong_aug": False},
     "- rare-class sampling": {"adapt.rare_class_sampling": False},
     "+ EMA teacher (for rounds)": {"adapt.teacher": "ema"},
+    "+ ClassMix (V objects into T)": {"adapt.lambda_mix": 1.0},
     "+ 2x schedule (300 iterations)": {"adapt.iterations": 300, "adapt.eval_every": 150},
 }
 

@@ -149,6 +149,8 @@ class AdaptConfig:
     lambda_adv: float = _field(0.001, lo=0.0)
     lambda_st: float = _field(1.0, lo=0.0)
     lambda_prior: float = _field(0.1, lo=0.0)
+    # ClassMix (DACS): self-training on target images with V's objects pasted in; 0: off.
+    lambda_mix: float = _field(0.0, lo=0.0)
     lambda_entropy: float = _field(1.0, lo=0.0)  # tent / minent only
     discriminator_input: str = _field("entropy", choices=("softmax", "entropy"))
     # Per-pixel certainty weights (source confidence on V, teacher confidence on T).

@@ -11,7 +11,7 @@ from sfda_ray.config import AdaptConfig
 from sfda_ray.data.synthetic import generate
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
 from sfda_ray.dist.train import run_adapt
-from sfda_ray.method.adapt import Adapter
+from sfda_ray.method.adapt import Adapter, class_mix
 from sfda_ray.method.losses import (
     discriminator_input,
     entropy_loss,
@@ -106,6 +106,37 @@ def test_step_updates_segmentation_net_and_discriminator():
     # The teacher is a frozen copy: it did not move with the student.
     assert all(not p.requires_grad for p in adapter.teacher.parameters())
     assert torch.equal(adapter.teacher.layer1[0].conv1.weight, before_net)
+
+
+def test_class_mix_pastes_half_of_the_labelled_classes_with_their_labels():
+    g = torch.Generator().manual_seed(0)
+    label_a = torch.tensor([[[1, 1, 2, 2], [3, 3, 255, 255]]])  # classes 1, 2, 3 + ignored
+    a = (torch.ones(1, 3, 2, 4), label_a, torch.full((1, 2, 4), 0.9))
+    b = (torch.zeros(1, 3, 2, 4), torch.full((1, 2, 4), 7), torch.full((1, 2, 4), 0.5))
+    images, labels, weights = class_mix(a, b, g)
+    pasted = images[0, 0] == 1
+    pasted_classes = set(label_a[0][pasted].tolist())
+    assert len(pasted_classes) == 2 and 255 not in pasted_classes  # ceil(3 / 2) classes
+    assert torch.equal(pasted, torch.isin(label_a[0], torch.tensor(sorted(pasted_classes))))
+    assert torch.equal(labels[0], torch.where(pasted, label_a[0], 7))
+    assert torch.equal(weights[0], torch.where(pasted, 0.9, 0.5))
+
+
+def test_class_mix_loss_is_reported_and_trains_the_net():
+    torch.manual_seed(0)
+    model = build_model("deeplabv2_resnet18", C, output_stride=16)
+    adapter = Adapter(
+        model, AdaptConfig(lambda_mix=1.0), "imagenet", torch.full((C,), 1 / C), None, CPU
+    )
+    images = torch.rand(2, 3, 32, 64)
+    adapter.begin_round(0, [images])
+    batch_v = {
+        "image": torch.rand(2, 3, 32, 64),
+        "label": torch.randint(0, C, (2, 32, 64)),
+        "weight": torch.rand(2, 32, 64),
+    }
+    logs = adapter.step(batch_v, {"image": images})
+    assert math.isfinite(logs["loss_mix"]) and logs["loss_mix"] > 0
 
 
 def test_tent_trains_only_normalisation_parameters():

@@ -60,6 +60,30 @@ def strong_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Te
     return torch.stack(out)
 
 
+def class_mix(
+    a: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    b: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ClassMix (DACS): paste the pixels of a random half of each ``a`` image's labelled
+    classes onto the matching ``b`` image. ``a`` and ``b`` are (images [B, 3, H, W],
+    labels [B, H, W], pixel weights [B, H, W]); labels and weights follow the pixels."""
+    images_a, labels_a, weights_a = a
+    images_b, labels_b, weights_b = b
+    masks = []
+    for label in labels_a:
+        classes = label.unique()
+        classes = classes[classes != IGNORE_INDEX]
+        keep = torch.randperm(classes.numel(), generator=generator)[: (classes.numel() + 1) // 2]
+        masks.append(torch.isin(label, classes[keep.to(classes.device)]))
+    mask = torch.stack(masks)
+    return (
+        torch.where(mask[:, None], images_a, images_b),
+        torch.where(mask, labels_a, labels_b),
+        torch.where(mask, weights_a, weights_b),
+    )
+
+
 def split_params(model: nn.Module, bn_only: bool) -> list[nn.Parameter]:
     """Trainable parameters; TENT trains only the normalisation layers' affine params."""
     if not bn_only:
@@ -213,10 +237,22 @@ class Adapter:
         use_v = cfg.method == "sfda" and batch_v is not None and cfg.lambda_v > 0
         if self.uses_teacher:
             pl_t, w_t = self.pseudo_label(xt)
-        views = [self._view(self.exe.to_device(batch_v["image"]))] if use_v else []
-        logits = self._logits(torch.cat([*views, self._view(xt)]))
-        n_v = views[0].shape[0] if use_v else 0
-        logits_v, logits_t = logits[:n_v], logits[n_v:]
+        xv = self.exe.to_device(batch_v["image"]) if use_v else None
+        views = [self._view(xv)] if use_v else []
+        use_mix = use_v and self.uses_teacher and cfg.lambda_mix > 0
+        if use_mix:
+            # V's labelled objects pasted into target scenes: the same objects in new
+            # contexts, so layout cues alone cannot explain the labels.
+            yv = self.exe.to_device(batch_v["label"])
+            wv = self.exe.to_device(batch_v["weight"])
+            mixed, pl_mix, w_mix = class_mix((xv, yv, wv), (xt, pl_t, w_t), self.generator)
+            if not cfg.uncertainty_weights:
+                w_mix = torch.ones_like(w_mix)
+        n_v, n_t = len(views[0]) if use_v else 0, len(xt)
+        logits = self._logits(
+            torch.cat([*views, self._view(xt), *([self._view(mixed)] if use_mix else [])])
+        )
+        logits_v, logits_t = logits[:n_v], logits[n_v : n_v + n_t]
         total = logits.sum() * 0.0
         if use_v:
             w_v = self.exe.to_device(batch_v["weight"]) if cfg.uncertainty_weights else None
@@ -232,8 +268,12 @@ class Adapter:
             total = total + weight * l_st
             logs["loss_st"] = l_st.item()
             logs["st_kept_fraction"] = (pl_t != IGNORE_INDEX).float().mean().item()
+        if use_mix:
+            l_mix = weighted_cross_entropy(logits[n_v + n_t :], pl_mix, w_mix, self.alpha)
+            total = total + cfg.lambda_mix * l_mix
+            logs["loss_mix"] = l_mix.item()
         if cfg.method == "sfda" and cfg.lambda_prior > 0:
-            l_prior = prior_kl(logits, self.prior)
+            l_prior = prior_kl(logits[: n_v + n_t], self.prior)
             total = total + cfg.lambda_prior * l_prior
             logs["loss_prior"] = l_prior.item()
         if self.use_adv:
