@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -33,6 +34,27 @@ CLUSTER_SETTINGS = [
     "tune.workers_per_trial=2",
     "tune.placement_strategy=SPREAD",
 ]
+
+
+def wait_until_schedulable(nodes: list[str], timeout_s: float = 120.0) -> None:
+    """Block until SPREAD tasks reach every node. A node counts as joined once the GCS has
+    it, but the head's scheduler may not see its resources for a while; actors placed in
+    that window (the scorers, one per node) would all land on the head."""
+
+    @ray.remote(num_cpus=1)
+    def node_of_task() -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        probes = [
+            node_of_task.options(scheduling_strategy="SPREAD").remote() for _ in range(len(nodes))
+        ]
+        if set(ray.get(probes)) >= set(nodes):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"tasks did not reach every node of {nodes} in {timeout_s:.0f} s")
+        time.sleep(0.5)
 
 
 def main() -> int:
@@ -53,6 +75,7 @@ def main() -> int:
     try:
         ray.init(address=cluster.address)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+        wait_until_schedulable(nodes)
         summary = run_job(args, "local_cluster")
     finally:
         ray.shutdown()

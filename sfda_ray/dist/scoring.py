@@ -469,7 +469,11 @@ def _run_pipeline(checkpoint: str, out: str, opts: ScoringOptions, writer: Score
         # A CPU actor reserves one CPU however many torch threads it runs, so that decode
         # tasks always find a CPU to run on (an actor holding every CPU would starve them).
         num_cpus=0 if gpus else 1,
-    )  # Ray Data's default actor placement is SPREAD: one scorer per node before doubling up
+        # One scorer per node before doubling up. SPREAD is also Ray Data's default, but
+        # naming it (a deprecated remote arg in Ray 2.60) keeps decoding a separate stage:
+        # with identical remote args Ray Data fuses decode_batch into the scoring actors.
+        scheduling_strategy="SPREAD",
+    )
     # Start every scorer before the first batch is dispatched: otherwise the first actor to
     # load its model takes all the work of a small job and the other nodes sit idle.
     ctx = ray.data.DataContext.get_current()
