@@ -6,7 +6,7 @@ cluster; the output directory plays the part of shared storage (S3 on a cluster)
 
     python experiments/local_cluster.py --smoke [--out outputs/local_cluster]
 
-Scoring spreads its actors over both nodes; each of the 2 tuning trials is a Ray Train
+Scoring places one actor on each node; each of the 2 tuning trials is a Ray Train
 run of 2 workers placed one per node (SPREAD). The script prints where each stage ran
 and writes OUT/cluster_check.json.
 """
@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -77,6 +78,13 @@ def main() -> int:
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         wait_until_schedulable(nodes)
         summary = run_job(args, "local_cluster")
+        # Where the scoring actors ran (the GCS keeps finished actors' records). Which
+        # actor scores which batch is Ray Data's choice: a fast scorer may take them all.
+        scorer_nodes = sorted(
+            info["Address"]["NodeID"]
+            for info in ray._private.state.actors().values()
+            if "Scorer" in info["ActorClassName"]
+        )
     finally:
         ray.shutdown()
         cluster.shutdown()
@@ -88,6 +96,7 @@ def main() -> int:
     runs = client.search_runs([experiment.experiment_id])
     check = {
         "nodes": nodes,
+        "scorer_nodes": scorer_nodes,
         "scored_per_node": {n: scored_on.count(n) for n in sorted(set(scored_on))},
         "trial_train_nodes": {t["trial_id"]: t["train_nodes"] for t in summary["trials"]},
         "checkpoints": sorted(
@@ -100,6 +109,7 @@ def main() -> int:
     }
     (out / "cluster_check.json").write_text(json.dumps(check, indent=2) + "\n")
     print(f"\nnodes: {len(nodes)}")
+    print(f"scoring actors per node: {sorted(Counter(scorer_nodes).values())}")
     print(f"images scored per node: {list(check['scored_per_node'].values())}")
     print(f"nodes per training run: {list(check['trial_train_nodes'].values())}")
     print(f"checkpoints in shared storage: {len(check['checkpoints'])}")

@@ -47,8 +47,10 @@ def test_two_node_cluster_end_to_end(tiny_benchmark, tiny_source_ckpt, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     check = json.loads((out / "cluster_check.json").read_text())
     assert len(check["nodes"]) == 2
-    # Scoring ran on both nodes; every target-train image scored exactly once.
-    assert sorted(check["scored_per_node"]) == sorted(check["nodes"])
+    # One scoring actor on each node; every target-train image scored exactly once, by
+    # those actors (how Ray Data shares the batches between them is its own business).
+    assert check["scorer_nodes"] == sorted(check["nodes"])
+    assert set(check["scored_per_node"]) <= set(check["nodes"])
     assert sum(check["scored_per_node"].values()) == 24
     # The trial's Ray Train run had one worker on each node.
     assert list(check["trial_train_nodes"].values()) == [2]
