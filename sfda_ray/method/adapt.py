@@ -237,14 +237,13 @@ class Adapter:
         use_v = cfg.method == "sfda" and batch_v is not None and cfg.lambda_v > 0
         if self.uses_teacher:
             pl_t, w_t = self.pseudo_label(xt)
-        xv = self.exe.to_device(batch_v["image"]) if use_v else None
+        if use_v:  # moved to the device once, for L_V and ClassMix
+            xv, yv, wv = (self.exe.to_device(batch_v[k]) for k in ("image", "label", "weight"))
         views = [self._view(xv)] if use_v else []
         use_mix = use_v and self.uses_teacher and cfg.lambda_mix > 0
         if use_mix:
             # V's labelled objects pasted into target scenes: the same objects in new
             # contexts, so layout cues alone cannot explain the labels.
-            yv = self.exe.to_device(batch_v["label"])
-            wv = self.exe.to_device(batch_v["weight"])
             mixed, pl_mix, w_mix = class_mix((xv, yv, wv), (xt, pl_t, w_t), self.generator)
             if not cfg.uncertainty_weights:
                 w_mix = torch.ones_like(w_mix)
@@ -255,9 +254,8 @@ class Adapter:
         logits_v, logits_t = logits[:n_v], logits[n_v : n_v + n_t]
         total = logits.sum() * 0.0
         if use_v:
-            w_v = self.exe.to_device(batch_v["weight"]) if cfg.uncertainty_weights else None
             l_v = weighted_cross_entropy(
-                logits_v, self.exe.to_device(batch_v["label"]), w_v, self.alpha
+                logits_v, yv, wv if cfg.uncertainty_weights else None, self.alpha
             )
             total = total + cfg.lambda_v * l_v
             logs["loss_v"] = l_v.item()
