@@ -17,18 +17,7 @@ from sfda_ray.data.loaders import eval_loader, image_loader, images_of
 from sfda_ray.method.baselines import adapt_batchnorm
 from sfda_ray.metrics import confusion_matrix, segmentation_report
 from sfda_ray.models.checkpoint import load_model
-from sfda_ray.models.execution import Execution
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto``: the first GPU when there is one, else the CPU; ``cuda`` without a GPU is an
-    error rather than a silent fall-back."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r}: no CUDA GPU is visible here; use cpu or auto")
-    return resolved
+from sfda_ray.models.execution import Execution, resolve_device
 
 
 @torch.no_grad()
@@ -110,7 +99,8 @@ def evaluate_checkpoint(
     device: str = "cpu",
 ) -> dict:
     """``eval_classes`` (names of class subsets) overrides the dataset's own, e.g. to score
-    Cityscapes over SYNTHIA's 16 and 13 classes. ``device``: see ``resolve_device``."""
+    Cityscapes over SYNTHIA's 16 and 13 classes. ``device``: see
+    ``models.execution.resolve_device``."""
     model, meta = load_model(checkpoint)
     ref = open_dataset(data, domain)
     if eval_classes:

@@ -50,7 +50,7 @@ from sfda_ray.models.checkpoint import (
     load_model,
     save_checkpoint,
 )
-from sfda_ray.models.execution import Execution
+from sfda_ray.models.execution import Execution, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,7 @@ class Scorer:
         self, checkpoint: str, mc_passes: int, threads: int, perf: PerfConfig | None = None
     ):
         torch.set_num_threads(threads)
-        self.exe = Execution.resolve(perf, "cuda" if torch.cuda.is_available() else "cpu")
+        self.exe = Execution.resolve(perf, resolve_device("auto"))
         model, meta = load_model(checkpoint)
         self.model = self.exe.compiled(self.exe.prepare(model).eval())
         self.normalization = meta["normalization"]

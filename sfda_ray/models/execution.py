@@ -16,6 +16,17 @@ from torch import nn
 from sfda_ray.config import PerfConfig
 
 
+def resolve_device(device: str) -> torch.device:
+    """``auto``: the first GPU when there is one, else the CPU; ``cuda`` without a GPU is an
+    error rather than a silent fall-back."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: no CUDA GPU is visible here; use cpu or auto")
+    return resolved
+
+
 @dataclass(frozen=True)
 class Execution:
     device: torch.device
