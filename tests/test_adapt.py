@@ -195,6 +195,19 @@ def test_plain_loop_adapts_and_reports(tiny_benchmark, tiny_source_ckpt, tiny_sc
     )
 
 
+def test_evaluating_mid_run_leaves_training_unchanged(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores
+):
+    """Evaluation draws no random numbers that training's augmentations would see."""
+    scores, _ = tiny_scores
+    weights = []
+    for every in (1, 4):
+        cfg = _adapt_cfg(**{"adapt.eval_every": every})
+        plan = make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+        weights.append(run_adaptation(plan, cfg, LocalEnv())["model"].state_dict())
+    assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
+
+
 @pytest.mark.slow
 def test_two_worker_ray_train_run_and_resume(
     tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path

@@ -136,4 +136,7 @@ def eval_loader(
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=collate_skip_bad,
+        # Its own generator: a loader without one draws its base seed from torch's global
+        # RNG, so evaluating mid-run would change a training run's later augmentations.
+        generator=torch.Generator(),
     )
