@@ -47,7 +47,7 @@ ROWS = {
     "- rare-class sampling": {"adapt.rare_class_sampling": False},
     "+ EMA teacher (for rounds)": {"adapt.teacher": "ema"},
     "+ ClassMix (V objects into T)": {"adapt.lambda_mix": 1.0},
-    "+ 2x schedule (300 iterations)": {"adapt.iterations": 300, "adapt.eval_every": 150},
+    "- long schedule (150 iterations)": {"adapt.iterations": 150},
 }
 
 

@@ -139,7 +139,7 @@ class AdaptConfig:
     """The adaptation (DESIGN 4.4) and, by `method`, the baselines of DESIGN 4.5."""
 
     method: str = _field("sfda", choices=ADAPT_METHODS)
-    iterations: int = _field(150, lo=0)
+    iterations: int = _field(300, lo=0)
     batch_size: int = _field(4, lo=1)  # per worker, for each of V and T
     lr: float = _field(0.005, lo=0.0, lo_open=True)
     momentum: float = _field(0.9, lo=0.0, hi=1.0)
