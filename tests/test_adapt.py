@@ -200,10 +200,10 @@ def test_evaluating_mid_run_leaves_training_unchanged(
 ):
     """Evaluation draws no random numbers that training's augmentations would see."""
     scores, _ = tiny_scores
+    plan = make_plan(_adapt_cfg(), str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
     weights = []
     for every in (1, 4):
         cfg = _adapt_cfg(**{"adapt.eval_every": every})
-        plan = make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
         weights.append(run_adaptation(plan, cfg, LocalEnv())["model"].state_dict())
     assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
 
