@@ -29,6 +29,31 @@ def _config(args: argparse.Namespace, flags: dict[str, Any]) -> Config:
     return load_config(args.config, overrides)
 
 
+def _add_domain_arg(p: argparse.ArgumentParser, default: str, what: str) -> None:
+    p.add_argument(
+        "--domain",
+        choices=("source", "target"),
+        help=f"synthetic benchmark only: the half {what} (default: {default}); "
+        "a real dataset is one domain",
+    )
+    p.set_defaults(default_domain=default)
+
+
+def _domain(args: argparse.Namespace) -> str:
+    """``--domain`` picks a half of a synthetic benchmark. A real dataset is one domain, so
+    the flag there is a mistake to report, not a value to ignore."""
+    if args.domain is None:
+        return args.default_domain
+    from sfda_ray.data.catalog import is_synthetic
+
+    if not is_synthetic(args.data):
+        raise ValueError(
+            f"--domain {args.domain}: {args.data} is not a synthetic benchmark, the only "
+            "data with two domains; drop --domain (a real dataset is its own domain)"
+        )
+    return args.domain
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from sfda_ray.data.synthetic import BenchmarkSpec, generate
 
@@ -63,10 +88,11 @@ def cmd_train_source(args: argparse.Namespace) -> int:
             "model.name": args.model,
         },
     )
-    meta = train_source(cfg, args.data, args.out, domain=args.domain)
+    domain = _domain(args)
+    meta = train_source(cfg, args.data, args.out, domain=domain)
     print(
         f"checkpoint {args.out}: {meta['arch']['name']}, {meta['iteration']} iterations, "
-        f"trained on {args.domain} data {meta['data_fingerprint']}"
+        f"trained on {domain} data {meta['data_fingerprint']}"
     )
     return 0
 
@@ -77,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = evaluate_checkpoint(
         args.checkpoint,
         args.data,
-        args.domain,
+        _domain(args),
         args.split,
         tuple(args.size) if args.size else None,
         args.batch_size,
@@ -115,8 +141,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             "score.split": args.split,
         },
     )
+    options = ScoringOptions.from_config(cfg, _domain(args))
     init_ray(args.address)
-    options = ScoringOptions.from_config(cfg, args.domain)
     summary = score_dataset(args.checkpoint, args.data, args.out, options)
     pictures = write_pictures(args.out, cfg.select)
     print(
@@ -226,12 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data", required=True, help="synthetic benchmark dir, manifest .parquet or dataset .yaml"
     )
     p.add_argument("--out", required=True, help="checkpoint file (resumed if incomplete)")
-    p.add_argument(
-        "--domain",
-        choices=("source", "target"),
-        default="source",
-        help="synthetic benchmark half; `target` trains the oracle (reference only)",
-    )
+    _add_domain_arg(p, "source", "to train on; `target` trains the oracle, a reference")
     p.add_argument("--model", help="model name (config model.name)")
     p.add_argument("--iterations", type=int)
     p.add_argument("--batch-size", type=int)
@@ -243,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="mIoU, per-class IoU and confusion matrix of a checkpoint")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
-    p.add_argument("--domain", choices=("source", "target"), default="target")
+    _add_domain_arg(p, "target", "to evaluate")
     p.add_argument("--split", default="val")
     p.add_argument(
         "--size",
@@ -272,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="source model checkpoint")
     p.add_argument("--data", required=True, help="target data (benchmark dir, manifest, yaml)")
     p.add_argument("--out", required=True, help="scores directory (local path or URI)")
-    p.add_argument("--domain", choices=("source", "target"), default="target")
+    _add_domain_arg(p, "target", "to score")
     p.add_argument("--split", help="split to score (default: train)")
     p.add_argument("--actors", type=int, help="scoring actors (default: from the cluster)")
     p.add_argument("--batch-size", type=int)

@@ -220,6 +220,18 @@ def test_dataset_yaml_relative_root_is_relative_to_the_yaml(tmp_path, monkeypatc
     assert image.is_absolute() and image.is_file()
 
 
+def test_only_a_synthetic_benchmark_has_two_domains(tiny_benchmark, tmp_path):
+    from sfda_ray.data.catalog import is_synthetic
+
+    make_cityscapes(tmp_path / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19"]})
+    build_manifest("cityscapes", tmp_path / "cs", tmp_path / "cs.parquet")
+    (tmp_path / "cs.yaml").write_text("data: {kind: cityscapes, root: cs}\n")
+    (tmp_path / "bench.yaml").write_text(f"data: {{kind: synthetic, root: {tiny_benchmark}}}\n")
+    assert is_synthetic(tiny_benchmark) and is_synthetic(tmp_path / "bench.yaml")
+    for real in ("cs", "cs.parquet", "cs.yaml"):
+        assert not is_synthetic(tmp_path / real), real
+
+
 def test_labelled_split_only_when_every_image_has_a_label(tmp_path):
     from sfda_ray.data.catalog import open_dataset
 

@@ -178,6 +178,9 @@ def test_eval_over_synthia_subsets_of_a_cityscapes_tree(tiny_source_ckpt, tmp_pa
     assert main(args) == 0  # without --classes: Cityscapes' own 19 classes, as text
     out = capsys.readouterr().out
     assert "over cityscapes19" in out and "mIoU[cityscapes19]" in out
+    # --domain picks a half of a synthetic benchmark; on Cityscapes it is a mistake.
+    assert main([*args, "--domain", "source"]) == 2
+    assert "--domain source: " in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse names the allowed subsets
         main([*args, "--classes", "all"])
     assert "invalid choice: 'all'" in capsys.readouterr().err

@@ -90,6 +90,34 @@ def _relative_to(config: str, location: str) -> str:
     return storage.join(folder, location)
 
 
+def _dataset_yaml(data: str | Path) -> tuple[str, dict, str]:
+    """A dataset YAML's location, its ``data:`` section and the dataset location it names."""
+    where = str(data) if storage.is_uri(str(data)) else str(Path(str(data)).expanduser())
+    if not storage.exists(where):
+        raise FileNotFoundError(f"dataset config {where} does not exist")
+    spec = (yaml.safe_load(storage.read_bytes(where)) or {}).get("data")
+    if (
+        not isinstance(spec, dict)
+        or "kind" not in spec
+        or not (spec.get("root") or spec.get("manifest"))
+    ):
+        raise ValueError(
+            f"{where}: expected a `data:` section with `kind` and `root` (or `manifest`)"
+        )
+    return where, spec, _relative_to(where, str(spec.get("manifest") or spec["root"]))
+
+
+def is_synthetic(data: str | Path) -> bool:
+    """Whether ``data`` is a synthetic benchmark (itself or through a dataset YAML): the one
+    kind of dataset that holds both domains."""
+    if str(data).endswith((".yaml", ".yml")):
+        data = _dataset_yaml(data)[2]
+    return (
+        not storage.is_uri(str(data))
+        and (Path(str(data)).expanduser() / "benchmark.json").is_file()
+    )
+
+
 def open_dataset(data: str | Path, domain: str = "target", kind: str | None = None) -> DatasetRef:
     """Open ``data`` (see module doc). ``domain`` picks the half of a synthetic benchmark."""
     path = Path(str(data)).expanduser()
@@ -104,19 +132,7 @@ def open_dataset(data: str | Path, domain: str = "target", kind: str | None = No
         table = read_manifest(str(path / info["manifests"][domain]), include_errors=True)
         return _ref(f"synthetic:{domain}", table, {"synthetic": tuple(info["class_ids"])})
     if path.suffix in (".yaml", ".yml"):
-        where = str(data) if storage.is_uri(str(data)) else str(path)
-        if not storage.exists(where):
-            raise FileNotFoundError(f"dataset config {where} does not exist")
-        spec = (yaml.safe_load(storage.read_bytes(where)) or {}).get("data")
-        if (
-            not isinstance(spec, dict)
-            or "kind" not in spec
-            or not (spec.get("root") or spec.get("manifest"))
-        ):
-            raise ValueError(
-                f"{where}: expected a `data:` section with `kind` and `root` (or `manifest`)"
-            )
-        location = _relative_to(where, str(spec.get("manifest") or spec["root"]))
+        where, spec, location = _dataset_yaml(data)
         ref = open_dataset(location, domain, spec["kind"])
         # e.g. SYNTHIA -> Cityscapes scores Cityscapes on SYNTHIA's 16 and 13 classes.
         names = spec.get("eval_classes")
