@@ -362,8 +362,13 @@ def _check_cross_fields(obj: Any, prefix: str) -> None:
                 )
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``overrides`` (dotted keys)."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    preset: dict[str, Any] | None = None,
+) -> Config:
+    """Defaults, then ``preset``, then the YAML file at ``path``, then ``overrides`` (both
+    in dotted keys: ``preset`` changes defaults, ``overrides`` are flags)."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -375,8 +380,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {data!r}")
+    merged: dict[str, Any] = {}
+    for dotted, value in (preset or {}).items():
+        section, key = dotted.split(".")
+        merged.setdefault(section, {})[key] = value
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
     try:
-        cfg = from_dict(Config, data)
+        cfg = from_dict(Config, merged)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}" if path else str(e)) from None
     return apply_overrides(cfg, overrides or {})

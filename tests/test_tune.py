@@ -108,6 +108,41 @@ def test_config_data_section_names_the_target(tmp_path):
         load_config(None, {"data.eval_classes": ["synthia19"]})
 
 
+def test_synthetic_preset_never_overrides_a_config(tmp_path, monkeypatch):
+    """The synthetic run's short schedule fills in defaults only: a real-data config keeps
+    its own values, and a YAML value beats the preset."""
+    import argparse
+
+    from data_fixtures import make_cityscapes
+
+    from sfda_ray.cli import add_tune_args
+    from sfda_ray.data.catalog import open_dataset
+    from sfda_ray.dist.job import SYNTHETIC, job_config, write_dataset_spec
+
+    parser = argparse.ArgumentParser()
+    add_tune_args(parser, "out")
+    gta = str(ROOT / "experiments" / "configs" / "gta5_cityscapes.yaml")
+    cfg = job_config(parser.parse_args(["--config", gta, "--checkpoint", "src.pth"]))
+    assert (cfg.adapt.iterations, cfg.adapt.threads) == (20000, 4)
+    assert job_config(parser.parse_args([])).adapt.iterations == SYNTHETIC["adapt.iterations"]
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("adapt: {iterations: 12, lr: 0.001}\n")
+    cfg = job_config(parser.parse_args(["--config", str(mine)]))
+    assert (cfg.adapt.iterations, cfg.adapt.lr) == (12, 0.001)
+    assert cfg.adapt.eval_every == SYNTHETIC["adapt.eval_every"]
+    smoke = job_config(parser.parse_args(["--config", str(mine), "--smoke"]))
+    assert smoke.adapt.iterations == 10  # --smoke is a flag: it beats the YAML
+
+    # A relative data.root given as a flag is relative to the working directory.
+    make_cityscapes(tmp_path / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19"]})
+    monkeypatch.chdir(tmp_path)
+    args = ["--checkpoint", "src.pth", "--set", "data.kind=cityscapes", "--set", "data.root=cs"]
+    cfg = job_config(parser.parse_args(args))
+    assert cfg.adapt.iterations == load_config().adapt.iterations  # a real dataset: no preset
+    (tmp_path / "out").mkdir()
+    assert open_dataset(write_dataset_spec(cfg, str(tmp_path / "out"))).manifest.num_rows == 2
+
+
 def test_remote_output_needs_a_tracking_server(monkeypatch, tmp_path):
     from sfda_ray.dist.tracking import default_tracking_uri
 

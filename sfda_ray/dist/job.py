@@ -65,7 +65,8 @@ SMOKE_BENCH = BenchmarkSpec(
 
 
 def job_config(args: argparse.Namespace) -> Config:
-    defaults = SMOKE if args.smoke else ({} if args.data else SYNTHETIC)
+    """The run's config: defaults, then for the synthetic run its preset, then
+    ``--config``, then ``--smoke`` (a flag: it beats the YAML), ``--set`` and the flags."""
     flags = {
         "tune.num_samples": args.samples,
         "tune.max_concurrent": args.concurrent,
@@ -74,18 +75,29 @@ def job_config(args: argparse.Namespace) -> Config:
         "tune.space": args.space,
     }
     overrides = {
-        **defaults,
+        **(SMOKE if args.smoke else {}),
         **dict(map(parse_override, args.set)),
         **{k: v for k, v in flags.items() if v is not None},
     }
-    return load_config(args.config, overrides)
+    cfg = load_config(args.config, overrides)
+    if args.smoke or args.data or cfg.data.root or cfg.data.manifest:
+        return cfg
+    return load_config(args.config, overrides, preset=SYNTHETIC)
 
 
 def write_dataset_spec(cfg: Config, out: str) -> str:
     """``OUT/dataset.yaml`` from the config's ``data:`` section (YAML, flags and --set
     applied), readable by every node when ``OUT`` is shared storage."""
     d = cfg.data
-    spec = {"kind": d.kind, "root": d.root, "manifest": d.manifest}
+
+    def absolute(location: str | None) -> str | None:
+        # Relative to the working directory, as flags are; OUT/dataset.yaml would otherwise
+        # read it as relative to OUT.
+        if location is None or storage.is_uri(location):
+            return location
+        return str(Path(location).expanduser().resolve())
+
+    spec = {"kind": d.kind, "root": absolute(d.root), "manifest": absolute(d.manifest)}
     if d.eval_classes:
         spec["eval_classes"] = d.eval_classes
     path = storage.join(out, "dataset.yaml")
