@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomS
 from sfda_ray import storage
 from sfda_ray.config import Config, to_dict
 from sfda_ray.data.adaptation import AdaptationDataset, load_map, rare_class_sampling_weights
-from sfda_ray.data.catalog import open_dataset
+from sfda_ray.data.catalog import DatasetRef, open_dataset
 from sfda_ray.data.dataset import collate_skip_bad
 from sfda_ray.data.labels import CLASS_NAMES
-from sfda_ray.data.loaders import eval_loader, forever
+from sfda_ray.data.loaders import eval_loader, forever, image_loader, images_of
 from sfda_ray.evaluate import confusion_on
 from sfda_ray.method.adapt import Adapter, to_input, unwrap
 from sfda_ray.method.baselines import adapt_batchnorm
@@ -45,6 +45,7 @@ from sfda_ray.models.checkpoint import (
 from sfda_ray.models.execution import Execution
 
 log = logging.getLogger(__name__)
+PROXY_IMAGES = 100  # train images the proxy is computed on when no val split exists
 
 
 @dataclass
@@ -60,6 +61,7 @@ class AdaptPlan:
     class_weight: list[float]
     map_size: tuple[int, int]
     eval_rows: list[dict] = field(default_factory=list)  # labelled target val, evaluation only
+    proxy_rows: list[dict] = field(default_factory=list)  # no labelled val: proxy images
     eval_classes: tuple[int, ...] = ()
     virtual_sampling_weights: list[float] | None = None
     selection_summary: dict = field(default_factory=dict)
@@ -111,6 +113,7 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
     ref = open_dataset(data, "target")
     val = ref.labelled("val")
     eval_rows = val.to_pylist() if val is not None else []
+    proxy_rows = [] if val is not None else _proxy_rows(ref)
     eval_classes = next(iter(ref.eval_subsets.values()))
     return AdaptPlan(
         checkpoint=start_checkpoint,
@@ -123,11 +126,22 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
         class_weight=alpha.tolist(),
         map_size=map_size,
         eval_rows=eval_rows,
+        proxy_rows=proxy_rows,
         eval_classes=tuple(eval_classes),
         virtual_sampling_weights=weights,
         selection_summary=selection.summary(),
         fingerprints={"checkpoint": file_fingerprint(checkpoint), "data": ref.fingerprint},
     )
+
+
+def _proxy_rows(ref: DatasetRef) -> list[dict]:
+    """Images for the label-free proxy when no val split is labelled: the unlabelled val
+    images, else up to ``PROXY_IMAGES`` train images evenly spaced in id order."""
+    has_val = "val" in set(ref.manifest["split"].to_pylist())
+    table = ref.split("val" if has_val else "train").sort_by("image_id")
+    if not has_val and table.num_rows > PROXY_IMAGES:
+        table = table.take(np.linspace(0, table.num_rows - 1, PROXY_IMAGES).round().astype(int))
+    return table.to_pylist()
 
 
 class TrainEnv(Protocol):
@@ -150,17 +164,16 @@ def evaluate_adapted(
     size: tuple[int, int],
     execution: Execution | None = None,
 ) -> dict:
-    """Target-val mIoU (labels: evaluation only) and the unsupervised proxy.
+    """Target-val mIoU (labels: evaluation only) and the unsupervised proxy; the proxy
+    alone, on ``plan.proxy_rows``, when the target has no labelled val split.
 
     proxy = mean normalised prediction entropy + KL(pi_T || mean predicted distribution);
     lower is better; it needs no labels.
     """
-    if not plan.eval_rows:
+    if not (plan.eval_rows or plan.proxy_rows):
         return {}
     model.eval()
-    loader = eval_loader(
-        pa.Table.from_pylist(plan.eval_rows), size, normalization, batch_size=8, num_workers=0
-    )
+    exe = execution or Execution(torch.device("cpu"))
     totals = {"entropy": 0.0, "mean_pred": 0.0, "n": 0}
 
     def observe(logits: torch.Tensor) -> None:
@@ -169,17 +182,35 @@ def evaluate_adapted(
         totals["mean_pred"] = totals["mean_pred"] + prob.mean(dim=(2, 3)).sum(0).cpu()
         totals["n"] += prob.shape[0]
 
-    cm, _ = confusion_on(model, loader, len(CLASS_NAMES), execution, observe=observe)
+    if plan.eval_rows:
+        loader = eval_loader(
+            pa.Table.from_pylist(plan.eval_rows), size, normalization, batch_size=8, num_workers=0
+        )
+        cm, _ = confusion_on(model, loader, len(CLASS_NAMES), exe, observe=observe)
+    else:
+        loader = image_loader(
+            pa.Table.from_pylist(plan.proxy_rows), size, normalization, num_workers=0
+        )
+        for images in images_of(loader):
+            with exe.autocast():
+                observe(model(exe.to_device(images)).float())
     entropy, mean_pred, n = totals["entropy"], totals["mean_pred"], totals["n"]
+    if n == 0:  # every image failed to decode (each was logged and skipped)
+        return {}
     prior = torch.tensor(plan.prior_target)
     mean_pred = (mean_pred / n).clamp_min(1e-8)
     kl = torch.where(prior > 0, prior * (prior.clamp_min(1e-12).log() - mean_pred.log()), 0.0)
-    report = segmentation_report(cm, CLASS_NAMES, {"eval": plan.eval_classes})
-    return {
-        "val_miou": report["subsets"]["eval"],
+    proxy = {
         "proxy_entropy": entropy / n,
         "proxy_prior_kl": kl.sum().item(),
         "proxy": entropy / n + kl.sum().item(),
+    }
+    if not plan.eval_rows:
+        return proxy
+    report = segmentation_report(cm, CLASS_NAMES, {"eval": plan.eval_classes})
+    return {
+        "val_miou": report["subsets"]["eval"],
+        **proxy,
         "per_class": {
             CLASS_NAMES[c]: report["per_class"][CLASS_NAMES[c]] for c in plan.eval_classes
         },
@@ -300,9 +331,8 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
                 {k: v for k, v in final.items() if k not in ("per_class", "confusion_matrix")}
             )
             if "proxy" in metrics:
-                log.info(
-                    "iter %d: val_miou %.2f proxy %.4f", done, metrics["val_miou"], metrics["proxy"]
-                )
+                miou = f"val_miou {metrics['val_miou']:.2f} " if "val_miou" in metrics else ""
+                log.info("iter %d: %sproxy %.4f", done, miou, metrics["proxy"])
         state_out = (
             {"adapter": adapter.state_dict(), "iteration": done}
             if checkpoint_now and env.rank == 0

@@ -195,6 +195,44 @@ def test_plain_loop_adapts_and_reports(tiny_benchmark, tiny_source_ckpt, tiny_sc
     )
 
 
+def test_unlabelled_target_reports_the_proxy(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    """Without target labels the sweep ranks on the proxy, so every evaluation reports it,
+    computed as it is with labels."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from sfda_ray.adaptation import evaluate_adapted
+    from sfda_ray.data.catalog import open_dataset
+    from sfda_ray.data.manifest import write_manifest
+
+    scores, _ = tiny_scores
+    cfg = _adapt_cfg()
+    manifest = open_dataset(tiny_benchmark, "target").manifest
+    none = pa.nulls(manifest.num_rows, pa.string())
+    for column in ("label_path", "label_format"):
+        manifest = manifest.set_column(manifest.schema.get_field_index(column), column, none)
+    write_manifest(manifest, tmp_path / "unlabelled.parquet")
+    plan = make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tmp_path / "unlabelled.parquet"))
+    assert plan.eval_rows == [] and len(plan.proxy_rows) == TINY.target_val  # the val images
+    env = LocalEnv()
+    result = run_adaptation(plan, cfg, env)
+    assert [r["iteration"] for r in env.reports] == [2, 4]
+    assert all(r["proxy"] > 0 and "val_miou" not in r for r in env.reports)
+
+    labelled = make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+    size = (TINY.height, TINY.width)
+    with_labels = evaluate_adapted(result["model"], labelled, "imagenet", size)
+    without = evaluate_adapted(result["model"], plan, "imagenet", size)
+    assert without["proxy"] == pytest.approx(with_labels["proxy"], rel=1e-5)
+
+    train_only = manifest.filter(pc.equal(manifest["split"], "train"))
+    write_manifest(train_only, tmp_path / "train_only.parquet")
+    plan = make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tmp_path / "train_only.parquet"))
+    assert len(plan.proxy_rows) == TINY.target_train  # fewer than PROXY_IMAGES: all of them
+
+
 def test_evaluating_mid_run_leaves_training_unchanged(
     tiny_benchmark, tiny_source_ckpt, tiny_scores
 ):
