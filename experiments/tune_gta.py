@@ -6,9 +6,10 @@ With no dataset given, the whole pipeline runs on the built-in synthetic benchma
     python experiments/tune_gta.py [--out outputs/tune_gta] [--smoke]
 
 With real data, give the GTA5-trained source checkpoint and a config whose `data:`
-section names the Cityscapes root (or --data: a dataset YAML or a Parquet manifest):
+section names the Cityscapes root (or --data: a dataset YAML or a Parquet manifest); a
+public AdaptSegNet/ADVENT .pth is converted once with `sfda-ray import-checkpoint`:
 
-    python experiments/tune_gta.py --checkpoint gta5_source.pth \
+    python experiments/tune_gta.py --checkpoint gta5_source.pt \
         --config experiments/configs/gta5_cityscapes.yaml
 
 The search space is experiments/configs/tune_space.yaml (or --space). Rerunning the same

@@ -97,6 +97,30 @@ def cmd_train_source(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_checkpoint(args: argparse.Namespace) -> int:
+    from sfda_ray.models.checkpoint import file_fingerprint, load_model, save_checkpoint
+
+    options = {"layout": args.layout, "multi_level": args.multi_level}
+    if args.aspp_sum:
+        options["aspp_sum"] = args.aspp_sum
+    # Every key must match the chosen layout: a wrong one is refused, naming the keys.
+    model, meta = load_model(args.checkpoint, arch={"name": args.model, "options": options})
+    save_checkpoint(
+        args.out,
+        model,
+        {
+            "normalization": args.normalization,
+            "imported_from": str(args.checkpoint),
+            "imported_fingerprint": file_fingerprint(args.checkpoint),
+        },
+    )
+    print(
+        f"checkpoint {args.out}: {meta['arch']['name']} {meta['arch']['options']}, "
+        f"{meta['num_classes']} classes, {args.normalization} input, from {args.checkpoint}"
+    )
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from sfda_ray.evaluate import evaluate_checkpoint
 
@@ -199,7 +223,11 @@ def add_tune_args(parser: argparse.ArgumentParser, default_out: str = "outputs/t
     parser.add_argument(
         "--data", help="target data: manifest .parquet or dataset .yaml (default: synthetic)"
     )
-    parser.add_argument("--checkpoint", help="source checkpoint (required with --data)")
+    parser.add_argument(
+        "--checkpoint",
+        help="source checkpoint (required with --data; convert a public .pth with "
+        "`sfda-ray import-checkpoint`)",
+    )
     parser.add_argument("--config", help="YAML config (flags and --set override it)")
     parser.add_argument("--space", help="search-space YAML (default: the task's)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -260,6 +288,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     _add_config_args(p)
     p.set_defaults(func=cmd_train_source)
+
+    p = sub.add_parser(
+        "import-checkpoint",
+        help="wrap a public AdaptSegNet/ADVENT state dict (.pth) as an sfda_ray checkpoint",
+    )
+    p.add_argument("checkpoint", help="raw state dict, local path or URI")
+    p.add_argument("--out", required=True, help="sfda_ray checkpoint to write (path or URI)")
+    p.add_argument("--model", default="deeplabv2_resnet101", help="model name (config model.name)")
+    p.add_argument(
+        "--layout",
+        required=True,
+        choices=("adaptsegnet", "advent"),
+        help="classifier names: AdaptSegNet's Res_Deeplab (layer5) or ADVENT's (layer6)",
+    )
+    p.add_argument(
+        "--multi-level", action="store_true", help="two classifiers (layer5 on layer3, layer6)"
+    )
+    p.add_argument(
+        "--aspp-sum",
+        choices=("two", "all"),
+        help="ASPP branches summed (default: two for adaptsegnet, its quirk; all for advent)",
+    )
+    p.add_argument(
+        "--normalization",
+        default="caffe_bgr",
+        help="input the weights expect: caffe_bgr (the public checkpoints) or imagenet",
+    )
+    p.set_defaults(func=cmd_import_checkpoint)
 
     p = sub.add_parser("eval", help="mIoU, per-class IoU and confusion matrix of a checkpoint")
     p.add_argument("--checkpoint", required=True)

@@ -120,7 +120,7 @@ def test_raw_state_dict_with_prefixes_and_without_num_batches_tracked(tmp_path):
     path = tmp_path / "public.pth"
     torch.save(state, path)
     assert load_checkpoint(path)["format"] == "raw"
-    with pytest.raises(CheckpointError, match="raw state dict"):
+    with pytest.raises(CheckpointError, match="raw state dict .* `sfda-ray import-checkpoint"):
         load_model(path)
 
     loaded, meta = load_model(path, arch="deeplabv2_resnet18", layout="adaptsegnet")
@@ -128,6 +128,32 @@ def test_raw_state_dict_with_prefixes_and_without_num_batches_tracked(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded.eval()(x), model(x))
     assert meta["num_classes"] == 5 and meta["normalization"] == "caffe_bgr"
+
+
+def test_import_checkpoint_makes_a_public_state_dict_usable(tmp_path, capsys):
+    """Every stage takes sfda_ray checkpoints; `import-checkpoint` converts a public one."""
+    from sfda_ray.cli import main
+
+    torch.manual_seed(0)
+    model = build_model("deeplabv2_resnet18", 19, layout="adaptsegnet", multi_level=True).eval()
+    raw = tmp_path / "gta5.pth"
+    torch.save({"Scale." + k: v for k, v in model.state_dict().items()}, raw)
+    args = ["import-checkpoint", str(raw), "--model", "deeplabv2_resnet18"]
+    out = tmp_path / "gta5_source.pt"
+    # The wrong layout is refused, naming the keys; nothing is written.
+    assert main([*args, "--layout", "advent", "--out", str(out)]) == 2
+    assert "missing keys: " in capsys.readouterr().err and not out.exists()
+    assert main([*args, "--layout", "adaptsegnet", "--multi-level", "--out", str(out)]) == 0
+    assert "19 classes, caffe_bgr input" in capsys.readouterr().out
+    loaded, meta = load_model(out)  # as every stage loads it: no options needed
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded.eval()(x), model(x))
+    assert meta["arch"]["options"]["layout"] == "adaptsegnet" and loaded.multi_level
+    assert meta["normalization"] == "caffe_bgr" and meta["imported_from"] == str(raw)
+    bad = ["--layout", "adaptsegnet", "--multi-level", "--normalization", "rgb"]
+    assert main([*args, *bad, "--out", str(tmp_path / "x.pt")]) == 2
+    assert "normalization" in capsys.readouterr().err
 
 
 def test_class_count_mismatch_is_named():

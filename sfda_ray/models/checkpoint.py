@@ -225,8 +225,9 @@ def load_model(
     if meta is None:
         if arch is None:
             raise CheckpointError(
-                f"{path} is a raw state dict without sfda_ray meta; pass arch="
-                "'deeplabv2_resnet101' (and options such as layout='adaptsegnet')"
+                f"{path} is a raw state dict without sfda_ray meta; convert it once with "
+                f"`sfda-ray import-checkpoint {path} --out MODEL.pt --layout adaptsegnet` "
+                "(or --layout advent, --multi-level), then pass MODEL.pt"
             )
         meta = _complete_meta(
             {
