@@ -76,6 +76,14 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
     if table.num_rows == 0:
         raise ValueError(f"{scores}/scores.parquet has no scored images")
     selection = select_by_config(table, cfg.select, cfg.model.num_classes)
+    if not (len(selection.virtual) and len(selection.target)):
+        s = cfg.select
+        rule = f"ratio {s.ratio}" if s.ratio is not None else f"score_threshold {s.score_threshold}"
+        raise ValueError(
+            f"select.{rule} puts {len(selection.virtual)} of {table.num_rows} scored images "
+            f"in the virtual source and {len(selection.target)} in the target; "
+            "adaptation needs at least one in each"
+        )
     a = cfg.adapt
     alpha = selection.class_weights(a.prior_beta, (a.alpha_min, a.alpha_max))
     rows = {

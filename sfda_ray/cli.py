@@ -168,7 +168,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     options = ScoringOptions.from_config(cfg, _domain(args))
     init_ray(args.address)
     summary = score_dataset(args.checkpoint, args.data, args.out, options)
-    pictures = write_pictures(args.out, cfg.select)
+    pictures = write_pictures(args.out, cfg.select, cfg.model.num_classes)
     print(
         f"scored {summary['scored']} images, skipped {summary['skipped']} "
         f"{summary['skipped_reasons'] or ''} in {summary['seconds']} s "

@@ -233,6 +233,18 @@ def test_unlabelled_target_reports_the_proxy(
     assert len(plan.proxy_rows) == TINY.target_train  # fewer than PROXY_IMAGES: all of them
 
 
+def test_a_selection_without_virtual_source_or_target_is_refused(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores
+):
+    scores, _ = tiny_scores
+    args = (str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+    with pytest.raises(ValueError, match=r"select.ratio 1.0 puts 24 of 24 .* and 0 in the target"):
+        make_plan(_adapt_cfg(**{"select.ratio": 1.0}), *args)
+    empty_v = _adapt_cfg(**{"select.ratio": None, "select.score_threshold": 1.0})
+    with pytest.raises(ValueError, match=r"select.score_threshold 1.0 puts 0 of 24 scored"):
+        make_plan(empty_v, *args)
+
+
 def test_evaluating_mid_run_leaves_training_unchanged(
     tiny_benchmark, tiny_source_ckpt, tiny_scores
 ):

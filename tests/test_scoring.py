@@ -9,12 +9,14 @@ import torch
 from PIL import Image
 
 from sfda_ray.cli import main
+from sfda_ray.config import SelectConfig
 from sfda_ray.data.catalog import open_dataset
 from sfda_ray.data.io import load_image
 from sfda_ray.data.manifest import write_manifest
 from sfda_ray.data.transforms import normalize_batch
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
 from sfda_ray.method.scoring import class_confidence_histogram, score_images
+from sfda_ray.method.selection import select_by_config, selection_quality
 from sfda_ray.models.checkpoint import load_model
 
 
@@ -58,8 +60,10 @@ def test_ray_pipeline_equals_plain_core(scored, tiny_benchmark, tiny_source_ckpt
         # Target labels exist on the benchmark: evaluation columns are filled.
         assert 0.0 <= row["eval_miou"] <= 100.0
         assert row["node_id"] and row["error"] is None
-    for key in ("quality_kept_pixel_accuracy", "quality_score_miou_spearman"):
-        assert summary[key] is not None
+    # Quality figures describe the configured selection (class-balanced by default).
+    configured = selection_quality(table, select_by_config(table, SelectConfig()))
+    for key in ("kept_pixel_accuracy", "score_miou_spearman"):
+        assert summary[f"quality_{key}"] == pytest.approx(configured[key])
     assert json.loads((out / "summary.json").read_text())["scored"] == 24
 
 

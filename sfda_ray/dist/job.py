@@ -155,7 +155,7 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
     init_ray(args.address)
     scores = storage.join(out, "scores")
     scored = score_dataset(checkpoint, data, scores, ScoringOptions.from_config(cfg))
-    pictures = write_pictures(scores, cfg.select)
+    pictures = write_pictures(scores, cfg.select, cfg.model.num_classes)
 
     summary: dict = {"task": task, "data": data, "checkpoint": checkpoint}
     if has_labelled_val(data):

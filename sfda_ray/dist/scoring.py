@@ -24,7 +24,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -41,9 +41,9 @@ from sfda_ray.data.manifest import error_reason
 from sfda_ray.data.transforms import normalize_batch
 from sfda_ray.evaluate import adabn_on_split
 from sfda_ray.method.scoring import class_confidence_histogram, score_images
-from sfda_ray.method.selection import select, select_by_config, selection_quality
+from sfda_ray.method.selection import select_by_config, selection_quality
 from sfda_ray.metrics import confusion_matrix, iou_per_class
-from sfda_ray.config import PerfConfig
+from sfda_ray.config import PerfConfig, SelectConfig
 from sfda_ray.models.checkpoint import (
     file_fingerprint,
     load_checkpoint,
@@ -125,6 +125,9 @@ class ScoringOptions:
     split: str = "train"
     domain: str = "target"
     perf: PerfConfig | None = None  # precision, memory format, compile (None: the defaults)
+    # The selection the summary's quality figures describe.
+    select: SelectConfig = field(default_factory=SelectConfig)
+    num_classes: int = 19
 
     @classmethod
     def from_config(cls, cfg, domain: str = "target") -> ScoringOptions:
@@ -139,6 +142,8 @@ class ScoringOptions:
             split=cfg.score.split,
             domain=domain,
             perf=cfg.perf,
+            select=cfg.select,
+            num_classes=cfg.model.num_classes,
         )
 
 
@@ -400,7 +405,7 @@ def score_dataset(
     table = _latest_per_image(_read_parts(out))
     table = table.filter(pc.is_in(table["image_id"], pa.array(list(by_id))))
     storage.write_parquet(table, storage.join(out, "scores.parquet"))
-    summary = summarize_scores(table, len(todo), elapsed)
+    summary = summarize_scores(table, len(todo), elapsed, opts.select, opts.num_classes)
     summary.update(
         {
             # Until the first scored batch reached the driver (workers starting, models
@@ -545,7 +550,13 @@ class ScoreWriter:
         self.pending.clear()
 
 
-def summarize_scores(table: pa.Table, scored_now: int, seconds: float) -> dict:
+def summarize_scores(
+    table: pa.Table,
+    scored_now: int,
+    seconds: float,
+    select_cfg: SelectConfig,
+    num_classes: int = 19,
+) -> dict:
     errors = [e for e in table["error"].to_pylist() if e is not None]
     ok = table.filter(pc.is_null(table["error"]))
     summary = {
@@ -560,13 +571,14 @@ def summarize_scores(table: pa.Table, scored_now: int, seconds: float) -> dict:
         "mean_score": float(pc.mean(ok["score"]).as_py() or 0.0) if ok.num_rows else None,
     }
     if ok.num_rows:
-        # Quality at the default selection; `select` reports it for any other thresholds.
-        quality = selection_quality(ok, select(ok))
+        # Quality of the configured selection (pseudo-labels against labels, where known).
+        selection = select_by_config(ok, select_cfg, num_classes)
+        quality = selection_quality(ok, selection, num_classes)
         summary.update({f"quality_{k}": v for k, v in quality.items()})
     return summary
 
 
-def write_pictures(out: str, select_cfg) -> list[str]:
+def write_pictures(out: str, select_cfg: SelectConfig, num_classes: int = 19) -> list[str]:
     """Score histogram with the selection cut and a selected/rejected grid, as PNGs."""
     from sfda_ray.pictures import score_histogram, selection_grid
 
@@ -574,7 +586,7 @@ def write_pictures(out: str, select_cfg) -> list[str]:
     ok = table.filter(pc.is_null(table["error"]))
     if ok.num_rows == 0:
         return []
-    selection = select_by_config(ok, select_cfg)
+    selection = select_by_config(ok, select_cfg, num_classes)
     paths = [storage.join(out, "score_histogram.png"), storage.join(out, "selection_grid.png")]
     storage.atomic_write_bytes(paths[0], score_histogram(ok, selection))
     storage.atomic_write_bytes(paths[1], selection_grid(ok, selection))
