@@ -1,5 +1,6 @@
 """The sweep's pieces that need no running sweep: search spaces and MLflow bookkeeping."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,7 @@ def test_config_data_section_names_the_target(tmp_path):
     from data_fixtures import make_cityscapes
 
     from sfda_ray.data.catalog import open_dataset
-    from sfda_ray.dist.job import write_dataset_spec
+    from sfda_ray.dist.job import pin_manifest, write_dataset_spec
 
     split_images = {"train": ["aachen/aachen_0_19"], "val": ["lindau/lindau_0_19"]}
     make_cityscapes(tmp_path / "cs", split_images)
@@ -100,10 +101,23 @@ def test_config_data_section_names_the_target(tmp_path):
             "data.eval_classes": ["synthia13"],
         },
     )
-    (tmp_path / "out").mkdir()
-    ref = open_dataset(write_dataset_spec(cfg, str(tmp_path / "out")))
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = write_dataset_spec(cfg, str(out))
+    ref = open_dataset(spec)
     assert list(ref.eval_subsets) == ["synthia13"]
     assert ref.split("val").num_rows == 1
+    # The job scans a root once; every later stage reads the manifest, not the tree.
+    pinned = pin_manifest(spec, str(out))
+    manifest = out / "target_manifest.parquet"
+    assert manifest.is_file() and f"manifest: {manifest}" in Path(pinned).read_text()
+    shutil.rmtree(tmp_path / "cs" / "gtFine")  # a rescan would now find no labels
+    ref = open_dataset(pinned)
+    assert list(ref.eval_subsets) == ["synthia13"] and ref.labelled("val").num_rows == 1
+    scanned_at = manifest.stat().st_mtime_ns
+    rerun = pin_manifest(write_dataset_spec(cfg, str(out)), str(out))
+    assert open_dataset(rerun).labelled("val").num_rows == 1  # the manifest it made before
+    assert manifest.stat().st_mtime_ns == scanned_at
     with pytest.raises(ConfigError, match=r"data.eval_classes: \['synthia19'\]"):
         load_config(None, {"data.eval_classes": ["synthia19"]})
 

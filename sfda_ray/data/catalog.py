@@ -90,8 +90,9 @@ def _relative_to(config: str, location: str) -> str:
     return storage.join(folder, location)
 
 
-def _dataset_yaml(data: str | Path) -> tuple[str, dict, str]:
-    """A dataset YAML's location, its ``data:`` section and the dataset location it names."""
+def read_dataset_yaml(data: str | Path) -> dict:
+    """A dataset YAML's ``data:`` section, its ``root`` and ``manifest`` resolved against
+    the YAML's folder and ``where`` set to the YAML's own location."""
     where = str(data) if storage.is_uri(str(data)) else str(Path(str(data)).expanduser())
     if not storage.exists(where):
         raise FileNotFoundError(f"dataset config {where} does not exist")
@@ -104,14 +105,19 @@ def _dataset_yaml(data: str | Path) -> tuple[str, dict, str]:
         raise ValueError(
             f"{where}: expected a `data:` section with `kind` and `root` (or `manifest`)"
         )
-    return where, spec, _relative_to(where, str(spec.get("manifest") or spec["root"]))
+    located = {k: _relative_to(where, str(spec[k])) for k in ("root", "manifest") if spec.get(k)}
+    return {**spec, **located, "where": where}
+
+
+def _location(spec: dict) -> str:
+    return spec.get("manifest") or spec["root"]
 
 
 def is_synthetic(data: str | Path) -> bool:
     """Whether ``data`` is a synthetic benchmark (itself or through a dataset YAML): the one
     kind of dataset that holds both domains."""
     if str(data).endswith((".yaml", ".yml")):
-        data = _dataset_yaml(data)[2]
+        data = _location(read_dataset_yaml(data))
     return (
         not storage.is_uri(str(data))
         and (Path(str(data)).expanduser() / "benchmark.json").is_file()
@@ -132,8 +138,8 @@ def open_dataset(data: str | Path, domain: str = "target", kind: str | None = No
         table = read_manifest(str(path / info["manifests"][domain]), include_errors=True)
         return _ref(f"synthetic:{domain}", table, {"synthetic": tuple(info["class_ids"])})
     if path.suffix in (".yaml", ".yml"):
-        where, spec, location = _dataset_yaml(data)
-        ref = open_dataset(location, domain, spec["kind"])
+        spec = read_dataset_yaml(data)
+        ref = open_dataset(_location(spec), domain, spec["kind"])
         # e.g. SYNTHIA -> Cityscapes scores Cityscapes on SYNTHIA's 16 and 13 classes.
         names = spec.get("eval_classes")
         if names is None:
@@ -141,7 +147,7 @@ def open_dataset(data: str | Path, domain: str = "target", kind: str | None = No
         try:
             return ref.with_eval_classes(names)
         except ValueError as e:
-            raise ValueError(f"{where}: data.{e}") from None
+            raise ValueError(f"{spec['where']}: data.{e}") from None
     if kind is None:
         raise ValueError(
             f"{data}: not a synthetic benchmark (no benchmark.json), not a .parquet manifest "

@@ -27,6 +27,8 @@ from sfda_ray.config import (
     load_search_space,
     parse_override,
 )
+from sfda_ray.data.catalog import is_synthetic, read_dataset_yaml
+from sfda_ray.data.readers import build_manifest
 from sfda_ray.data.synthetic import BenchmarkSpec, generate
 from sfda_ray.dist.runtime import init_ray
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset, write_pictures
@@ -100,9 +102,31 @@ def write_dataset_spec(cfg: Config, out: str) -> str:
     spec = {"kind": d.kind, "root": absolute(d.root), "manifest": absolute(d.manifest)}
     if d.eval_classes:
         spec["eval_classes"] = d.eval_classes
+    return _write_spec(spec, out)
+
+
+def _write_spec(spec: dict, out: str) -> str:
     path = storage.join(out, "dataset.yaml")
     storage.atomic_write_bytes(path, yaml.safe_dump({"data": spec}).encode())
     return path
+
+
+def pin_manifest(data: str, out: str) -> str:
+    """A dataset YAML that names a root, scanned once into ``OUT/target_manifest.parquet``
+    (kept for reruns) and given back as ``OUT/dataset.yaml`` naming that manifest, so no
+    later stage (each trial plans and evaluates) walks the directory again. Any other
+    ``data`` is returned as it is."""
+    if not str(data).endswith((".yaml", ".yml")) or is_synthetic(data):
+        return data
+    spec = read_dataset_yaml(data)
+    spec.pop("where")
+    if spec.get("manifest"):
+        return data
+    manifest = storage.join(out, "target_manifest.parquet")
+    if not storage.exists(manifest):
+        counts = build_manifest(spec["kind"], spec["root"], manifest)
+        log.info("scanned %s once into %s: %s", spec["root"], manifest, counts)
+    return _write_spec({**spec, "manifest": manifest}, out)
 
 
 def baseline_mious(checkpoint: str, scored: dict, data: str, scores: str) -> dict:
@@ -137,6 +161,8 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
             "a target dataset (--data, or data.root in --config) and --checkpoint go "
             "together (or neither, for the synthetic run)"
         )
+    if args.data:
+        args.data = pin_manifest(str(args.data), out)
     space = load_search_space(cfg.tune.space or CONFIGS / "tune_space.yaml", cfg)
     tracking_uri = default_tracking_uri(out)
     t0 = time.perf_counter()
