@@ -342,6 +342,10 @@ def _check_cross_fields(obj: Any, prefix: str) -> None:
             f"{prefix}: give exactly one of ratio ({obj.ratio}) and score_threshold "
             f"({obj.score_threshold}); set the other to null"
         )
+    if isinstance(obj, ScoreConfig) and obj.mc_passes == 1:
+        raise ConfigError(
+            f"{prefix}.mc_passes: 1 is not allowed; 0 (off) or at least 2 stochastic passes"
+        )
     if isinstance(obj, DataConfig):
         if obj.scale_min > obj.scale_max:
             raise ConfigError(

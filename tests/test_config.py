@@ -29,6 +29,7 @@ def test_defaults_and_yaml_values(tmp_path):
         ("source:\n  iterations: 2.5\n", "source.iterations: 2.5 has the wrong type"),
         ("source:\n  momentum: 1.5\n", "source.momentum: 1.5 is out of range; allowed: >= 0.0"),
         ("model:\n  mc_dropout: -0.2\n", "model.mc_dropout: -0.2 is out of range"),
+        ("score:\n  mc_passes: 1\n", "score.mc_passes: 1 is not allowed; 0 (off) or at least 2"),
         ("model:\n  name: vgg\n", "model.name: 'vgg' is not allowed; allowed: deeplabv2_resnet18"),
         ("data:\n  hflip: 'yes'\n", "data.hflip: 'yes' has the wrong type; expected true or false"),
         ("data:\n  size: [64]\n", "data.size: [64] is not allowed"),

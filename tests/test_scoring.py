@@ -135,3 +135,20 @@ def test_score_command_writes_table_and_pictures(
     for name in ("score_histogram.png", "selection_grid.png"):
         with Image.open(io.BytesIO((out / name).read_bytes())) as picture:
             assert picture.format == "PNG" and picture.size[0] > 100
+
+
+def test_mc_dropout_scores_uncertainty_and_needs_dropout(tiny_source_ckpt, tmp_path):
+    from sfda_ray.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("deeplabv2_resnet18", 19, mc_dropout=0.5).eval()
+    images = torch.randn(2, 3, 32, 64)
+    plain, mc = score_images(model, images), score_images(model, images, mc_passes=4)
+    assert plain.uncertainty is None and mc.uncertainty.shape == (2, 32, 64)
+    assert mc.uncertainty.float().mean() > 0 and (mc.mc_score < 1).all()
+    # A model without dropout has no epistemic uncertainty to measure: refused up front.
+    options = ScoringOptions(mc_passes=4)
+    with pytest.raises(
+        ValueError, match=r"score.mc_passes 4 needs a model with dropout; .*source.pt"
+    ):
+        score_dataset(str(tiny_source_ckpt), str(tmp_path), str(tmp_path / "scores"), options)

@@ -365,6 +365,13 @@ def score_dataset(
     not scored again, so an interrupted run resumes where it stopped.
     """
     opts = options or ScoringOptions()
+    if opts.mc_passes > 1:  # refused here, before any work, rather than in every actor
+        arch = (load_checkpoint(checkpoint)["meta"] or {}).get("arch") or {}
+        if not arch.get("options", {}).get("mc_dropout"):
+            raise ValueError(
+                f"score.mc_passes {opts.mc_passes} needs a model with dropout; {checkpoint} "
+                "was built with mc_dropout 0 (train it with model.mc_dropout > 0)"
+            )
     ref = open_dataset(data, opts.domain)
     manifest = ref.split(opts.split)
     rows = manifest.select(
