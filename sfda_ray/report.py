@@ -23,6 +23,7 @@ from sfda_ray.data.loaders import image_loader
 from sfda_ray.evaluate import evaluate_model
 from sfda_ray.method.selection import select_by_config
 from sfda_ray.models.checkpoint import load_model
+from sfda_ray.models.execution import resolve_device
 from sfda_ray.pictures import (
     confusion_image,
     overlay,
@@ -41,12 +42,18 @@ def selection_files(scores: str, cfg: Config) -> dict[str, bytes]:
 
 
 def evaluation_files(
-    source_checkpoint: str, adapted_checkpoint: str, data: str, overlay_images: int = 4
+    source_checkpoint: str,
+    adapted_checkpoint: str,
+    data: str,
+    size: tuple[int, int] | None = None,
+    device: str = "cpu",
+    overlay_images: int = 4,
 ) -> dict[str, bytes]:
     """Per-class IoU (CSV, chart), confusion matrix and before/after overlays.
 
     Evaluation needs target-val labels (used for reporting only); without them only the
-    overlays, on the first target images, are written.
+    overlays, on the first target images, are written. ``size`` is the model input (H, W),
+    as in the adaptation; None keeps the native size.
     """
     ref = open_dataset(data, "target")
     adapted, meta = load_model(adapted_checkpoint)
@@ -54,7 +61,7 @@ def evaluation_files(
     files: dict[str, bytes] = {}
     val = ref.labelled("val")
     if val is not None:
-        report = evaluate_model(adapted, ref, "val", norm, num_workers=0)
+        report = evaluate_model(adapted, ref, "val", norm, size, num_workers=0, device=device)
         classes = next(iter(ref.eval_subsets.values()))
         rows = ["class,iou"] + [
             f"{name},{'' if iou is None else f'{iou:.2f}'}"
@@ -74,29 +81,42 @@ def evaluation_files(
         .slice(0, overlay_images)
     )
     source, _ = load_model(source_checkpoint)
-    files["overlays.png"] = prediction_overlays(source, adapted, shown, norm)
+    files["overlays.png"] = prediction_overlays(source, adapted, shown, norm, size, device)
     return files
 
 
 @torch.no_grad()
-def _predict(model: torch.nn.Module, table: pa.Table, normalization: str) -> dict[str, np.ndarray]:
+def _predict(
+    model: torch.nn.Module,
+    table: pa.Table,
+    normalization: str,
+    size: tuple[int, int] | None,
+    device: torch.device,
+) -> dict[str, np.ndarray]:
     """Argmax maps by image id (images that fail to decode are skipped by the loader)."""
-    model.eval()
+    model.eval().to(device)
     preds = {}
-    for batch in image_loader(table, None, normalization, batch_size=4, num_workers=0):
+    for batch in image_loader(table, size, normalization, batch_size=4, num_workers=0):
         if "image" in batch:
-            out = model(batch["image"]).argmax(1).to(torch.uint8).numpy()
+            out = model(batch["image"].to(device)).argmax(1).to(torch.uint8).cpu().numpy()
             preds.update(zip(batch["image_id"], out, strict=True))
     return preds
 
 
 def prediction_overlays(
-    source: torch.nn.Module, adapted: torch.nn.Module, table: pa.Table, normalization: str
+    source: torch.nn.Module,
+    adapted: torch.nn.Module,
+    table: pa.Table,
+    normalization: str,
+    size: tuple[int, int] | None = None,
+    device: str = "cpu",
 ) -> bytes:
     """One row per image: the image, the source model's prediction, the adapted model's
-    prediction, and the ground truth when there is one."""
+    prediction (run at ``size``, shown at the image's), and the ground truth if known."""
     tiles = []
-    before, after = _predict(source, table, normalization), _predict(adapted, table, normalization)
+    dev = resolve_device(device)
+    before = _predict(source, table, normalization, size, dev)
+    after = _predict(adapted, table, normalization, size, dev)
     for row in table.to_pylist():
         if row["image_id"] not in before:
             continue

@@ -28,3 +28,16 @@ def test_evaluation_files(tiny_benchmark, tiny_source_ckpt):
     # Four target-val images, each: image | source | adapted | ground truth (48x96 tiles).
     grid = Image.open(io.BytesIO(files["overlays.png"]))
     assert grid.size == (4 * 96, 4 * 48)
+
+    # At the adaptation's (smaller) input size: scored against full-size labels, tiles
+    # at the image's size; the same figures as evaluate_checkpoint at that size.
+    from sfda_ray.evaluate import evaluate_checkpoint
+
+    small = evaluation_files(
+        str(tiny_source_ckpt), str(tiny_source_ckpt), str(tiny_benchmark), size=(24, 48)
+    )
+    report = json.loads(small["evaluation.json"])
+    assert sum(map(sum, report["confusion_matrix"])) == 8 * 48 * 96
+    expected = evaluate_checkpoint(str(tiny_source_ckpt), str(tiny_benchmark), size=(24, 48))
+    assert report["miou"] == expected["miou"]
+    assert Image.open(io.BytesIO(small["overlays.png"])).size == (4 * 96, 4 * 48)

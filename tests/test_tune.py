@@ -179,3 +179,25 @@ def test_looking_up_a_finished_trial_run_leaves_it_finished(tmp_path):
     assert again.child("t1", "trial 1", {}, {}, reopen=False) == run
     again.finish()
     assert again.client.get_run(run).info.status == "FINISHED"
+
+
+def test_evaluations_run_where_the_gpus_are():
+    """The driver and the trial processes hold no GPU: with GPU workers, evaluation runs
+    in a Ray task holding one. A separate Ray here, with one (logical) GPU."""
+    import json
+    import subprocess
+    import sys
+
+    code = """
+import json, os, ray
+from sfda_ray.dist.runtime import on_gpus
+def where(x, device):
+    return {"x": x, "device": device, "gpus": ray.get_gpu_ids(), "pid": os.getpid()}
+ray.init(address="local", num_cpus=1, num_gpus=1, include_dashboard=False)
+print(json.dumps([on_gpus(where, 1, 7), on_gpus(where, 0, 7), os.getpid()]))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    on_gpu, on_cpu, driver = json.loads(out.stdout.strip().splitlines()[-1])
+    assert on_gpu["device"] == "cuda" and on_gpu["gpus"] and on_gpu["pid"] != driver
+    assert on_cpu == {"x": 7, "device": "cpu", "gpus": [], "pid": driver}

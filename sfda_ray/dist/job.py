@@ -30,7 +30,7 @@ from sfda_ray.config import (
 from sfda_ray.data.catalog import is_synthetic, read_dataset_yaml
 from sfda_ray.data.readers import build_manifest
 from sfda_ray.data.synthetic import BenchmarkSpec, generate
-from sfda_ray.dist.runtime import init_ray
+from sfda_ray.dist.runtime import init_ray, on_gpus
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset, write_pictures
 from sfda_ray.dist.tracking import default_tracking_uri
 from sfda_ray.dist.tune import has_labelled_val, run_sweep
@@ -129,22 +129,33 @@ def pin_manifest(data: str, out: str) -> str:
     return _write_spec({**spec, "manifest": manifest}, out)
 
 
-def baseline_mious(checkpoint: str, scored: dict, data: str, scores: str) -> dict:
+def baseline_mious(checkpoint: str, scored: dict, data: str, scores: str, cfg: Config) -> dict:
     """Target-val mIoU of source-only and (when scoring used it) AdaBN, cached in
-    ``SCORES/baselines.json`` for this checkpoint, scoring model and dataset."""
+    ``SCORES/baselines.json`` for this checkpoint, scoring model, dataset and input size.
+
+    Measured as the trials are: at the adaptation's input size, on a GPU when the
+    trials' workers use GPUs.
+    """
+    size = tuple(cfg.data.size) if cfg.data.size else None
     key = {
         "checkpoint": file_fingerprint(checkpoint),
         "scored_with": scored["checkpoint_fingerprint"],
         "data": scored["data_fingerprint"],
+        "size": list(size) if size else None,
     }
     path = storage.join(scores, "baselines.json")
     if storage.exists(path):
         cached = json.loads(storage.read_bytes(path))
         if cached.get("key") == key:
             return cached["miou"]
-    miou = {"source_only_miou": evaluate_checkpoint(checkpoint, data)["miou"]}
+    gpus = cfg.tune.gpus_per_worker
+
+    def miou_of(model: str) -> float:
+        return on_gpus(evaluate_checkpoint, gpus, model, data, size=size)["miou"]
+
+    miou = {"source_only_miou": miou_of(checkpoint)}
     if scored["checkpoint"] != checkpoint:  # scored with AdaBN: that model is the baseline
-        miou["adabn_miou"] = evaluate_checkpoint(scored["checkpoint"], data)["miou"]
+        miou["adabn_miou"] = miou_of(scored["checkpoint"])
     storage.atomic_write_bytes(path, (json.dumps({"key": key, "miou": miou}) + "\n").encode())
     return miou
 
@@ -185,7 +196,7 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
 
     summary: dict = {"task": task, "data": data, "checkpoint": checkpoint}
     if has_labelled_val(data):
-        summary.update(baseline_mious(checkpoint, scored, data, scores))
+        summary.update(baseline_mious(checkpoint, scored, data, scores, cfg))
 
     sweep, tracker = run_sweep(cfg, checkpoint, scores, data, out, space, experiment, tracking_uri)
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from typing import Any
 
 import ray
 
@@ -25,3 +27,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     log.info("Ray cluster resources: %s", ray.cluster_resources())
+
+
+def on_gpus(fn: Callable[..., Any], num_gpus: float, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, device=..., **kwargs)`` where a model belongs: in a Ray task holding
+    ``num_gpus`` GPUs when the job's workers use GPUs (the driver and Tune's trial
+    processes hold none, so their own device would be a CPU), else here on the CPU."""
+    if num_gpus <= 0:
+        return fn(*args, device="cpu", **kwargs)
+    task = ray.remote(num_cpus=1, num_gpus=num_gpus)(fn)
+    return ray.get(task.remote(*args, device="cuda", **kwargs))

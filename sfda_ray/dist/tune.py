@@ -35,6 +35,7 @@ from sfda_ray.config import (
     to_dict,
 )
 from sfda_ray.data.catalog import open_dataset
+from sfda_ray.dist.runtime import on_gpus
 from sfda_ray.dist.tracking import SweepTracker, TrialLogger, flatten, git_commit
 from sfda_ray.dist.train import run_adapt
 from sfda_ray.method.selection import spearman
@@ -101,7 +102,11 @@ def adapt_trial(params: dict, base: dict, checkpoint: str, scores: str, data: st
         callbacks=[TuneReportCallback()],
         placement_strategy=t.placement_strategy,
     )
-    _write_files(reports, evaluation_files(checkpoint, storage.join(run_dir, "final.pt"), data))
+    # At the adaptation's input size, on a GPU when the trial's workers had GPUs.
+    size = tuple(cfg.data.size) if cfg.data.size else None
+    final = storage.join(run_dir, "final.pt")
+    files = on_gpus(evaluation_files, t.gpus_per_worker, checkpoint, final, data, size)
+    _write_files(reports, files)
 
 
 def has_labelled_val(data: str) -> bool:
