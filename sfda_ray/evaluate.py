@@ -118,9 +118,12 @@ def adabn_on_split(
     normalization: str,
     size: tuple[int, int] | None = None,
     max_batches: int = 30,
+    device: str = "cpu",
 ) -> nn.Module:
     """AdaBN with the project's one recipe: up to ``max_batches`` shuffled batches of 16
-    unaugmented images of ``table`` (seeded, so reruns give the same statistics)."""
+    unaugmented images of ``table`` (seeded, so reruns give the same statistics), run on
+    ``device``; the model comes back on the CPU."""
+    dev = resolve_device(device)
     loader = image_loader(table, size, normalization, batch_size=16, shuffle=True, num_workers=0)
-    adapt_batchnorm(model, images_of(loader), max_batches=max_batches)
-    return model
+    adapt_batchnorm(model.to(dev), images_of(loader), max_batches=max_batches, device=dev)
+    return model.cpu()

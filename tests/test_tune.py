@@ -201,3 +201,25 @@ print(json.dumps([on_gpus(where, 1, 7), on_gpus(where, 0, 7), os.getpid()]))
     on_gpu, on_cpu, driver = json.loads(out.stdout.strip().splitlines()[-1])
     assert on_gpu["device"] == "cuda" and on_gpu["gpus"] and on_gpu["pid"] != driver
     assert on_cpu == {"x": 7, "device": "cpu", "gpus": [], "pid": driver}
+
+
+def test_baselines_include_adabn_when_scoring_did_not_use_it(
+    ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path
+):
+    """Every table has both cheap baselines, also when pseudo-labels came from the plain
+    source model (score.adabn false, as for the frozen-BN ResNet-101 configs)."""
+    from sfda_ray.dist.job import baseline_mious
+    from sfda_ray.dist.scoring import ScoringOptions, score_dataset
+    from sfda_ray.evaluate import evaluate_checkpoint
+
+    source, bench, scores = str(tiny_source_ckpt), str(tiny_benchmark), tmp_path / "scores"
+    options = ScoringOptions(batch_size=8, actors=1, adabn=False)
+    scored = score_dataset(source, bench, str(scores), options)
+    assert scored["checkpoint"] == source
+    miou = baseline_mious(source, scored, bench, str(scores), load_config())
+    adabn = evaluate_checkpoint(str(scores / "source_adabn.pt"), bench)["miou"]
+    assert miou == {
+        "source_only_miou": evaluate_checkpoint(source, bench)["miou"],
+        "adabn_miou": adabn,
+    }
+    assert miou["adabn_miou"] != miou["source_only_miou"]

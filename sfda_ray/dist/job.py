@@ -27,11 +27,11 @@ from sfda_ray.config import (
     load_search_space,
     parse_override,
 )
-from sfda_ray.data.catalog import is_synthetic, read_dataset_yaml
+from sfda_ray.data.catalog import is_synthetic, open_dataset, read_dataset_yaml
 from sfda_ray.data.readers import build_manifest
 from sfda_ray.data.synthetic import BenchmarkSpec, generate
 from sfda_ray.dist.runtime import init_ray, on_gpus
-from sfda_ray.dist.scoring import ScoringOptions, score_dataset, write_pictures
+from sfda_ray.dist.scoring import ScoringOptions, adabn_checkpoint, score_dataset, write_pictures
 from sfda_ray.dist.tracking import default_tracking_uri
 from sfda_ray.dist.tune import has_labelled_val, run_sweep
 from sfda_ray.evaluate import evaluate_checkpoint
@@ -130,11 +130,12 @@ def pin_manifest(data: str, out: str) -> str:
 
 
 def baseline_mious(checkpoint: str, scored: dict, data: str, scores: str, cfg: Config) -> dict:
-    """Target-val mIoU of source-only and (when scoring used it) AdaBN, cached in
-    ``SCORES/baselines.json`` for this checkpoint, scoring model, dataset and input size.
+    """Target-val mIoU of source-only and AdaBN, cached in ``SCORES/baselines.json`` for
+    this checkpoint, scoring model, dataset and input size.
 
     Measured as the trials are: at the adaptation's input size, on a GPU when the
-    trials' workers use GPUs.
+    trials' workers use GPUs. AdaBN is the model that scored when scoring used it, else
+    made here by the same recipe (``SCORES/source_adabn.pt``).
     """
     size = tuple(cfg.data.size) if cfg.data.size else None
     key = {
@@ -146,16 +147,18 @@ def baseline_mious(checkpoint: str, scored: dict, data: str, scores: str, cfg: C
     path = storage.join(scores, "baselines.json")
     if storage.exists(path):
         cached = json.loads(storage.read_bytes(path))
-        if cached.get("key") == key:
+        if cached.get("key") == key and "adabn_miou" in cached["miou"]:
             return cached["miou"]
     gpus = cfg.tune.gpus_per_worker
 
     def miou_of(model: str) -> float:
         return on_gpus(evaluate_checkpoint, gpus, model, data, size=size)["miou"]
 
-    miou = {"source_only_miou": miou_of(checkpoint)}
-    if scored["checkpoint"] != checkpoint:  # scored with AdaBN: that model is the baseline
-        miou["adabn_miou"] = miou_of(scored["checkpoint"])
+    adabn = scored["checkpoint"]
+    if adabn == checkpoint:  # scored without AdaBN
+        target_train = open_dataset(data, "target").split(cfg.score.split)
+        adabn = on_gpus(adabn_checkpoint, gpus, checkpoint, target_train, scores, size)
+    miou = {"source_only_miou": miou_of(checkpoint), "adabn_miou": miou_of(adabn)}
     storage.atomic_write_bytes(path, (json.dumps({"key": key, "miou": miou}) + "\n").encode())
     return miou
 

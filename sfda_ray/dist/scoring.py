@@ -39,6 +39,7 @@ from sfda_ray.data.io import BadInputError, load_image, load_label
 from sfda_ray.data.labels import IGNORE_INDEX
 from sfda_ray.data.manifest import error_reason
 from sfda_ray.data.transforms import normalize_batch
+from sfda_ray.dist.runtime import on_gpus
 from sfda_ray.evaluate import adabn_on_split
 from sfda_ray.method.scoring import class_confidence_histogram, score_images
 from sfda_ray.method.selection import select_by_config, selection_quality
@@ -316,6 +317,7 @@ def adabn_checkpoint(
     out: str,
     size: tuple[int, int] | None,
     max_batches: int = 30,
+    device: str = "cpu",
 ) -> str:
     """The source model with BatchNorm statistics re-estimated on target images.
 
@@ -329,7 +331,7 @@ def adabn_checkpoint(
     if storage.exists(path) and load_checkpoint(path)["meta"].get("adabn_of") == source_fp:
         return path
     model, meta = load_model(checkpoint)
-    adabn_on_split(model, manifest, meta["normalization"], size, max_batches)
+    adabn_on_split(model, manifest, meta["normalization"], size, max_batches, device)
     save_checkpoint(path, model, {**meta, "adabn_of": source_fp})
     return path
 
@@ -389,7 +391,8 @@ def score_dataset(
     storage.prepare_output(out, needs, f"scoring {len(unscored)} images")
     source_checkpoint = checkpoint
     if opts.adabn:
-        checkpoint = adabn_checkpoint(checkpoint, manifest, out, opts.size)
+        gpus = scoring_gpus(opts)
+        checkpoint = on_gpus(adabn_checkpoint, gpus, checkpoint, manifest, out, opts.size)
     checkpoint_fp = file_fingerprint(checkpoint)
     for row in rows:
         row["fingerprint"] = _row_fingerprint(checkpoint_fp, row)
@@ -451,11 +454,16 @@ def _maps_bytes(rows: list[dict], opts: ScoringOptions) -> int:
     return int(pixels * per_pixel)
 
 
+def scoring_gpus(opts: ScoringOptions) -> float:
+    """GPUs per scoring actor (and for the AdaBN pass): 1 when the cluster has GPUs."""
+    if opts.gpus_per_actor is not None:
+        return opts.gpus_per_actor
+    return 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+
+
 def _run_pipeline(checkpoint: str, out: str, opts: ScoringOptions, writer: ScoreWriter) -> None:
     todo = list(writer.by_fp.values())
-    gpus = opts.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus = scoring_gpus(opts)
     actors = opts.actors or _default_actors(gpus)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = opts.threads_per_actor or max(1, cpus // actors)
