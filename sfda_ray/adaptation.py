@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -247,6 +248,8 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
         plan.virtual_rows, size, np.array(plan.thresholds), scale, cfg.data.hflip
     )
 
+    skipped = Counter()  # bad V/T inputs met since this loop (re)started, each logged
+
     def loader(dataset: Dataset, batch_size: int, seed: int, weights=None) -> Iterator[dict]:
         """Endless batches of this worker's shard, reshuffled (with a new seed) each pass."""
         return forever(
@@ -259,7 +262,8 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
                 env.world_size,
                 exe.loader_workers,
                 exe.pin_memory,
-            )
+            ),
+            skipped,
         )
 
     def plain_images(n_batches: int, seed: int) -> Iterator[torch.Tensor]:
@@ -331,6 +335,7 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
             **{k: v / interval_steps for k, v in interval.items()},
             "seconds": elapsed,  # in this loop since it (re)started, reports included
             "seconds_per_iter": elapsed / (done - start),
+            "skipped_inputs": skipped["inputs"],
         }
         interval, interval_steps = {}, 0
         if evaluate_now and env.rank == 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -101,12 +102,12 @@ def train_source(cfg: Config, data: str, out: str, domain: str = "source") -> di
 
     # Reseed per resume point so a resumed run does not replay the same batches.
     loader = train_loader(table, cfg.data, sc.batch_size, sc.seed + start, cfg.data.normalization)
-    batches = forever(lambda _: loader)
+    skipped = Counter()  # all-bad batches included
+    batches = forever(lambda _: loader, skipped)
     model.train()
-    t0, seen, skipped = time.perf_counter(), 0, 0
+    t0, seen = time.perf_counter(), 0
     for it in range(start, sc.iterations):
         batch = next(batches)
-        skipped += batch["num_skipped"]
         for group in optimizer.param_groups:
             group["lr"] = poly_lr(sc.lr, it, sc.iterations)
         logits = model(batch["image"])
@@ -135,7 +136,7 @@ def train_source(cfg: Config, data: str, out: str, domain: str = "source") -> di
         "iteration": sc.iterations,
         "complete": True,
         "train_seconds": time.perf_counter() - t0,
-        "skipped_items": skipped,
+        "skipped_items": skipped["inputs"],
         "images": table.num_rows,
         "skipped_images": ref.skipped,
     }

@@ -233,6 +233,29 @@ def test_unlabelled_target_reports_the_proxy(
     assert len(plan.proxy_rows) == TINY.target_train  # fewer than PROXY_IMAGES: all of them
 
 
+def test_a_damaged_input_is_skipped_and_counted(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    scores, _ = tiny_scores
+    cfg = _adapt_cfg()
+    plan = make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(open(plan.virtual_rows[0]["pseudo_label_path"], "rb").read()[:40])
+    good = plan.virtual_rows[:2]  # every other virtual-source map is damaged
+    plan.virtual_rows = good + [
+        {**row, "pseudo_label_path": str(damaged)} for row in plan.virtual_rows[2:]
+    ]
+    env = LocalEnv()
+    run_adaptation(plan, cfg, env)
+    assert [r["iteration"] for r in env.reports] == [2, 4]  # the run goes on without them
+    assert env.reports[-1]["skipped_inputs"] >= 1
+    assert env.reports[-1]["skipped_inputs"] >= env.reports[0]["skipped_inputs"]
+    # Nothing usable at all is an error that says so, not an endless search for a batch.
+    plan.virtual_rows = [{**row, "pseudo_label_path": str(damaged)} for row in plan.virtual_rows]
+    with pytest.raises(ValueError, match=r"no usable item in a whole pass .*\d+ skipped"):
+        run_adaptation(plan, cfg, LocalEnv())
+
+
 def test_a_selection_without_virtual_source_or_target_is_refused(
     tiny_benchmark, tiny_source_ckpt, tiny_scores
 ):

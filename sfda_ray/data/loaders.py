@@ -48,14 +48,25 @@ def _common_size(table: pa.Table) -> tuple[int, int]:
     return sizes.most_common(1)[0][0]
 
 
-def forever(make: Callable[[int], Iterable[dict]]) -> Iterator[dict]:
+def forever(
+    make: Callable[[int], Iterable[dict]], skipped: Counter | None = None
+) -> Iterator[dict]:
     """Endless stream of non-empty batches: pass ``e`` reads ``make(e)``, so a caller can
-    reseed each pass or return the same (reshuffling) loader every time."""
+    reseed each pass or return the same (reshuffling) loader every time. Bad items (each
+    logged with its reason) are counted in ``skipped["inputs"]``; a pass with no good item
+    at all is an error, not an endless loop."""
     epoch = 0
     while True:
+        bad, good = 0, False
         for batch in make(epoch):
+            bad += batch["num_skipped"]
+            if skipped is not None:
+                skipped["inputs"] += batch["num_skipped"]
             if "image" in batch:
+                good = True
                 yield batch
+        if not good:
+            raise ValueError(f"no usable item in a whole pass over the data ({bad} skipped)")
         epoch += 1
 
 
