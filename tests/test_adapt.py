@@ -324,5 +324,7 @@ def test_adapt_needs_no_source_data(ray_session, tmp_path):
     assert not list(tmp_path.rglob("*game*"))  # no source file left anywhere under tmp
     scores = tmp_path / "scores"
     score_dataset(str(ckpt), str(bench), str(scores), ScoringOptions(batch_size=8, actors=1))
-    metrics = run_adapt(_adapt_cfg(), str(ckpt), str(scores), str(bench), str(tmp_path / "run"))
+    # The plain loop (the Ray Train run of the same loop is tested above).
+    plan = make_plan(_adapt_cfg(), str(ckpt), str(scores), str(bench))
+    metrics = run_adaptation(plan, _adapt_cfg(), LocalEnv())["metrics"]
     assert metrics["iteration"] == 4 and np.isfinite(metrics["val_miou"])
