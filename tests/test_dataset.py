@@ -1,4 +1,5 @@
 import logging
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -120,10 +121,19 @@ def test_forever_reads_a_fresh_pass_each_time_and_skips_empty_batches():
 
     passes = []
 
-    def make(epoch):
+    def make(epoch):  # as collate_skip_bad makes them: every batch counts its bad items
         passes.append(epoch)
-        return [{"image": (epoch, 0)}, {"num_skipped": 4}, {"image": (epoch, 1)}]
+        return [
+            {"image": (epoch, 0), "num_skipped": 1},
+            {"num_skipped": 4},
+            {"image": (epoch, 1), "num_skipped": 0},
+        ]
 
-    batches = forever(make)
+    skipped = Counter()
+    batches = forever(make, skipped)
     assert [next(batches)["image"] for _ in range(5)] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
     assert passes == [0, 1, 2]
+    assert skipped["inputs"] == 5 + 5 + 1  # two whole passes and the first batch of a third
+    nothing = forever(lambda epoch: [{"num_skipped": 3}, {"num_skipped": 2}])
+    with pytest.raises(ValueError, match=r"no usable item in a whole pass .*\(5 skipped\)"):
+        next(nothing)
