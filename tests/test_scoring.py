@@ -108,6 +108,25 @@ def test_bad_images_are_recorded_and_skipped(
     assert rows["bad/empty"]["score"] is None
 
 
+def test_an_unlabelled_target_is_scored(ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path):
+    """The source-free setting proper: no target label anywhere (Ray Data hands an all-null
+    label column to the decoder as NaN)."""
+    table = pq.read_table(tiny_benchmark / "target" / "manifest.parquet")
+    rows = [
+        dict(r, label_path=None, label_format=None)
+        for r in table.filter(pa.compute.equal(table["split"], "train")).slice(0, 6).to_pylist()
+    ]
+    write_manifest(rows, tmp_path / "unlabelled.parquet")
+    out = tmp_path / "scores"
+    options = ScoringOptions(batch_size=3, actors=1, adabn=False)
+    summary = score_dataset(
+        str(tiny_source_ckpt), str(tmp_path / "unlabelled.parquet"), str(out), options
+    )
+    assert summary["scored"] == 6 and summary["skipped"] == 0
+    scored = pq.read_table(out / "scores.parquet").to_pylist()
+    assert all(r["error"] is None and r["eval_miou"] is None and r["score"] > 0 for r in scored)
+
+
 def test_score_command_writes_table_and_pictures(
     ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path, capsys
 ):

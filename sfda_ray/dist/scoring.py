@@ -176,7 +176,8 @@ def decode_batch(batch: dict[str, np.ndarray], size: tuple[int, int] | None) -> 
                 image = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BILINEAR))
         except BadInputError as e:
             error = f"unreadable image: {e}"
-        if error is None and label_path:
+        # A column with no label at all reaches here as NaN, not None.
+        if error is None and isinstance(label_path, str) and label_path:
             try:
                 label = load_label(label_path, label_format)
             except BadInputError as e:
