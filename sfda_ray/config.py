@@ -67,6 +67,11 @@ class DataConfig:
     # own (all 19 on Cityscapes). SYNTHIA -> Cityscapes uses [synthia16, synthia13].
     eval_classes: list[str] | None = None
 
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        """``size`` as the (H, W) tuple the loaders take; None keeps the native size."""
+        return tuple(self.size) if self.size else None
+
 
 @dataclass
 class ModelConfig:

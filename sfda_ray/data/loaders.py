@@ -25,7 +25,7 @@ def train_loader(
     crop = data.crop or data.size or _common_size(table)  # batches need one size
     transform = build_transform(
         train=True,
-        size=tuple(data.size) if data.size else None,
+        size=data.input_size,
         scale_range=(data.scale_min, data.scale_max),
         crop=tuple(crop),
         hflip=data.hflip,

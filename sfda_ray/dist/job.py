@@ -137,7 +137,7 @@ def baseline_mious(checkpoint: str, scored: dict, data: str, scores: str, cfg: C
     trials' workers use GPUs. AdaBN is the model that scored when scoring used it, else
     made here by the same recipe (``SCORES/source_adabn.pt``).
     """
-    size = tuple(cfg.data.size) if cfg.data.size else None
+    size = cfg.data.input_size
     key = {
         "checkpoint": file_fingerprint(checkpoint),
         "scored_with": scored["checkpoint_fingerprint"],

@@ -134,7 +134,7 @@ class ScoringOptions:
     def from_config(cls, cfg, domain: str = "target") -> ScoringOptions:
         """Options from a ``Config`` (its ``score`` section and the input size)."""
         return cls(
-            size=tuple(cfg.data.size) if cfg.data.size else None,
+            size=cfg.data.input_size,
             batch_size=cfg.score.batch_size,
             actors=cfg.score.actors,
             threads_per_actor=cfg.score.threads_per_actor,

@@ -103,8 +103,8 @@ def adapt_trial(params: dict, base: dict, checkpoint: str, scores: str, data: st
         placement_strategy=t.placement_strategy,
     )
     # At the adaptation's input size, on a GPU when the trial's workers had GPUs.
-    size = tuple(cfg.data.size) if cfg.data.size else None
     final = storage.join(run_dir, "final.pt")
+    size = cfg.data.input_size
     files = on_gpus(evaluation_files, t.gpus_per_worker, checkpoint, final, data, size)
     _write_files(reports, files)
 
