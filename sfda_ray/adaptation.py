@@ -30,7 +30,7 @@ from sfda_ray.data.adaptation import AdaptationDataset, load_map, rare_class_sam
 from sfda_ray.data.catalog import DatasetRef, open_dataset
 from sfda_ray.data.dataset import collate_skip_bad
 from sfda_ray.data.labels import CLASS_NAMES
-from sfda_ray.data.loaders import eval_loader, forever, image_loader, images_of
+from sfda_ray.data.loaders import eval_loader, forever, image_loader
 from sfda_ray.evaluate import confusion_on
 from sfda_ray.method.adapt import Adapter, to_input, unwrap
 from sfda_ray.method.baselines import adapt_batchnorm
@@ -179,10 +179,9 @@ def evaluate_adapted(
     proxy = mean normalised prediction entropy + KL(pi_T || mean predicted distribution);
     lower is better; it needs no labels.
     """
-    if not (plan.eval_rows or plan.proxy_rows):
+    rows = plan.eval_rows or plan.proxy_rows
+    if not rows:
         return {}
-    model.eval()
-    exe = execution or Execution(torch.device("cpu"))
     totals = {"entropy": 0.0, "mean_pred": 0.0, "n": 0}
 
     def observe(logits: torch.Tensor) -> None:
@@ -191,18 +190,12 @@ def evaluate_adapted(
         totals["mean_pred"] = totals["mean_pred"] + prob.mean(dim=(2, 3)).sum(0).cpu()
         totals["n"] += prob.shape[0]
 
+    table = pa.Table.from_pylist(rows)
     if plan.eval_rows:
-        loader = eval_loader(
-            pa.Table.from_pylist(plan.eval_rows), size, normalization, batch_size=8, num_workers=0
-        )
-        cm, _ = confusion_on(model, loader, len(CLASS_NAMES), exe, observe=observe)
+        loader = eval_loader(table, size, normalization, batch_size=8, num_workers=0)
     else:
-        loader = image_loader(
-            pa.Table.from_pylist(plan.proxy_rows), size, normalization, num_workers=0
-        )
-        for images in images_of(loader):
-            with exe.autocast():
-                observe(model(exe.to_device(images)).float())
+        loader = image_loader(table, size, normalization, batch_size=8, num_workers=0)
+    cm, _ = confusion_on(model, loader, len(CLASS_NAMES), execution, observe=observe)
     entropy, mean_pred, n = totals["entropy"], totals["mean_pred"], totals["n"]
     if n == 0:  # every image failed to decode (each was logged and skipped)
         return {}

@@ -32,7 +32,7 @@ def confusion_on(
 
     ``model`` is on ``execution``'s device (default: fp32 on the CPU). ``observe`` sees
     each batch's fp32 logits at model resolution, so label-free statistics come from the
-    same forward pass.
+    same forward pass; batches without labels (an image loader) only feed ``observe``.
     """
     exe = execution or Execution(torch.device("cpu"))
     model.eval()
@@ -42,12 +42,14 @@ def confusion_on(
         skipped += batch["num_skipped"]
         if "image" not in batch:
             continue
-        label = batch["label"]
+        label = batch.get("label")
         with exe.autocast():
             logits = model(exe.to_device(batch["image"]))
         logits = logits.float()
         if observe is not None:
             observe(logits)
+        if label is None:
+            continue
         if logits.shape[-2:] != label.shape[-2:]:
             logits = F.interpolate(
                 logits, size=label.shape[-2:], mode="bilinear", align_corners=False
