@@ -116,11 +116,11 @@ def pin_manifest(data: str, out: str) -> str:
     (kept for reruns) and given back as ``OUT/dataset.yaml`` naming that manifest, so no
     later stage (each trial plans and evaluates) walks the directory again. Any other
     ``data`` is returned as it is."""
-    if not str(data).endswith((".yaml", ".yml")) or is_synthetic(data):
+    if not str(data).endswith((".yaml", ".yml")):
         return data
     spec = read_dataset_yaml(data)
     spec.pop("where")
-    if spec.get("manifest"):
+    if spec.get("manifest") or is_synthetic(spec["root"]):
         return data
     manifest = storage.join(out, "target_manifest.parquet")
     if not storage.exists(manifest):
