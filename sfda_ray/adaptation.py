@@ -37,6 +37,7 @@ from sfda_ray.method.baselines import adapt_batchnorm
 from sfda_ray.method.scoring import normalized_entropy
 from sfda_ray.method.selection import select_by_config
 from sfda_ray.metrics import segmentation_report
+from sfda_ray.models import discriminator
 from sfda_ray.models.checkpoint import (
     file_fingerprint,
     load_checkpoint,
@@ -95,6 +96,13 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
     }
     virtual = [rows[i] for i in selection.virtual]
     map_size = tuple(load_map(virtual[0]["pseudo_label_path"]).shape[:2])
+    if a.method == "sfda" and a.lambda_adv > 0 and min(map_size) < discriminator.MIN_SIDE:
+        raise ValueError(
+            f"the images were scored at {map_size[0]}x{map_size[1]} pixels, and adaptation "
+            f"trains at that size; adversarial alignment (adapt.lambda_adv > 0) needs at "
+            f"least {discriminator.MIN_SIDE} pixels a side: score at a larger data.size, "
+            "or set adapt.lambda_adv=0"
+        )
     weights = None
     if a.rare_class_sampling:
         hists = np.stack(

@@ -2,15 +2,17 @@ import math
 import shutil
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import TINY, tiny_config
+from PIL import Image
 
 from sfda_ray.adaptation import LocalEnv, make_plan, run_adaptation
 from sfda_ray.config import AdaptConfig
 from sfda_ray.data.synthetic import generate
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
-from sfda_ray.dist.train import run_adapt
 from sfda_ray.method.adapt import Adapter, class_mix
 from sfda_ray.method.losses import (
     discriminator_input,
@@ -21,7 +23,7 @@ from sfda_ray.method.losses import (
 )
 from sfda_ray.method.scoring import normalized_entropy
 from sfda_ray.models import build_model
-from sfda_ray.models.checkpoint import load_checkpoint, load_model
+from sfda_ray.models.checkpoint import load_model
 from sfda_ray.models.execution import Execution
 from sfda_ray.train_source import train_source
 
@@ -268,6 +270,28 @@ def test_a_selection_without_virtual_source_or_target_is_refused(
         make_plan(empty_v, *args)
 
 
+def test_maps_too_small_for_the_discriminator_are_refused(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    scores, _ = tiny_scores
+    small = tmp_path / "scores"
+    small.mkdir()
+    shutil.copy(scores / "summary.json", small / "summary.json")
+    table = pq.read_table(scores / "scores.parquet")
+    tiny_map = tmp_path / "map.png"
+    Image.fromarray(np.zeros((16, 32), np.uint8)).save(tiny_map)  # scored at 16x32
+    column = pa.array([str(tiny_map)] * table.num_rows)
+    table = table.set_column(
+        table.schema.get_field_index("pseudo_label_path"), "pseudo_label_path", column
+    )
+    pq.write_table(table, small / "scores.parquet")
+    args = (str(tiny_source_ckpt), str(small), str(tiny_benchmark))
+    with pytest.raises(ValueError, match=r"scored at 16x32 pixels.*at least 32 pixels a side"):
+        make_plan(_adapt_cfg(), *args)
+    # Without the adversarial term nothing needs that size.
+    assert make_plan(_adapt_cfg(**{"adapt.lambda_adv": 0.0}), *args).map_size == (16, 32)
+
+
 def test_evaluating_mid_run_leaves_training_unchanged(
     tiny_benchmark, tiny_source_ckpt, tiny_scores
 ):
@@ -282,37 +306,6 @@ def test_evaluating_mid_run_leaves_training_unchanged(
 
 
 @pytest.mark.slow
-def test_two_worker_ray_train_run_and_resume(
-    tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
-):
-    scores, _ = tiny_scores
-    out = tmp_path / "run"
-    metrics = run_adapt(
-        _adapt_cfg(),
-        str(tiny_source_ckpt),
-        str(scores),
-        str(tiny_benchmark),
-        str(out),
-        workers=2,
-        cpus_per_worker=1,
-    )
-    assert metrics["iteration"] == 4 and metrics["resumed_from"] == 0
-    final = load_checkpoint(str(out / "final.pt"))["meta"]
-    assert final["iteration"] == 4 and final["complete"]
-    # Same run directory, longer schedule: continues from the saved iteration 4.
-    more = run_adapt(
-        _adapt_cfg(**{"adapt.iterations": 6}),
-        str(tiny_source_ckpt),
-        str(scores),
-        str(tiny_benchmark),
-        str(out),
-        workers=2,
-        cpus_per_worker=1,
-    )
-    assert more["iteration"] == 6 and more["resumed_from"] == 4
-
-
-@pytest.mark.slow
 def test_adapt_needs_no_source_data(ray_session, tmp_path):
     """Generate, train the source model, then delete every source image and label: the
     rest of the pipeline (score, adapt, evaluate) runs on target data alone."""
@@ -324,7 +317,7 @@ def test_adapt_needs_no_source_data(ray_session, tmp_path):
     assert not list(tmp_path.rglob("*game*"))  # no source file left anywhere under tmp
     scores = tmp_path / "scores"
     score_dataset(str(ckpt), str(bench), str(scores), ScoringOptions(batch_size=8, actors=1))
-    # The plain loop (the Ray Train run of the same loop is tested above).
+    # The plain loop (its Ray Train run is tested in test_faults.py).
     plan = make_plan(_adapt_cfg(), str(ckpt), str(scores), str(bench))
     metrics = run_adaptation(plan, _adapt_cfg(), LocalEnv())["metrics"]
     assert metrics["iteration"] == 4 and np.isfinite(metrics["val_miou"])

@@ -236,3 +236,7 @@ def test_discriminator_shape_and_names():
         "classifier.weight",
     ]
     assert FCDiscriminator(7, ndf=8)(torch.randn(2, 7, 96, 192)).shape == (2, 1, 3, 6)
+    assert FCDiscriminator(7, ndf=8)(torch.randn(1, 7, 32, 32)).shape == (1, 1, 1, 1)
+    # Narrower maps would leave the classifier an empty input: a clear error instead.
+    with pytest.raises(ValueError, match=r"at least 32x32 pixels, got 16x64"):
+        FCDiscriminator(7, ndf=8)(torch.randn(1, 7, 16, 64))

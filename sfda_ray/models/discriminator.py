@@ -5,6 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+# Five 4x4 stride-2 convs with padding 1 halve a side five times: maps narrower than
+# 32 pixels leave the classifier nothing to convolve.
+MIN_SIDE = 32
+
 
 class FCDiscriminator(nn.Module):
     """Five 4x4 stride-2 convs (C -> ndf -> 2ndf -> 4ndf -> 8ndf -> 1), LeakyReLU(0.2) between.
@@ -24,6 +28,11 @@ class FCDiscriminator(nn.Module):
         self.leaky_relu = nn.LeakyReLU(negative_slope=0.2, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if min(x.shape[-2:]) < MIN_SIDE:
+            raise ValueError(
+                f"the discriminator needs maps of at least {MIN_SIDE}x{MIN_SIDE} pixels, "
+                f"got {x.shape[-2]}x{x.shape[-1]}"
+            )
         for conv in (self.conv1, self.conv2, self.conv3, self.conv4):
             x = self.leaky_relu(conv(x))
         return self.classifier(x)
