@@ -168,6 +168,18 @@ def test_remote_output_needs_a_tracking_server(monkeypatch, tmp_path):
     assert default_tracking_uri("s3://bucket/runs") == "http://127.0.0.1:5000"
 
 
+def test_an_unusable_tracking_store_fails_the_job_before_any_work(monkeypatch, tmp_path, capsys):
+    from sfda_ray.dist.job import main
+
+    # MLflow 3 refuses a plain file store unless told otherwise: the job says so at once.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    out = tmp_path / "out"
+    assert main("synthetic", str(out), "the job", ["--smoke", "--out", str(out)]) == 2
+    assert f"MLflow tracking store {(tmp_path / 'mlruns').as_uri()}:" in capsys.readouterr().err
+    assert not any(out.iterdir())  # no benchmark generated, no source model trained
+
+
 def test_looking_up_a_finished_trial_run_leaves_it_finished(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = SweepTracker(uri, "exp", str(tmp_path / "sweep"), str(tmp_path))

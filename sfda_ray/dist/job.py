@@ -32,7 +32,7 @@ from sfda_ray.data.readers import build_manifest
 from sfda_ray.data.synthetic import BenchmarkSpec, generate
 from sfda_ray.dist.runtime import init_ray, on_gpus
 from sfda_ray.dist.scoring import ScoringOptions, adabn_checkpoint, score_dataset, write_pictures
-from sfda_ray.dist.tracking import default_tracking_uri
+from sfda_ray.dist.tracking import check_tracking_store, default_tracking_uri
 from sfda_ray.dist.tune import has_labelled_val, run_sweep
 from sfda_ray.evaluate import evaluate_checkpoint
 from sfda_ray.models.checkpoint import file_fingerprint
@@ -179,6 +179,7 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
         args.data = pin_manifest(str(args.data), out)
     space = load_search_space(cfg.tune.space or CONFIGS / "tune_space.yaml", cfg)
     tracking_uri = default_tracking_uri(out)
+    check_tracking_store(tracking_uri)
     t0 = time.perf_counter()
 
     if args.data:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
 
@@ -54,6 +55,17 @@ def default_tracking_uri(out: str) -> str:
             "MLFLOW_TRACKING_URI to a tracking server (e.g. http://127.0.0.1:5000)"
         )
     return f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
+
+
+def check_tracking_store(tracking_uri: str) -> None:
+    """Open the tracking store before any work, so that a wrong URI fails the job at its
+    start rather than after scoring. An unreachable server is retried as MLflow's
+    ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` says (minutes by default) before it fails."""
+    log.info("checking the MLflow tracking store at %s", tracking_uri)
+    try:
+        MlflowClient(tracking_uri).search_experiments(max_results=1)
+    except MlflowException as e:
+        raise ValueError(f"MLflow tracking store {tracking_uri}: {e.message}") from e
 
 
 def git_commit() -> str:
