@@ -26,6 +26,7 @@ import torch
 
 from sfda_ray.config import load_config
 from sfda_ray.data.catalog import open_dataset
+from sfda_ray.data.decode import decode_batch
 from sfda_ray.data.synthetic import BenchmarkSpec, generate
 from sfda_ray.dist.runtime import init_ray
 from sfda_ray.dist.scoring import (
@@ -33,7 +34,6 @@ from sfda_ray.dist.scoring import (
     Scorer,
     ScoreWriter,
     ScoringOptions,
-    decode_batch,
     score_dataset,
 )
 from sfda_ray.models import build_model

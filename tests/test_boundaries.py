@@ -39,3 +39,11 @@ def test_the_check_would_see_ray():
     code = "import sys, sfda_ray.dist.runtime; print('ray' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_decode_stage_imports_no_torch():
+    """Ray Data's decode workers import this module only: without torch they start in
+    about a second and stay small (the scoring actors are the ones that need torch)."""
+    code = "import sys, sfda_ray.data.decode; print('torch' in sys.modules, 'ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False False"

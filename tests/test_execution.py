@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sfda_ray.config import AdaptConfig, ConfigError, PerfConfig, load_config
-from sfda_ray.dist.scoring import Scorer, decode_batch
+from sfda_ray.data.decode import decode_batch
+from sfda_ray.dist.scoring import Scorer
 from sfda_ray.method.adapt import Adapter
 from sfda_ray.method.scoring import score_images
 from sfda_ray.models import build_model
