@@ -41,6 +41,9 @@ def mlflow_server(root: Path):
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        # Tracking only: the server's job runner (huey consumers, for GenAI jobs) would
+        # cost a minute of CPU here and serve nothing.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         start_new_session=True,  # its workers outlive it: stop the whole group
     )
     uri = f"http://127.0.0.1:{port}"

@@ -1,5 +1,6 @@
 """Real faults against the Ray layer: a bad-input corpus among good files, a killed
-scoring actor, a killed training worker, an unwritable output location, a full disk."""
+scoring actor, a killed training worker (and the run resumed), an unwritable output
+location, a full disk."""
 
 import errno
 import io
@@ -17,7 +18,7 @@ from data_fixtures import all_ids_label, random_rgb, truncate, write_png
 from PIL import Image
 
 from sfda_ray import storage
-from sfda_ray.adaptation import LocalEnv, load_state, make_plan, run_adaptation
+from sfda_ray.adaptation import load_state
 from sfda_ray.config import load_config
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
 from sfda_ray.dist.train import run_adapt
@@ -125,25 +126,26 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(
 
 
 @pytest.mark.slow
-def test_killed_train_worker_resumes_from_its_checkpoint(
+def test_killed_train_worker_resumes_and_a_rerun_continues(
     ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
 ):
+    """A 2-worker (DDP) Ray Train run loses a worker after its first checkpoint: the group
+    restarts from that checkpoint. A rerun in the same directory with a longer schedule
+    then continues from where the first run ended."""
     scores, _ = tiny_scores
-    cfg = load_config(
-        None,
-        {
-            "adapt.iterations": 12,
+
+    def cfg(iterations):
+        settings = {
+            "adapt.iterations": iterations,
             "adapt.batch_size": 2,
             "adapt.eval_every": 4,
             "adapt.checkpoint_every": 4,
             "adapt.threads": 1,
             "data.num_workers": 0,
-        },
-    )
-    args = (cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
-    # The same loop without faults, in this process (no Ray Train run needed to compare).
-    clean = run_adaptation(make_plan(*args), cfg, LocalEnv())["metrics"]
+        }
+        return load_config(None, settings)
 
+    inputs = (str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
     run = tmp_path / "faulty"
     killed = []
 
@@ -155,7 +157,7 @@ def test_killed_train_worker_resumes_from_its_checkpoint(
         deadline = time.time() + 300
         while time.time() < deadline:
             if snapshot.exists() and "checkpoint_" in snapshot.read_text():
-                for proc in _processes("RayTrainWorker"):
+                for proc in _processes("RayTrainWorker")[:1]:
                     proc.kill()
                     killed.append(proc.pid)
                 return
@@ -163,19 +165,23 @@ def test_killed_train_worker_resumes_from_its_checkpoint(
 
     killer = threading.Thread(target=kill_after_first_checkpoint)
     killer.start()
-    faulty = run_adapt(*args, str(run), max_failures=2)
+    faulty = run_adapt(cfg(12), *inputs, str(run), workers=2, max_failures=2)
     killer.join()
     assert killed, "no training worker was killed"
-    assert faulty["iteration"] == clean["iteration"] == 12
+    assert faulty["iteration"] == 12 and faulty["train_workers"] == 2
     assert faulty["resumed_from"] in (4, 8)  # the restarted group continued from a checkpoint
-    # Same seed, different batch order after the restart: within noise of the clean run.
-    assert abs(faulty["val_miou"] - clean["val_miou"]) < 10.0
+    assert np.isfinite(faulty["val_miou"])
     checkpoints = [p for p in run.glob("ray/adapt/checkpoint_*") if p.is_dir()]
     assert checkpoints
     for checkpoint in checkpoints:  # none lost or corrupted: each loads
         state = load_state(str(checkpoint / "state.pt"))
         assert state["iteration"] in (4, 8, 12)
     assert load_checkpoint(str(run / "final.pt"))["meta"]["iteration"] == 12
+
+    # Same run directory, longer schedule: continues from the saved iteration 12.
+    more = run_adapt(cfg(14), *inputs, str(run), workers=2)
+    assert more["iteration"] == 14 and more["resumed_from"] == 12
+    assert load_checkpoint(str(run / "final.pt"))["meta"]["iteration"] == 14
 
 
 def test_unwritable_output_fails_before_work(tiny_benchmark, tiny_source_ckpt, tmp_path):
