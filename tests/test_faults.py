@@ -1,6 +1,5 @@
 """Real faults against the Ray layer: a bad-input corpus among good files, a killed
-scoring actor, a killed training worker (and the run resumed), an unwritable output
-location, a full disk."""
+scoring actor, a killed training worker, an unwritable output location, a full disk."""
 
 import errno
 import io
@@ -126,25 +125,25 @@ def test_killed_scoring_actor_loses_and_duplicates_nothing(
 
 
 @pytest.mark.slow
-def test_killed_train_worker_resumes_and_a_rerun_continues(
+def test_killed_worker_of_a_ddp_run_resumes_from_its_checkpoint(
     ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
 ):
     """A 2-worker (DDP) Ray Train run loses a worker after its first checkpoint: the group
-    restarts from that checkpoint. A rerun in the same directory with a longer schedule
-    then continues from where the first run ended."""
+    restarts from that checkpoint and finishes. (A rerun of a finished or killed run
+    resuming from its directory is the main-job test's business.)"""
     scores, _ = tiny_scores
 
-    def cfg(iterations):
-        settings = {
-            "adapt.iterations": iterations,
+    cfg = load_config(
+        None,
+        {
+            "adapt.iterations": 8,
             "adapt.batch_size": 2,
             "adapt.eval_every": 4,
             "adapt.checkpoint_every": 4,
             "adapt.threads": 1,
             "data.num_workers": 0,
-        }
-        return load_config(None, settings)
-
+        },
+    )
     inputs = (str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
     run = tmp_path / "faulty"
     killed = []
@@ -165,23 +164,18 @@ def test_killed_train_worker_resumes_and_a_rerun_continues(
 
     killer = threading.Thread(target=kill_after_first_checkpoint)
     killer.start()
-    faulty = run_adapt(cfg(12), *inputs, str(run), workers=2, max_failures=2)
+    faulty = run_adapt(cfg, *inputs, str(run), workers=2, max_failures=2)
     killer.join()
     assert killed, "no training worker was killed"
-    assert faulty["iteration"] == 12 and faulty["train_workers"] == 2
+    assert faulty["iteration"] == 8 and faulty["train_workers"] == 2
     assert faulty["resumed_from"] in (4, 8)  # the restarted group continued from a checkpoint
     assert np.isfinite(faulty["val_miou"])
     checkpoints = [p for p in run.glob("ray/adapt/checkpoint_*") if p.is_dir()]
     assert checkpoints
     for checkpoint in checkpoints:  # none lost or corrupted: each loads
         state = load_state(str(checkpoint / "state.pt"))
-        assert state["iteration"] in (4, 8, 12)
-    assert load_checkpoint(str(run / "final.pt"))["meta"]["iteration"] == 12
-
-    # Same run directory, longer schedule: continues from the saved iteration 12.
-    more = run_adapt(cfg(14), *inputs, str(run), workers=2)
-    assert more["iteration"] == 14 and more["resumed_from"] == 12
-    assert load_checkpoint(str(run / "final.pt"))["meta"]["iteration"] == 14
+        assert state["iteration"] in (4, 8)
+    assert load_checkpoint(str(run / "final.pt"))["meta"]["iteration"] == 8
 
 
 def test_unwritable_output_fails_before_work(tiny_benchmark, tiny_source_ckpt, tmp_path):
