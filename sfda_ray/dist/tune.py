@@ -1,10 +1,10 @@
 """The sweep on Ray Tune: each trial is a Ray Train adaptation run with sampled values.
 
-The Tune trial is a small driver function that fits a ``TorchTrainer`` (Ray Train V2),
-so a trial can itself span several workers and nodes; ``TuneReportCallback`` forwards
-the workers' reports, and ASHA stops weak trials early on them. Each trial writes its
-run under ``OUT/trials/<trial_id>/`` (checkpoints, ``final.pt``, report files), which
-the driver-side ``TrialLogger`` logs to MLflow.
+The Tune trial (``sfda_ray.dist.trial``) is a small driver function that fits a
+``TorchTrainer`` (Ray Train V2), so a trial can itself span several workers and nodes;
+``TuneReportCallback`` forwards the workers' reports, and ASHA stops weak trials early
+on them. Each trial writes its run under ``OUT/trials/<trial_id>/`` (checkpoints,
+``final.pt``, report files), which the driver-side ``TrialLogger`` logs to MLflow.
 
 Rerunning with the same ``OUT`` resumes the sweep (``Tuner.restore``): finished trials
 are not run again, unfinished ones continue from their last Ray Train checkpoint.
@@ -37,6 +37,7 @@ from sfda_ray.config import (
 from sfda_ray.data.catalog import open_dataset
 from sfda_ray.dist.runtime import on_gpus
 from sfda_ray.dist.tracking import SweepTracker, TrialLogger, flatten, git_commit
+from sfda_ray.dist.trial import adapt_trial, report_files, trial_dir
 from sfda_ray.dist.train import run_adapt
 from sfda_ray.method.selection import spearman
 from sfda_ray.models.checkpoint import file_fingerprint
@@ -57,56 +58,6 @@ def tune_domain(kind: str, args: list):
         "randint": tune.randint,
         "choice": lambda *values: tune.choice(list(values)),
     }[kind](*args)
-
-
-def trial_dir(out: str, trial_id: str) -> str:
-    return storage.join(out, "trials", trial_id)
-
-
-def _report_dir(out: str, trial_id: str) -> str:
-    return storage.join(trial_dir(out, trial_id), "report")
-
-
-def _write_files(directory: str, files: dict[str, bytes]) -> None:
-    for name, data in files.items():
-        storage.atomic_write_bytes(storage.join(directory, name), data)
-
-
-def report_files(out: str, trial_id: str) -> dict[str, bytes]:
-    """The report files a trial has written so far (name -> bytes)."""
-    directory = _report_dir(out, trial_id)
-    if not storage.exists(directory):
-        return {}
-    return {
-        path.rsplit("/", 1)[-1]: storage.read_bytes(path)
-        for path in storage.list_files(directory, "")
-    }
-
-
-def adapt_trial(params: dict, base: dict, checkpoint: str, scores: str, data: str, out: str):
-    """One trial: adapt with the sampled values, then describe the adapted model."""
-    cfg = apply_overrides(from_dict(Config, base), params)
-    trial_id = tune.get_context().get_trial_id()
-    run_dir, reports = trial_dir(out, trial_id), _report_dir(out, trial_id)
-    _write_files(reports, selection_files(scores, cfg))
-    t = cfg.tune
-    run_adapt(
-        cfg,
-        checkpoint,
-        scores,
-        data,
-        run_dir,
-        workers=t.workers_per_trial,
-        gpus_per_worker=t.gpus_per_worker,
-        cpus_per_worker=t.cpus_per_worker,
-        callbacks=[TuneReportCallback()],
-        placement_strategy=t.placement_strategy,
-    )
-    # At the adaptation's input size, on a GPU when the trial's workers had GPUs.
-    final = storage.join(run_dir, "final.pt")
-    size = cfg.data.input_size
-    files = on_gpus(evaluation_files, t.gpus_per_worker, checkpoint, final, data, size)
-    _write_files(reports, files)
 
 
 def has_labelled_val(data: str) -> bool:
