@@ -34,9 +34,9 @@ import torch
 from PIL import Image
 
 from sfda_ray import storage
+from sfda_ray.config import PerfConfig, SelectConfig
 from sfda_ray.data.catalog import open_dataset
 from sfda_ray.data.decode import decode_batch
-from sfda_ray.data.io import BadInputError, load_image, load_label
 from sfda_ray.data.labels import IGNORE_INDEX
 from sfda_ray.data.manifest import error_reason
 from sfda_ray.data.transforms import normalize_batch
@@ -45,7 +45,6 @@ from sfda_ray.evaluate import adabn_on_split
 from sfda_ray.method.scoring import class_confidence_histogram, score_images
 from sfda_ray.method.selection import select_by_config, selection_quality
 from sfda_ray.metrics import confusion_matrix, iou_per_class
-from sfda_ray.config import PerfConfig, SelectConfig
 from sfda_ray.models.checkpoint import (
     file_fingerprint,
     load_checkpoint,

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
@@ -204,9 +204,7 @@ class TrialLogger(Callback):
     ``files_of(trial_id)`` returns the trial's report files (name -> bytes).
     """
 
-    def __init__(
-        self, tracker: SweepTracker, fixed: dict, tags: dict, files_of, iterations: int
-    ):
+    def __init__(self, tracker: SweepTracker, fixed: dict, tags: dict, files_of, iterations: int):
         self.tracker = tracker
         self.fixed = fixed
         self.tags = tags
@@ -224,9 +222,7 @@ class TrialLogger(Callback):
         metrics = {
             k: v
             for k, v in result.items()
-            if k not in _NOT_METRICS
-            and isinstance(v, (int, float))
-            and not isinstance(v, bool)
+            if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
         }
         self.tracker.log_metrics(self._run(trial), metrics, int(result.get("iteration", 0)))
 

@@ -21,7 +21,6 @@ import os
 import numpy as np
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
@@ -30,18 +29,14 @@ from sfda_ray.config import (
     Config,
     ConfigError,
     apply_overrides,
-    from_dict,
     result_identity,
     to_dict,
 )
 from sfda_ray.data.catalog import open_dataset
-from sfda_ray.dist.runtime import on_gpus
 from sfda_ray.dist.tracking import SweepTracker, TrialLogger, flatten, git_commit
 from sfda_ray.dist.trial import adapt_trial, report_files, trial_dir
-from sfda_ray.dist.train import run_adapt
 from sfda_ray.method.selection import spearman
 from sfda_ray.models.checkpoint import file_fingerprint
-from sfda_ray.report import evaluation_files, selection_files
 
 log = logging.getLogger(__name__)
 SWEEP_NAME = "sweep"
