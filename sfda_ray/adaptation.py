@@ -96,7 +96,7 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
     }
     virtual = [rows[i] for i in selection.virtual]
     map_size = tuple(load_map(virtual[0]["pseudo_label_path"]).shape[:2])
-    if a.method == "sfda" and a.lambda_adv > 0 and min(map_size) < discriminator.MIN_SIDE:
+    if a.adversarial and min(map_size) < discriminator.MIN_SIDE:
         raise ValueError(
             f"the images were scored at {map_size[0]}x{map_size[1]} pixels, and adaptation "
             f"trains at that size; adversarial alignment (adapt.lambda_adv > 0) needs at "

@@ -183,6 +183,11 @@ class AdaptConfig:
     seed: int = _field(0, lo=0)
     threads: int = _field(2, lo=1)
 
+    @property
+    def adversarial(self) -> bool:
+        """Whether the output-space discriminator trains (the method, lambda_adv > 0)."""
+        return self.method == "sfda" and self.lambda_adv > 0
+
 
 @dataclass
 class SweepConfig:

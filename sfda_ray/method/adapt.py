@@ -128,7 +128,7 @@ class Adapter:
         self.opt = torch.optim.SGD(
             params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
         )
-        self.use_adv = cfg.method == "sfda" and cfg.lambda_adv > 0
+        self.use_adv = cfg.adversarial
         self.disc = self.opt_d = None
         if self.use_adv:
             self.disc = wrap(execution.prepare(FCDiscriminator(self.num_classes)))
