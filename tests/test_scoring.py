@@ -1,5 +1,6 @@
 import io
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -76,6 +77,25 @@ def test_rerun_scores_nothing_new(scored, tiny_benchmark, tiny_source_ckpt):
     assert again["scored_this_run"] == 0 and again["scored"] == 24
     after = pq.read_table(out / "scores.parquet").sort_by("image_id")
     assert after["score"].to_pylist() == before["score"].to_pylist()
+
+
+def test_rerun_at_another_size_scores_again(scored, tiny_benchmark, tiny_source_ckpt, tmp_path):
+    """A scores directory reused with another data.size: the maps and the AdaBN statistics
+    are made again at that size, not taken from the earlier run."""
+    first_out, first = scored
+    out = tmp_path / "scores"
+    shutil.copytree(first_out, out)
+    options = ScoringOptions(batch_size=8, actors=1, size=(32, 64))
+    resized = score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), str(out), options)
+    assert resized["scored_this_run"] == 24 and resized["scored"] == 24
+    assert resized["checkpoint_fingerprint"] != first["checkpoint_fingerprint"]
+    assert load_model(resized["checkpoint"])[1]["adabn_recipe"]["size"] == [32, 64]
+    for row in pq.read_table(out / "scores.parquet").to_pylist():
+        assert np.asarray(Image.open(row["pseudo_label_path"])).shape == (32, 64)
+        assert sum(row["class_hist"]) == 32 * 64
+    again = score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), str(out), options)
+    assert again["scored_this_run"] == 0
+    assert again["checkpoint_fingerprint"] == resized["checkpoint_fingerprint"]
 
 
 def test_bad_images_are_recorded_and_skipped(

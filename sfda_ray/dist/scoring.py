@@ -3,7 +3,8 @@
 Layout of a scores directory ``OUT`` (local path or ``s3://``/``gs://``/``file://`` URI):
 
 - ``OUT/parts/*.parquet``  rows as they stream in, each part written atomically; a killed
-  run keeps every finished part and a rerun skips those images (same fingerprint);
+  run keeps every finished part and a rerun skips those images (same fingerprint:
+  scoring model, size, MC-dropout passes, image), so a rerun with another size re-scores;
 - ``OUT/maps/<image_id>_{label,conf,unc}.png``  8-bit pseudo-label, confidence and
   (MC-dropout) uncertainty maps at the model's input resolution;
 - ``OUT/scores.parquet``  the consolidated table, one row per image, written last;
@@ -148,8 +149,14 @@ class ScoringOptions:
         )
 
 
-def _row_fingerprint(checkpoint_fp: str, row: dict) -> str:
-    key = f"{checkpoint_fp}|{row['image_id']}|{row['image_path']}|{row['height']}x{row['width']}"
+def _row_fingerprint(checkpoint_fp: str, opts: ScoringOptions, row: dict) -> str:
+    """What decides an image's scores: the scoring model, the size it scores at, the
+    MC-dropout passes, and the image."""
+    size = "x".join(map(str, opts.size)) if opts.size else "native"
+    key = (
+        f"{checkpoint_fp}|{size}|mc{opts.mc_passes}|"
+        f"{row['image_id']}|{row['image_path']}|{row['height']}x{row['width']}"
+    )
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
@@ -273,15 +280,24 @@ def adabn_checkpoint(
     Still the source model's weights, still source-free; its pseudo-labels are far better
     than the raw source model's under an appearance shift, and the adaptation starts
     from the same BN statistics, so the virtual source agrees with its initial student.
-    Cached as ``OUT/source_adabn.pt`` for this source checkpoint.
+    Cached as ``OUT/source_adabn.pt`` for this source checkpoint and recipe (the images,
+    their size, the number of batches).
     """
     path = storage.join(out, ADABN_FILE)
     source_fp = file_fingerprint(checkpoint)
-    if storage.exists(path) and load_checkpoint(path)["meta"].get("adabn_of") == source_fp:
-        return path
+    ids = "\n".join(manifest["image_id"].to_pylist())
+    recipe = {
+        "size": list(size) if size else None,
+        "max_batches": max_batches,
+        "images": hashlib.sha256(ids.encode()).hexdigest()[:20],
+    }
+    if storage.exists(path):
+        cached = load_checkpoint(path)["meta"]
+        if cached.get("adabn_of") == source_fp and cached.get("adabn_recipe") == recipe:
+            return path
     model, meta = load_model(checkpoint)
     adabn_on_split(model, manifest, meta["normalization"], size, max_batches, device)
-    save_checkpoint(path, model, {**meta, "adabn_of": source_fp})
+    save_checkpoint(path, model, {**meta, "adabn_of": source_fp, "adabn_recipe": recipe})
     return path
 
 
@@ -312,8 +328,9 @@ def score_dataset(
 ) -> dict:
     """Score every image of a target split; returns the run summary (also in summary.json).
 
-    Images already in ``OUT/parts`` with the same fingerprint (checkpoint + image) are
-    not scored again, so an interrupted run resumes where it stopped.
+    Images already in ``OUT/parts`` with the same fingerprint (scoring model, size,
+    MC-dropout passes, image) are not scored again, so an interrupted run resumes where
+    it stopped.
     """
     opts = options or ScoringOptions()
     if opts.mc_passes > 1:  # refused here, before any work, rather than in every actor
@@ -344,7 +361,7 @@ def score_dataset(
         checkpoint = on_gpus(adabn_checkpoint, gpus, checkpoint, manifest, out, opts.size)
     checkpoint_fp = file_fingerprint(checkpoint)
     for row in rows:
-        row["fingerprint"] = _row_fingerprint(checkpoint_fp, row)
+        row["fingerprint"] = _row_fingerprint(checkpoint_fp, opts, row)
     done = set(ok["fingerprint"].to_pylist()) if ok is not None else set()
     todo = [r for r in rows if r["fingerprint"] not in done]
     log.info(
