@@ -242,10 +242,9 @@ def add_tune_args(parser: argparse.ArgumentParser, default_out: str = "outputs/t
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from sfda_ray.dist.job import run_job
+    from sfda_ray.dist.job import run_job_command
 
-    run_job(args, args.task)
-    return 0
+    return run_job_command(args, args.task, "sfda-ray tune")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -235,3 +235,58 @@ def test_baselines_include_adabn_when_scoring_did_not_use_it(
         "adabn_miou": adabn,
     }
     assert miou["adabn_miou"] != miou["source_only_miou"]
+
+
+def test_trial_errors_are_told_without_ray_wrapping(ray_session):
+    import ray
+    from ray.train import WorkerGroupError
+
+    from sfda_ray.dist.tracking import describe_error
+
+    @ray.remote
+    def fails():
+        raise ValueError("select.ratio 1.0 leaves no target image")
+
+    with pytest.raises(ray.exceptions.RayTaskError) as raised:
+        ray.get(fails.remote())
+    assert "line " in str(raised.value)  # what Tune would have shown: where it was raised
+    assert describe_error(raised.value) == "ValueError: select.ratio 1.0 leaves no target image"
+
+    oom = RuntimeError("CUDA out of memory")
+    workers = WorkerGroupError("snippets", {1: oom, 0: oom, 2: KeyError("label")})
+    assert describe_error(workers) == (
+        "Ray Train workers 0, 1: RuntimeError: CUDA out of memory; "
+        "Ray Train worker 2: KeyError: 'label'"
+    )
+    assert describe_error(None) is None
+
+
+def test_a_sweep_where_no_trial_completes_says_why(
+    ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    """Every trial refuses its config: one readable error naming the cause, and MLflow
+    runs marked FAILED with the cause, instead of a dump of Ray tracebacks."""
+    from sfda_ray.dist.tracking import ERROR_TAG
+    from sfda_ray.dist.tune import SweepFailed, run_sweep
+
+    scores, _ = tiny_scores
+    # Every image in the virtual source leaves no target to adapt to.
+    overrides = {"select.ratio": 1.0, "adapt.iterations": 2, "tune.num_samples": 1}
+    cfg = load_config(None, {**overrides, "adapt.eval_every": 1})
+    space = {"adapt.lr": ("grid", [0.01, 0.02])}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    args = (str(tiny_source_ckpt), str(scores), str(tiny_benchmark), str(tmp_path), space)
+    with pytest.raises(SweepFailed) as failed:
+        run_sweep(cfg, *args, "failing", uri)
+    cause = "ValueError: select.ratio 1.0 puts 24 of 24 scored images in the virtual source"
+    message = str(failed.value)
+    assert message.startswith("no trial of the sweep completed (2 trials):\n  2 trials: " + cause)
+    assert "Traceback" not in message and str(tmp_path / "tune" / "sweep") in message
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("failing").experiment_id])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"FAILED"}
+    for run in runs:  # the parent says it all; each trial's run says its own error
+        assert run.data.tags[ERROR_TAG].startswith(
+            message if PARENT_TAG not in run.data.tags else cause
+        )

@@ -33,7 +33,7 @@ from sfda_ray.data.synthetic import BenchmarkSpec, generate
 from sfda_ray.dist.runtime import init_ray, on_gpus
 from sfda_ray.dist.scoring import ScoringOptions, adabn_checkpoint, score_dataset, write_pictures
 from sfda_ray.dist.tracking import check_tracking_store, default_tracking_uri
-from sfda_ray.dist.tune import has_labelled_val, run_sweep
+from sfda_ray.dist.tune import SweepFailed, has_labelled_val, run_sweep
 from sfda_ray.evaluate import evaluate_checkpoint
 from sfda_ray.models.checkpoint import file_fingerprint
 from sfda_ray.train_source import train_source
@@ -269,9 +269,18 @@ def main(task: str, default_out: str, description: str, argv: list[str] | None =
     add_tune_args(parser, default_out)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    return run_job_command(args, task, parser.prog)
+
+
+def run_job_command(args: argparse.Namespace, task: str, prog: str) -> int:
+    """``run_job`` as a command: exit code 2 for bad input, 1 when no trial completed,
+    each with a one-paragraph error instead of a traceback."""
     try:
         run_job(args, task)
     except (ConfigError, ValueError, OSError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
+    except SweepFailed as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -22,6 +23,7 @@ from pathlib import Path
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from ray import cloudpickle
 from ray.tune import Callback
 
 from sfda_ray import storage
@@ -29,6 +31,9 @@ from sfda_ray import storage
 log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "sfda.trial_id"
+ERROR_TAG = "sfda.error"
+_TAG_CHARS = 5000  # MLflow keeps tag values up to 8000 characters
+_ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 # Tune's own bookkeeping, not worth a curve.
 _NOT_METRICS = {
     "iteration",
@@ -42,6 +47,29 @@ _NOT_METRICS = {
     "done",
     "resumed_from",
 }
+
+
+def describe_error(error: BaseException | None) -> str | None:
+    """What a trial raised, without Ray's wrapping and tracebacks (those stay in the
+    trial's ``error.txt``): the trial's own exception or, for a failed Ray Train run,
+    each distinct exception of its workers with their ranks."""
+    if error is None:
+        return None
+    cause = getattr(error, "cause", None) or error  # a RayTaskError wraps what was raised
+    failures = getattr(cause, "worker_failures", None)  # ray.train.WorkerGroupError
+    if not failures:
+        return _exception_line(cause)
+    ranks: dict[str, list[str]] = {}
+    for rank, exc in sorted(failures.items()):
+        ranks.setdefault(_exception_line(getattr(exc, "cause", None) or exc), []).append(str(rank))
+    return "; ".join(
+        f"Ray Train worker{'s' if len(r) > 1 else ''} {', '.join(r)}: {text}"
+        for text, r in ranks.items()
+    )
+
+
+def _exception_line(exc: BaseException) -> str:
+    return _ANSI_COLOUR.sub("", f"{type(exc).__name__}: {exc}").strip()
 
 
 def default_tracking_uri(out: str) -> str:
@@ -181,10 +209,13 @@ class SweepTracker:
                 Path(tmp, name).write_bytes(data)
             self.client.log_artifacts(run_id, tmp, artifact_path)
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """End the parent run; any child still RUNNING was interrupted and is KILLED."""
+    def finish(self, status: str = "FINISHED", error: str | None = None) -> None:
+        """End the parent run; any child still RUNNING was interrupted and is KILLED.
+        ``error``, when given, says why in the parent's ``sfda.error`` tag."""
         if self.parent_id is None:
             return
+        if error:
+            self.client.set_tag(self.parent_id, ERROR_TAG, error[:_TAG_CHARS])
         for run in self.client.search_runs(
             [self.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{self.parent_id}'"
         ):
@@ -236,4 +267,10 @@ class TrialLogger(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
         self.tracker.log_files(run_id, self.files_of(trial.trial_id))
+        # Tune has just written the error next to the trial (on the driver's disk).
+        error = trial.pickled_error_file
+        if error and os.path.isfile(error):
+            with open(error, "rb") as f:
+                text = describe_error(cloudpickle.load(f))
+            self.tracker.client.set_tag(run_id, ERROR_TAG, text[:_TAG_CHARS])
         self.tracker.client.set_terminated(run_id, "FAILED")

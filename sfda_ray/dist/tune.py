@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 
 import numpy as np
 import ray
@@ -33,7 +34,13 @@ from sfda_ray.config import (
     to_dict,
 )
 from sfda_ray.data.catalog import open_dataset
-from sfda_ray.dist.tracking import SweepTracker, TrialLogger, flatten, git_commit
+from sfda_ray.dist.tracking import (
+    SweepTracker,
+    TrialLogger,
+    describe_error,
+    flatten,
+    git_commit,
+)
 from sfda_ray.dist.trial import adapt_trial, report_files, trial_dir
 from sfda_ray.method.selection import spearman
 from sfda_ray.models.checkpoint import file_fingerprint
@@ -41,6 +48,10 @@ from sfda_ray.models.checkpoint import file_fingerprint
 log = logging.getLogger(__name__)
 SWEEP_NAME = "sweep"
 TRIAL_DRIVER_MEMORY = 512 * 2**20
+
+
+class SweepFailed(RuntimeError):
+    """No trial of a sweep completed; the message says what the trials raised."""
 
 
 def tune_domain(kind: str, args: list):
@@ -162,13 +173,14 @@ def run_sweep(
                 "final_miou": evaluation.get("miou"),
                 "train_nodes": result.metrics.get("train_nodes"),
                 "checkpoint": final if storage.exists(final) else None,
-                "error": str(result.error) if result.error else None,
+                "error": describe_error(result.error),
             }
         )
     completed = [tr for tr in trials if tr["completed"] and tr[metric] is not None]
     if not completed:
-        tracker.finish("FAILED")
-        raise RuntimeError(f"no trial of the sweep at {sweep_path} completed: {trials}")
+        message = _failure_message(sweep_path, trials)
+        tracker.finish("FAILED", error=message)
+        raise SweepFailed(message)
     best = (max if mode == "max" else min)(completed, key=lambda tr: tr[metric])
     paired = [tr for tr in trials if tr["val_miou"] is not None and tr["proxy"] is not None]
     rho = None
@@ -199,6 +211,21 @@ def run_sweep(
     if rho is not None:
         tracker.log_metrics(parent, {"proxy_miou_spearman": rho}, 0)
     return summary, tracker
+
+
+def _failure_message(sweep_path: str, trials: list[dict]) -> str:
+    lines = [f"no trial of the sweep completed ({len(trials)} trials):"]
+    errors = Counter(tr["error"] for tr in trials if tr["error"])
+    lines += [f"  {n} trial{'s' if n > 1 else ''}: {error}" for error, n in errors.most_common()]
+    unfinished = sum(1 for tr in trials if not tr["error"])
+    if unfinished:
+        lines.append(f"  {unfinished} trial{'s' if unfinished > 1 else ''}: stopped, no error")
+    lines.append(f"tracebacks: error.txt in each trial's directory under {sweep_path}")
+    lines.append(
+        "the same command retries these trials; to change a setting, delete that directory "
+        "first (the scores are kept) or use another output directory"
+    )
+    return "\n".join(lines)
 
 
 def _new_tuner(base, space, metric, mode, trainable, storage_path, tracker, tags, fixed, out):
