@@ -101,7 +101,7 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
             f"the images were scored at {map_size[0]}x{map_size[1]} pixels, and adaptation "
             f"trains at that size; adversarial alignment (adapt.lambda_adv > 0) needs at "
             f"least {discriminator.MIN_SIDE} pixels a side: score at a larger data.size, "
-            "or set adapt.lambda_adv=0"
+            "or set adapt.lambda_adv=0 (and, in a sweep, leave it out of the search space)"
         )
     weights = None
     if a.rare_class_sampling:
