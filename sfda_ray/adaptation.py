@@ -71,6 +71,25 @@ class AdaptPlan:
     bn_adapted: bool = False  # the start checkpoint already has target BN statistics
 
 
+def check_discriminator_fits(map_size: tuple[int, int]) -> None:
+    """``ValueError`` when maps of ``map_size`` (H, W), the size adaptation trains at, are
+    too small for the output-space discriminator."""
+    if min(map_size) < discriminator.MIN_SIDE:
+        raise ValueError(
+            f"the images were scored at {map_size[0]}x{map_size[1]} pixels, and adaptation "
+            f"trains at that size; adversarial alignment (adapt.lambda_adv > 0) needs at "
+            f"least {discriminator.MIN_SIDE} pixels a side: score at a larger data.size, "
+            "or set adapt.lambda_adv=0 (and, in a sweep, leave it out of the search space)"
+        )
+
+
+def scored_map_size(scores: str) -> tuple[int, int] | None:
+    """(H, W) of the maps of a scores directory (one map read); None when none scored."""
+    table = storage.read_parquet(storage.join(scores, "scores.parquet"))
+    paths = table.filter(pc.is_null(table["error"]))["pseudo_label_path"]
+    return tuple(load_map(paths[0].as_py()).shape[:2]) if len(paths) else None
+
+
 def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan:
     """Select the virtual source from a scores table and gather the target splits."""
     table = storage.read_parquet(storage.join(scores, "scores.parquet"))
@@ -96,13 +115,8 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
     }
     virtual = [rows[i] for i in selection.virtual]
     map_size = tuple(load_map(virtual[0]["pseudo_label_path"]).shape[:2])
-    if a.adversarial and min(map_size) < discriminator.MIN_SIDE:
-        raise ValueError(
-            f"the images were scored at {map_size[0]}x{map_size[1]} pixels, and adaptation "
-            f"trains at that size; adversarial alignment (adapt.lambda_adv > 0) needs at "
-            f"least {discriminator.MIN_SIDE} pixels a side: score at a larger data.size, "
-            "or set adapt.lambda_adv=0 (and, in a sweep, leave it out of the search space)"
-        )
+    if a.adversarial:
+        check_discriminator_fits(map_size)
     weights = None
     if a.rare_class_sampling:
         hists = np.stack(

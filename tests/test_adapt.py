@@ -1,5 +1,6 @@
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -10,7 +11,7 @@ from conftest import TINY, tiny_config
 from PIL import Image
 
 from sfda_ray.adaptation import LocalEnv, make_plan, run_adaptation
-from sfda_ray.config import AdaptConfig
+from sfda_ray.config import AdaptConfig, load_config, load_search_space
 from sfda_ray.data.synthetic import generate
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
 from sfda_ray.method.adapt import Adapter, class_mix
@@ -26,6 +27,8 @@ from sfda_ray.models import build_model
 from sfda_ray.models.checkpoint import load_model
 from sfda_ray.models.execution import Execution
 from sfda_ray.train_source import train_source
+
+ROOT = Path(__file__).resolve().parents[1]
 
 C = 19
 CPU = Execution(torch.device("cpu"))
@@ -290,6 +293,16 @@ def test_maps_too_small_for_the_discriminator_are_refused(
         make_plan(_adapt_cfg(), *args)
     # Without the adversarial term nothing needs that size.
     assert make_plan(_adapt_cfg(**{"adapt.lambda_adv": 0.0}), *args).map_size == (16, 32)
+
+    # A sweep whose every trial would train the discriminator (the shipped space samples
+    # lambda_adv > 0) is refused once, before any trial or MLflow run.
+    from sfda_ray.dist.tune import run_sweep
+
+    space = load_search_space(ROOT / "experiments/configs/tune_space.yaml", load_config())
+    out = tmp_path / "sweep_out"
+    with pytest.raises(ValueError, match=r"scored at 16x32 pixels.*search space"):
+        run_sweep(_adapt_cfg(), *args, str(out), space, "e", f"sqlite:///{tmp_path}/m.db")
+    assert not out.exists()
 
 
 def test_evaluating_mid_run_leaves_training_unchanged(

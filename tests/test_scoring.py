@@ -98,6 +98,26 @@ def test_rerun_at_another_size_scores_again(scored, tiny_benchmark, tiny_source_
     assert again["checkpoint_fingerprint"] == resized["checkpoint_fingerprint"]
 
 
+def test_switching_sizes_back_and_forth_never_reuses_the_other_sizes_maps(
+    ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path
+):
+    """Without AdaBN the scoring model stays the same, so only the size tells the runs
+    apart: native, then 32x64, then native again re-scores each time."""
+    table = pq.read_table(tiny_benchmark / "target" / "manifest.parquet")
+    write_manifest(
+        table.filter(pa.compute.equal(table["split"], "train")).slice(0, 6), tmp_path / "m.parquet"
+    )
+    data, out = str(tmp_path / "m.parquet"), str(tmp_path / "scores")
+    for size, shape in [(None, (48, 96)), ((32, 64), (32, 64)), (None, (48, 96))]:
+        options = ScoringOptions(batch_size=6, actors=1, adabn=False, size=size)
+        summary = score_dataset(str(tiny_source_ckpt), data, out, options)
+        assert summary["scored_this_run"] == 6
+        for row in pq.read_table(tmp_path / "scores" / "scores.parquet").to_pylist():
+            assert np.asarray(Image.open(row["pseudo_label_path"])).shape == shape
+            assert np.asarray(Image.open(row["confidence_path"])).shape == shape
+    assert score_dataset(str(tiny_source_ckpt), data, out, options)["scored_this_run"] == 0
+
+
 def test_bad_images_are_recorded_and_skipped(
     ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path
 ):

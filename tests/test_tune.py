@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sfda_ray.config import ConfigError, load_config, load_search_space
-from sfda_ray.dist.tracking import PARENT_TAG, SweepTracker
+from sfda_ray.dist.tracking import ERROR_TAG, PARENT_TAG, SweepTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,11 +62,17 @@ def test_tracker_reuses_runs_and_closes_interrupted_ones(tmp_path):
     parent = tracker.start("sweep", {"adapt": {"lr": 0.01}}, {"git_commit": "abc"})
     child = tracker.child("t1", "trial 1", {"select.tau": 0.9}, {})
     tracker.log_metrics(child, {"val_miou": 20.0}, 5)
+    tracker.client.set_tag(child, ERROR_TAG, "RuntimeError: CUDA out of memory")
+    tracker.finish("FAILED", error="no trial of the sweep completed")
 
-    # A new driver (a resumed sweep) finds the same runs instead of making new ones.
+    # A new driver (a resumed sweep) finds the same runs instead of making new ones, and
+    # the errors of the attempt it retries are gone.
     again = SweepTracker(uri, "exp", str(sweep), str(tmp_path))
     assert again.start("sweep", {}, {}) == parent
     assert again.child("t1", "trial 1", {"select.tau": 0.9}, {}) == child
+    for run in (parent, child):
+        assert again.client.get_run(run).info.status == "RUNNING"
+        assert ERROR_TAG not in again.client.get_run(run).data.tags
     other = again.child("t2", "trial 2", {"select.tau": 0.8}, {})
     again.client.set_terminated(other, "FINISHED")
     again.finish()
@@ -239,7 +245,8 @@ def test_baselines_include_adabn_when_scoring_did_not_use_it(
 
 def test_trial_errors_are_told_without_ray_wrapping(ray_session):
     import ray
-    from ray.train import WorkerGroupError
+    from ray.train import ControllerError, WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
     from sfda_ray.dist.tracking import describe_error
 
@@ -252,11 +259,44 @@ def test_trial_errors_are_told_without_ray_wrapping(ray_session):
     assert "line " in str(raised.value)  # what Tune would have shown: where it was raised
     assert describe_error(raised.value) == "ValueError: select.ratio 1.0 leaves no target image"
 
+    # A trial that ran the failing code in a task of its own (evaluation on a GPU).
+    @ray.remote
+    def runs_a_task():
+        return ray.get(fails.remote())
+
+    with pytest.raises(ray.exceptions.RayTaskError) as nested:
+        ray.get(runs_a_task.remote())
+    assert describe_error(nested.value) == "ValueError: select.ratio 1.0 leaves no target image"
+
+    # An actor killed under the trial (OOM killer, lost node): the sentences, not the ids.
+    @ray.remote
+    class Worker:
+        def ping(self):
+            return 1
+
+    worker = Worker.remote()
+    ray.get(worker.ping.remote())
+    ray.kill(worker)
+    with pytest.raises(ray.exceptions.ActorDiedError) as died:
+        ray.get(worker.ping.remote())
+    assert "actor_id" in str(died.value)
+    told = describe_error(died.value)
+    assert told.startswith("ActorDiedError: The actor died") and "actor_id" not in told
+    assert "\n" not in told
+
     oom = RuntimeError("CUDA out of memory")
     workers = WorkerGroupError("snippets", {1: oom, 0: oom, 2: KeyError("label")})
     assert describe_error(workers) == (
         "Ray Train workers 0, 1: RuntimeError: CUDA out of memory; "
         "Ray Train worker 2: KeyError: 'label'"
+    )
+    lost = WorkerHealthCheckFailedError("A worker health check failed.", died.value)
+    assert describe_error(WorkerGroupError("snippet", {0: lost})) == f"Ray Train worker 0: {told}"
+    assert describe_error(ControllerError(oom)) == "RuntimeError: CUDA out of memory"
+    # Tune's error.txt, for errors it does not pickle: the latest failure's last line.
+    text = "Failure # 1 (occurred at x)\nTuneError: first\nFailure # 2 (occurred at y)\n"
+    assert describe_error(text + "Traceback ...\n  File ...\nTuneError: second\n") == (
+        "TuneError: second"
     )
     assert describe_error(None) is None
 
@@ -266,7 +306,6 @@ def test_a_sweep_where_no_trial_completes_says_why(
 ):
     """Every trial refuses its config: one readable error naming the cause, and MLflow
     runs marked FAILED with the cause, instead of a dump of Ray tracebacks."""
-    from sfda_ray.dist.tracking import ERROR_TAG
     from sfda_ray.dist.tune import SweepFailed, run_sweep
 
     scores, _ = tiny_scores
@@ -290,3 +329,21 @@ def test_a_sweep_where_no_trial_completes_says_why(
         assert run.data.tags[ERROR_TAG].startswith(
             message if PARENT_TAG not in run.data.tags else cause
         )
+
+
+@pytest.mark.parametrize(
+    "space, overrides, every_trial",
+    [
+        ({"adapt.lambda_adv": ("loguniform", [0.0001, 0.01])}, {}, True),
+        ({"adapt.lambda_adv": ("uniform", [0.0, 0.01])}, {}, True),  # 0 is never drawn
+        ({"adapt.lambda_adv": ("choice", [0.0, 0.001])}, {}, False),
+        ({"adapt.lambda_adv": ("randint", [0, 2])}, {}, False),
+        ({"adapt.method": ("grid", ["sfda", "tent"])}, {}, False),
+        ({"adapt.lr": ("uniform", [0.001, 0.01])}, {"adapt.lambda_adv": 0.0}, False),
+        ({"adapt.lr": ("uniform", [0.001, 0.01])}, {}, True),
+    ],
+)
+def test_which_sweeps_train_the_discriminator_in_every_trial(space, overrides, every_trial):
+    from sfda_ray.dist.tune import _every_trial_adversarial
+
+    assert _every_trial_adversarial(load_config(None, overrides), space) is every_trial

@@ -5,8 +5,8 @@ Layout of a scores directory ``OUT`` (local path or ``s3://``/``gs://``/``file:/
 - ``OUT/parts/*.parquet``  rows as they stream in, each part written atomically; a killed
   run keeps every finished part and a rerun skips those images (same fingerprint:
   scoring model, size, MC-dropout passes, image), so a rerun with another size re-scores;
-- ``OUT/maps/<image_id>_{label,conf,unc}.png``  8-bit pseudo-label, confidence and
-  (MC-dropout) uncertainty maps at the model's input resolution;
+- ``OUT/maps/<image_id>_<fingerprint>_{label,conf,unc}.png``  8-bit pseudo-label,
+  confidence and (MC-dropout) uncertainty maps at the model's input resolution;
 - ``OUT/scores.parquet``  the consolidated table, one row per image, written last;
 - ``OUT/summary.json``  counts, skip reasons, throughput and virtual-source quality.
 
@@ -153,11 +153,13 @@ def _row_fingerprint(checkpoint_fp: str, opts: ScoringOptions, row: dict) -> str
     """What decides an image's scores: the scoring model, the size it scores at, the
     MC-dropout passes, and the image."""
     size = "x".join(map(str, opts.size)) if opts.size else "native"
-    key = (
-        f"{checkpoint_fp}|{size}|mc{opts.mc_passes}|"
-        f"{row['image_id']}|{row['image_path']}|{row['height']}x{row['width']}"
-    )
+    key = f"{checkpoint_fp}|{size}|mc{opts.mc_passes}|{_image_key(row)}"
     return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+def _image_key(row: dict) -> str:
+    """An image as scoring knows it: id, path and dimensions (not its content)."""
+    return f"{row['image_id']}|{row['image_path']}|{row['height']}x{row['width']}"
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -285,11 +287,11 @@ def adabn_checkpoint(
     """
     path = storage.join(out, ADABN_FILE)
     source_fp = file_fingerprint(checkpoint)
-    ids = "\n".join(manifest["image_id"].to_pylist())
+    listing = "\n".join(map(_image_key, manifest.to_pylist()))
     recipe = {
         "size": list(size) if size else None,
         "max_batches": max_batches,
-        "images": hashlib.sha256(ids.encode()).hexdigest()[:20],
+        "images": hashlib.sha256(listing.encode()).hexdigest()[:20],
     }
     if storage.exists(path):
         cached = load_checkpoint(path)["meta"]
@@ -346,7 +348,11 @@ def score_dataset(
         ["image_id", "image_path", "label_path", "label_format", "split", "height", "width"]
     ).to_pylist()
     previous = _read_parts(out)  # None when nothing was scored (or OUT does not exist)
-    ok = previous.filter(pc.is_null(previous["error"])) if previous is not None else None
+    # Each image's latest row decides: an earlier run with other settings is superseded.
+    ok = None
+    if previous is not None:
+        latest = _latest_per_image(previous)
+        ok = latest.filter(pc.is_null(latest["error"]))
     # Space for the maps of the images not scored yet (and the AdaBN model), before any
     # work: by image id, as the fingerprints need the AdaBN model.
     scored_ids = set(ok["image_id"].to_pylist()) if ok is not None else set()
@@ -364,6 +370,8 @@ def score_dataset(
         row["fingerprint"] = _row_fingerprint(checkpoint_fp, opts, row)
     done = set(ok["fingerprint"].to_pylist()) if ok is not None else set()
     todo = [r for r in rows if r["fingerprint"] not in done]
+    if len(todo) > len(unscored):  # scored before, with another model, size or passes
+        storage.check_free_space(out, _maps_bytes(todo, opts), f"scoring {len(todo)} images")
     log.info(
         "scoring %d images (%d already scored) with %s",
         len(todo),
@@ -509,7 +517,10 @@ class ScoreWriter:
         for key, (column, suffix) in MAP_COLUMNS.items():
             record[column] = None
             if row[key] is not None:
-                path = storage.join(self.out, "maps", f"{source['image_id']}_{suffix}.png")
+                # Named by fingerprint too: a rerun with other settings never overwrites
+                # the maps of rows it has not replaced yet.
+                name = f"{source['image_id']}_{source['fingerprint'][:12]}_{suffix}.png"
+                path = storage.join(self.out, "maps", name)
                 storage.atomic_write_bytes(path, row[key])
                 record[column] = path
         return record

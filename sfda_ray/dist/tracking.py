@@ -24,6 +24,7 @@ from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import cloudpickle
+from ray.exceptions import RayTaskError
 from ray.tune import Callback
 
 from sfda_ray import storage
@@ -33,6 +34,7 @@ PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "sfda.trial_id"
 ERROR_TAG = "sfda.error"
 _TAG_CHARS = 5000  # MLflow keeps tag values up to 8000 characters
+_LINE_CHARS = 1000
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 # Tune's own bookkeeping, not worth a curve.
 _NOT_METRICS = {
@@ -49,27 +51,56 @@ _NOT_METRICS = {
 }
 
 
-def describe_error(error: BaseException | None) -> str | None:
-    """What a trial raised, without Ray's wrapping and tracebacks (those stay in the
-    trial's ``error.txt``): the trial's own exception or, for a failed Ray Train run,
-    each distinct exception of its workers with their ranks."""
+def describe_error(error: BaseException | str | None) -> str | None:
+    """What a trial raised, in a line, without Ray's wrapping and tracebacks (those stay
+    in the trial's ``error.txt``): the trial's own exception, or for a failed Ray Train
+    run each distinct exception of its workers with their ranks. A string is Tune's text
+    of an error it did not pickle (``error.txt``): its latest failure's last line."""
     if error is None:
         return None
-    cause = getattr(error, "cause", None) or error  # a RayTaskError wraps what was raised
-    failures = getattr(cause, "worker_failures", None)  # ray.train.WorkerGroupError
+    if isinstance(error, str):
+        latest = _ANSI_COLOUR.sub("", error).rsplit("Failure # ", 1)[-1]
+        lines = [line.strip() for line in latest.splitlines()[1:] if line.strip()]
+        return (lines or [latest.strip()])[-1][:_LINE_CHARS]
+    error = _unwrapped(error)
+    failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError
     if not failures:
-        return _exception_line(cause)
+        return _exception_line(error)
     ranks: dict[str, list[str]] = {}
     for rank, exc in sorted(failures.items()):
-        ranks.setdefault(_exception_line(getattr(exc, "cause", None) or exc), []).append(str(rank))
+        ranks.setdefault(_exception_line(_unwrapped(exc)), []).append(str(rank))
     return "; ".join(
         f"Ray Train worker{'s' if len(r) > 1 else ''} {', '.join(r)}: {text}"
         for text, r in ranks.items()
     )
 
 
+def _unwrapped(error: BaseException) -> BaseException:
+    """The innermost exception Ray wrapped: a task's (``RayTaskError.cause``, nested when
+    a trial ran a task), the Train controller's, a failed worker health check's."""
+    for _ in range(8):
+        inner = (
+            getattr(error, "cause", None)
+            or getattr(error, "controller_failure", None)  # ray.train.ControllerError
+            or getattr(error, "health_check_failure", None)  # Train worker lost
+        )
+        if not isinstance(inner, BaseException):
+            break
+        error = inner
+    return error
+
+
 def _exception_line(exc: BaseException) -> str:
-    return _ANSI_COLOUR.sub("", f"{type(exc).__name__}: {exc}").strip()
+    name = type(exc).__name__
+    lines = [line for line in _ANSI_COLOUR.sub("", str(exc)).splitlines() if line.strip()]
+    if any(line.lstrip().startswith('File "') for line in lines):
+        # A traceback in the text (a RayTaskError whose cause did not unpickle, an actor
+        # whose constructor raised): its last line is the error.
+        last = lines[-1].strip()
+        return (last if isinstance(exc, RayTaskError) else f"{name}: {last}")[:_LINE_CHARS]
+    # Ray's actor errors put tab-indented "key: value" lines (ids, pid) between sentences.
+    text = " ".join(line.strip() for line in lines if line[0] != "\t")
+    return f"{name}: {text}"[:_LINE_CHARS] if text else name
 
 
 def default_tracking_uri(out: str) -> str:
@@ -160,7 +191,7 @@ class SweepTracker:
             state = json.loads(storage.read_bytes(self.state_path))
             if state.get("tracking_uri") == self.tracking_uri:
                 self.parent_id = state["parent_run_id"]
-                self.client.update_run(self.parent_id, status="RUNNING")
+                self._reopen(self.parent_id, self.client.get_run(self.parent_id).data.tags)
                 log.info("resuming MLflow run %s", self.parent_id)
                 return self.parent_id
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
@@ -185,7 +216,7 @@ class SweepTracker:
         if runs:
             run_id = runs[0].info.run_id
             if reopen:
-                self.client.update_run(run_id, status="RUNNING")
+                self._reopen(run_id, runs[0].data.tags)
         else:
             all_tags = {**tags, PARENT_TAG: self.parent_id, TRIAL_TAG: trial_id}
             run_id = self.client.create_run(
@@ -194,6 +225,12 @@ class SweepTracker:
             self._log_params(run_id, params)
         self.children[trial_id] = run_id
         return run_id
+
+    def _reopen(self, run_id: str, tags: dict) -> None:
+        """Set a run RUNNING again, without the error of its earlier attempt."""
+        self.client.update_run(run_id, status="RUNNING")
+        if ERROR_TAG in tags:
+            self.client.delete_tag(run_id, ERROR_TAG)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -267,10 +304,27 @@ class TrialLogger(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
         self.tracker.log_files(run_id, self.files_of(trial.trial_id))
-        # Tune has just written the error next to the trial (on the driver's disk).
-        error = trial.pickled_error_file
-        if error and os.path.isfile(error):
-            with open(error, "rb") as f:
-                text = describe_error(cloudpickle.load(f))
-            self.tracker.client.set_tag(run_id, ERROR_TAG, text[:_TAG_CHARS])
+        try:
+            error = _latest_error(trial)
+            if error:
+                self.tracker.client.set_tag(run_id, ERROR_TAG, error[:_TAG_CHARS])
+        except Exception:  # recording the cause must never stop the sweep
+            log.warning("could not record trial %s's error", trial.trial_id, exc_info=True)
         self.tracker.client.set_terminated(run_id, "FAILED")
+
+
+def _latest_error(trial) -> str | None:
+    """A trial's latest failure, described, from what Tune has just written next to it on
+    the driver's disk: ``error.txt`` (every failure's text) and ``error.pkl`` (the last
+    pickled one, which may be an earlier failure's)."""
+    text = None
+    if trial.error_file and os.path.isfile(trial.error_file):
+        text = Path(trial.error_file).read_text(errors="replace")
+    pickled = trial.pickled_error_file
+    if pickled and os.path.isfile(pickled):
+        with open(pickled, "rb") as f:
+            error = cloudpickle.load(f)
+        latest = text.rsplit("Failure # ", 1)[-1].partition("\n")[2] if text else ""
+        if text is None or str(error).strip() == latest.strip():
+            return describe_error(error)
+    return describe_error(text)

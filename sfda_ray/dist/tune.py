@@ -13,6 +13,7 @@ are not run again, unfinished ones continue from their last Ray Train checkpoint
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
 
 from sfda_ray import storage
+from sfda_ray.adaptation import check_discriminator_fits, scored_map_size
 from sfda_ray.config import (
     Config,
     ConfigError,
@@ -48,6 +50,7 @@ from sfda_ray.models.checkpoint import file_fingerprint
 log = logging.getLogger(__name__)
 SWEEP_NAME = "sweep"
 TRIAL_DRIVER_MEMORY = 512 * 2**20
+_CAUSES_SHOWN = 5  # distinct trial errors listed when no trial completed
 
 
 class SweepFailed(RuntimeError):
@@ -101,6 +104,10 @@ def run_sweep(
     mode = "max" if metric == "val_miou" else "min"
     # Every report must carry the metric ASHA ranks on: checkpoint when evaluating.
     base = apply_overrides(cfg, {"adapt.checkpoint_every": a.eval_every})
+    # What every trial would refuse is refused here, once, before any trial starts.
+    map_size = scored_map_size(scores)
+    if map_size and _every_trial_adversarial(base, space):
+        check_discriminator_fits(map_size)
     storage_path = storage.join(out, "tune")
     sweep_path = storage.join(storage_path, SWEEP_NAME)
     identity = {
@@ -213,13 +220,35 @@ def run_sweep(
     return summary, tracker
 
 
+def _every_trial_adversarial(base: Config, space: dict[str, tuple[str, list]]) -> bool:
+    """Whether every configuration the space can produce trains the discriminator."""
+    choices = []
+    for key in ("adapt.method", "adapt.lambda_adv"):
+        if key in space:
+            kind, args = space[key]
+            if kind in ("uniform", "loguniform"):  # a continuous draw is never an endpoint
+                args = [(args[0] + args[1]) / 2]
+            elif kind == "randint":  # [low, high): low is the smallest weight drawn
+                args = args[:1]
+            choices.append([(key, value) for value in args])
+    return all(
+        apply_overrides(base, dict(point)).adapt.adversarial
+        for point in itertools.product(*choices)
+    )
+
+
 def _failure_message(sweep_path: str, trials: list[dict]) -> str:
     lines = [f"no trial of the sweep completed ({len(trials)} trials):"]
     errors = Counter(tr["error"] for tr in trials if tr["error"])
-    lines += [f"  {n} trial{'s' if n > 1 else ''}: {error}" for error, n in errors.most_common()]
+    shown = errors.most_common(_CAUSES_SHOWN)
+    rows = [(n, error) for error, n in shown]
+    others = len(errors) - len(shown)
+    if others:
+        rows.append((sum(errors.values()) - sum(n for _, n in shown), f"{others} other errors"))
     unfinished = sum(1 for tr in trials if not tr["error"])
     if unfinished:
-        lines.append(f"  {unfinished} trial{'s' if unfinished > 1 else ''}: stopped, no error")
+        rows.append((unfinished, "stopped, no error"))
+    lines += [f"  {n} trial{'s' if n > 1 else ''}: {what}" for n, what in rows]
     lines.append(f"tracebacks: error.txt in each trial's directory under {sweep_path}")
     lines.append(
         "the same command retries these trials; to change a setting, delete that directory "
