@@ -1,5 +1,6 @@
 """The sweep's pieces that need no running sweep: search spaces and MLflow bookkeeping."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -269,16 +270,13 @@ def test_trial_errors_are_told_without_ray_wrapping(ray_session):
     assert describe_error(nested.value) == "ValueError: select.ratio 1.0 leaves no target image"
 
     # An actor killed under the trial (OOM killer, lost node): the sentences, not the ids.
-    @ray.remote
+    @ray.remote(max_restarts=0)
     class Worker:
-        def ping(self):
-            return 1
+        def die(self):
+            os._exit(1)
 
-    worker = Worker.remote()
-    ray.get(worker.ping.remote())
-    ray.kill(worker)
     with pytest.raises(ray.exceptions.ActorDiedError) as died:
-        ray.get(worker.ping.remote())
+        ray.get(Worker.remote().die.remote())
     assert "actor_id" in str(died.value)
     told = describe_error(died.value)
     assert told.startswith("ActorDiedError: The actor died") and "actor_id" not in told
