@@ -111,6 +111,10 @@ class ScoreConfig:
     batch_size: int = _field(16, lo=1)
     # Scoring actors; null: one per GPU, or one per CPU but one on CPU-only clusters.
     actors: int | None = _field(None, lo=1)
+    # GPUs per scoring actor; null: 1 if the cluster has GPUs when scoring starts. Set it
+    # (with `actors`) on a cluster whose GPU nodes autoscale from zero: the request is
+    # what starts them.
+    gpus_per_actor: float | None = _field(None, lo=0.0)
     # Torch threads per CPU actor; null: the cluster's CPUs shared among the actors.
     threads_per_actor: int | None = _field(None, lo=1)
     # MC-dropout passes (0: off); needs a model built with model.mc_dropout > 0.

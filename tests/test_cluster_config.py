@@ -69,3 +69,16 @@ def test_nothing_listens_on_a_public_address(cluster):
     assert "--dashboard-host=127.0.0.1" in commands
     mlflow = re.search(r"mlflow server .*?--host (\S+)", commands)
     assert mlflow and mlflow.group(1) == "127.0.0.1"
+
+
+def test_every_node_needs_a_chosen_image_and_workers_can_reach_s3(cluster):
+    # Ray 2.60 turns `latest_dlami` into an Ubuntu 18.04 image, too old for the pinned
+    # Python packages: every node names its own AMI.
+    types = cluster["available_node_types"]
+    images = {t["node_config"]["ImageId"] for t in types.values()}
+    assert "latest_dlami" not in images and all(i.startswith("ami-") for i in images)
+    # Ray gives only the head an instance profile; GPU workers read and write S3 too.
+    head = cluster["head_node_type"]
+    for name, node_type in types.items():
+        if name != head:
+            assert "IamInstanceProfile" in node_type["node_config"], name

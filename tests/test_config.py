@@ -89,3 +89,16 @@ def test_shipped_configs_are_valid():
     for path in configs:
         load_config(path)
     # Search spaces are validated against a config instead (tests/test_tune.py).
+
+
+def test_scoring_gpus_can_be_asked_for_before_any_gpu_node_exists():
+    """An autoscaling cluster starts with no GPU: the config asks for them explicitly."""
+    from sfda_ray.dist.scoring import ScoringOptions, scoring_gpus
+
+    cfg = load_config(None, {"score.gpus_per_actor": 1, "score.actors": 4})
+    options = ScoringOptions.from_config(cfg)
+    assert (options.gpus_per_actor, options.actors) == (1.0, 4)
+    assert scoring_gpus(options) == 1.0  # taken as given: no cluster is consulted
+    assert ScoringOptions.from_config(load_config()).gpus_per_actor is None  # auto
+    with pytest.raises(ConfigError, match="score.gpus_per_actor: -1"):
+        load_config(None, {"score.gpus_per_actor": -1})

@@ -138,6 +138,7 @@ class ScoringOptions:
             size=cfg.data.input_size,
             batch_size=cfg.score.batch_size,
             actors=cfg.score.actors,
+            gpus_per_actor=cfg.score.gpus_per_actor,
             threads_per_actor=cfg.score.threads_per_actor,
             mc_passes=cfg.score.mc_passes,
             adabn=cfg.score.adabn,
