@@ -371,7 +371,10 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
         if env.rank == 0:
             final = evaluate_adapted(unwrap(adapter.student), plan, norm, size, exe)
         env.report(
-            {k: v for k, v in final.items() if not isinstance(v, (dict, list))},
+            {
+                **{k: v for k, v in final.items() if not isinstance(v, (dict, list))},
+                "iteration": iterations,
+            },
             {"adapter": adapter.state_dict(), "iteration": iterations} if env.rank == 0 else None,
         )
     final.update({"iteration": iterations, "method": a.method})

@@ -18,7 +18,7 @@ from PIL import Image
 
 from sfda_ray import storage
 from sfda_ray.adaptation import load_state
-from sfda_ray.config import load_config
+from sfda_ray.config import ConfigError, apply_overrides, load_config
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
 from sfda_ray.dist.train import run_adapt
 from sfda_ray.models.checkpoint import load_checkpoint
@@ -176,6 +176,14 @@ def test_killed_worker_of_a_ddp_run_resumes_from_its_checkpoint(
         state = load_state(str(checkpoint / "state.pt"))
         assert state["iteration"] in (4, 8)
     assert load_checkpoint(str(run / "final.pt"))["meta"]["iteration"] == 8
+
+    # Rerunning into the same directory would resume that run: with another setting it is
+    # refused before Ray Train starts, and the finished run is left as it was.
+    final = (run / "final.pt").read_bytes()
+    other = apply_overrides(cfg, {"adapt.lr": 0.01, "adapt.log_every": 1})
+    with pytest.raises(ConfigError, match=r"faulty holds an adaptation run .*\(adapt.lr differ\)"):
+        run_adapt(other, *inputs, str(run), workers=2)
+    assert (run / "final.pt").read_bytes() == final
 
 
 def test_unwritable_output_fails_before_work(tiny_benchmark, tiny_source_ckpt, tmp_path):

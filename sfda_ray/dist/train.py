@@ -8,6 +8,8 @@ a rerun with the same ``out`` resumes from the latest checkpoint, and
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -29,11 +31,52 @@ from sfda_ray.adaptation import (
     save_adapted,
     save_state,
 )
-from sfda_ray.config import Config, from_dict, to_dict
+from sfda_ray.config import Config, ConfigError, from_dict, result_identity, to_dict
 from sfda_ray.models.checkpoint import load_model
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
+RUN_FILE = "adapt.json"
+# Keys that change how a run goes or reports, not what it computes: a resumed run may
+# change them (evaluation never changes training's draws; data is in the plan's digest).
+_NOT_IDENTITY = {
+    "adapt": ("eval_every", "checkpoint_every", "log_every", "threads"),
+    "data": ("num_workers", "root", "manifest"),
+}
+
+
+def run_identity(cfg: Config, plan: AdaptPlan) -> dict:
+    """What decides an adaptation's result: its config keys (not those that only change how
+    it runs or reports) and a digest of its plan (selection, start checkpoint, data)."""
+    config = result_identity(cfg)
+    identity = {
+        f"{section}.{key}": value
+        for section in ("model", "data", "select", "adapt")
+        for key, value in config[section].items()
+        if key not in _NOT_IDENTITY.get(section, ())
+    }
+    plan_json = json.dumps(asdict(plan), sort_keys=True, default=str)
+    identity["plan"] = hashlib.sha256(plan_json.encode()).hexdigest()[:16]
+    return identity
+
+
+def _check_same_run(out: str, storage_path: str, identity: dict) -> None:
+    """A rerun into ``out`` resumes the Ray Train checkpoint there: only the same run may."""
+    path = storage.join(out, RUN_FILE)
+    if storage.exists(path) and storage.list_files(storage_path, STATE_FILE):
+        recorded = json.loads(storage.read_bytes(path))
+        changed = sorted(
+            k for k in recorded.keys() | identity.keys() if recorded.get(k) != identity.get(k)
+        )
+        if changed:
+            what = ", ".join(
+                "plan (selection, start checkpoint or data)" if k == "plan" else k for k in changed
+            )
+            raise ConfigError(
+                f"{out} holds an adaptation run with other settings ({what} differ), which "
+                f"a rerun would resume: use another output directory, or delete {out}"
+            )
+    storage.atomic_write_bytes(path, (json.dumps(identity, indent=2) + "\n").encode())
 
 
 class RayTrainEnv:
@@ -125,6 +168,7 @@ def run_adapt(
         if storage.is_uri(out)
         else os.path.abspath(os.path.join(str(out), "ray"))
     )
+    _check_same_run(out, storage_path, run_identity(cfg, plan))
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker
