@@ -162,6 +162,19 @@ def test_layout_picks_head_names():
     assert multi.layer5.conv2d_list[0].in_channels == 256
 
 
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"multi_level": True}, {"multi_level": True, "layout": "adaptsegnet", "aspp_sum": "two"}],
+)
+def test_every_trainable_parameter_gets_a_gradient(options):
+    """DDP (without find_unused_parameters) fails on a trainable parameter that gets no
+    gradient; the multi-level checkpoints' layer3 head is used by no loss."""
+    model = build_model("deeplabv2_resnet18", 3, **options).train()
+    model(torch.randn(2, 3, 64, 64)).logsumexp(1).mean().backward()
+    unused = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert unused == []
+
+
 @pytest.mark.parametrize("name", ["deeplabv2_resnet18", "deeplabv2_resnet50"])
 def test_small_backbones_output_stride_8(name):
     model = build_model(name, 5, multi_level=True).eval()

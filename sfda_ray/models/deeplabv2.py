@@ -200,7 +200,11 @@ class DeepLabV2(nn.Module):
         self.layer4 = trunk["layer4"]
         sum_all = aspp_sum == "all"
         if multi_level:
+            # The layer3 head of the public multi-level checkpoints, kept so they load and
+            # save whole. No loss here uses it: frozen, so that every trainable parameter
+            # gets a gradient (DDP, without find_unused_parameters, requires it).
             self.layer5 = ClassifierModule(channels[0], num_classes, sum_all)
+            self.layer5.requires_grad_(False)
         self.main_head = "layer5" if layout == "adaptsegnet" and not multi_level else "layer6"
         self.add_module(self.main_head, ClassifierModule(channels[1], num_classes, sum_all))
         self.dropout = MCDropout2d(mc_dropout)
@@ -222,17 +226,22 @@ class DeepLabV2(nn.Module):
                     m.eval()
         return self
 
+    def _layer3(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer3(self.layer2(self.layer1(x)))
+
+    def _main_logits(self, c3: torch.Tensor) -> torch.Tensor:
+        return getattr(self, self.main_head)(self.dropout(self.layer4(c3)))
+
     def forward_heads(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Logits at feature resolution: (layer3 head or None, layer4 head)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        c3 = self.layer3(self.layer2(self.layer1(x)))
+        c3 = self._layer3(x)
         aux = self.layer5(c3) if self.multi_level else None
-        main = getattr(self, self.main_head)(self.dropout(self.layer4(c3)))
-        return aux, main
+        return aux, self._main_logits(c3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Main-head logits upsampled to the input size."""
-        _, main = self.forward_heads(x)
+        """Main-head logits upsampled to the input size (the layer3 head is not run)."""
+        main = self._main_logits(self._layer3(x))
         return F.interpolate(main, size=x.shape[-2:], mode="bilinear", align_corners=True)
 
 
