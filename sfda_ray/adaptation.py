@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
 from sfda_ray import storage
 from sfda_ray.config import Config, to_dict
@@ -391,18 +391,22 @@ def make_loader(
     num_workers: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """Shuffled (or weighted) batches of this worker's share of ``dataset``.
+    """Shuffled (or weighted) batches of this worker's share of ``dataset``: ``len /
+    world_size`` samples per pass.
 
-    Each rank draws its own ``len / world_size`` samples with a rank-specific seed, so
-    workers read disjoint random shards per epoch in expectation; weighted sampling
-    (rare-class sampling) works the same way.
+    Without weights the ranks split one permutation (the same seed on every rank), so
+    their shards are disjoint; weighted sampling (rare-class sampling) draws with
+    replacement, each rank with its own seed.
     """
-    g = torch.Generator().manual_seed(seed * 1000 + rank)
     n = max(1, len(dataset) // world_size)
     if weights is not None:
+        g = torch.Generator().manual_seed(seed * 1000 + rank)
         sampler = WeightedRandomSampler(weights, n, replacement=True, generator=g)
     else:
-        sampler = RandomSampler(dataset, num_samples=n, generator=g)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 1000))
+        # Fewer items than ranks: each rank still gets one.
+        shard = order[rank::world_size][:n] if len(dataset) >= world_size else order[:1]
+        sampler = shard.tolist()
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -10,7 +10,7 @@ import torch
 from conftest import TINY, tiny_config
 from PIL import Image
 
-from sfda_ray.adaptation import LocalEnv, make_plan, run_adaptation
+from sfda_ray.adaptation import LocalEnv, make_loader, make_plan, run_adaptation
 from sfda_ray.config import AdaptConfig, load_config, load_search_space
 from sfda_ray.data.synthetic import generate
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
@@ -88,10 +88,12 @@ def test_discriminator_inputs_and_weighted_bce():
         discriminator_input(d_out, "logits")
 
 
-def test_step_updates_segmentation_net_and_discriminator():
+@pytest.mark.parametrize("lambda_v", [1.0, 0.0])
+def test_step_updates_segmentation_net_and_discriminator(lambda_v):
+    """Also without L_V (its ablation): V's logits still train the discriminator."""
     torch.manual_seed(0)
     model = build_model("deeplabv2_resnet18", C, output_stride=16)
-    cfg = AdaptConfig(strong_aug=True)
+    cfg = AdaptConfig(strong_aug=True, lambda_v=lambda_v)
     prior = torch.full((C,), 1 / C)
     adapter = Adapter(model, cfg, "imagenet", prior, torch.ones(C), CPU)
     images = torch.rand(2, 3, 32, 64)
@@ -104,13 +106,25 @@ def test_step_updates_segmentation_net_and_discriminator():
         "weight": torch.rand(2, 32, 64),
     }
     logs = adapter.step(batch_v, {"image": images})
-    for key in ("loss_v", "loss_st", "loss_prior", "loss_adv", "loss_d"):
+    for key in ("loss_st", "loss_prior", "loss_adv", "loss_d"):
         assert math.isfinite(logs[key]), key
+    assert ("loss_v" in logs) == bool(lambda_v)
     assert not torch.equal(before_net, model.layer1[0].conv1.weight)
     assert not torch.equal(before_d, adapter.disc.conv1.weight)
     # The teacher is a frozen copy: it did not move with the student.
     assert all(not p.requires_grad for p in adapter.teacher.parameters())
     assert torch.equal(adapter.teacher.layer1[0].conv1.weight, before_net)
+
+
+def test_workers_read_disjoint_shards():
+    def order(rank, world_size):
+        return list(make_loader(list(range(10)), 1, 3, None, rank, world_size).sampler)
+
+    first, second = order(0, 2), order(1, 2)
+    assert len(first) == len(second) == 5 and not set(first) & set(second)
+    # One worker reads a plain seeded permutation (as RandomSampler with that seed did).
+    assert order(0, 1) == torch.randperm(10, generator=torch.Generator().manual_seed(3000)).tolist()
+    assert order(2, 3) != order(0, 3)
 
 
 def test_class_mix_pastes_half_of_the_labelled_classes_with_their_labels():

@@ -235,11 +235,13 @@ class Adapter:
             return logs
 
         use_v = cfg.method == "sfda" and batch_v is not None and cfg.lambda_v > 0
+        # V's logits also train the discriminator, with L_V or without it (its ablation).
+        forward_v = use_v or (self.use_adv and batch_v is not None)
         if self.uses_teacher:
             pl_t, w_t = self.pseudo_label(xt)
-        if use_v:  # moved to the device once, for L_V and ClassMix
+        if forward_v:  # moved to the device once, for L_V, D and ClassMix
             xv, yv, wv = (self.exe.to_device(batch_v[k]) for k in ("image", "label", "weight"))
-        views = [self._view(xv)] if use_v else []
+        views = [self._view(xv)] if forward_v else []
         use_mix = use_v and self.uses_teacher and cfg.lambda_mix > 0
         if use_mix:
             # V's labelled objects pasted into target scenes: the same objects in new
@@ -247,7 +249,7 @@ class Adapter:
             mixed, pl_mix, w_mix = class_mix((xv, yv, wv), (xt, pl_t, w_t), self.generator)
             if not cfg.uncertainty_weights:
                 w_mix = torch.ones_like(w_mix)
-        n_v, n_t = len(views[0]) if use_v else 0, len(xt)
+        n_v, n_t = len(views[0]) if forward_v else 0, len(xt)
         logits = self._logits(
             torch.cat([*views, self._view(xt), *([self._view(mixed)] if use_mix else [])])
         )
@@ -271,7 +273,7 @@ class Adapter:
             total = total + cfg.lambda_mix * l_mix
             logs["loss_mix"] = l_mix.item()
         if cfg.method == "sfda" and cfg.lambda_prior > 0:
-            l_prior = prior_kl(logits[: n_v + n_t], self.prior)
+            l_prior = prior_kl(logits[: n_v + n_t] if use_v else logits_t, self.prior)
             total = total + cfg.lambda_prior * l_prior
             logs["loss_prior"] = l_prior.item()
         if self.use_adv:
@@ -284,7 +286,7 @@ class Adapter:
             total = total + cfg.lambda_adv * l_adv
             logs["loss_adv"] = l_adv.item()
         self._update(total)
-        if self.use_adv and use_v:
+        if self.use_adv and forward_v:
             logs["loss_d"] = self._discriminator_step(logits_v.detach(), logits_t.detach())
         self.update_ema()
         logs["loss_total"] = total.item()
