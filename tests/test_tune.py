@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sfda_ray.config import ConfigError, load_config, load_search_space
+from sfda_ray.config import ConfigError, apply_overrides, load_config, load_search_space
 from sfda_ray.dist.tracking import ERROR_TAG, PARENT_TAG, SweepTracker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,6 +125,11 @@ def test_config_data_section_names_the_target(tmp_path):
     rerun = pin_manifest(write_dataset_spec(cfg, str(out)), str(out))
     assert open_dataset(rerun).labelled("val").num_rows == 1  # the manifest it made before
     assert manifest.stat().st_mtime_ns == scanned_at
+    # Another root in the same output directory is scanned, not served the old list.
+    make_cityscapes(tmp_path / "cs2", {"train": ["a/a_0_19"], "val": ["b/b_0_19", "b/b_1_19"]})
+    moved = apply_overrides(cfg, {"data.root": str(tmp_path / "cs2")})
+    other = pin_manifest(write_dataset_spec(moved, str(out)), str(out))
+    assert open_dataset(other).split("val").num_rows == 2
     with pytest.raises(ConfigError, match=r"data.eval_classes: \['synthia19'\]"):
         load_config(None, {"data.eval_classes": ["synthia19"]})
 
@@ -173,6 +178,15 @@ def test_remote_output_needs_a_tracking_server(monkeypatch, tmp_path):
         default_tracking_uri("s3://bucket/runs")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert default_tracking_uri("s3://bucket/runs") == "http://127.0.0.1:5000"
+
+
+def test_the_synthetic_run_needs_a_local_output(monkeypatch, tmp_path, capsys):
+    from sfda_ray.dist.job import main
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
+    assert main("synthetic", "out", "the job", ["--smoke", "--out", "s3://bucket/runs"]) == 2
+    assert "--out s3://bucket/runs: the synthetic run" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before anything was made
 
 
 def test_an_unusable_tracking_store_fails_the_job_before_any_work(monkeypatch, tmp_path, capsys):

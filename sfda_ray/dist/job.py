@@ -113,9 +113,10 @@ def _write_spec(spec: dict, out: str) -> str:
 
 def pin_manifest(data: str, out: str) -> str:
     """A dataset YAML that names a root, scanned once into ``OUT/target_manifest.parquet``
-    (kept for reruns) and given back as ``OUT/dataset.yaml`` naming that manifest, so no
-    later stage (each trial plans and evaluates) walks the directory again. Any other
-    ``data`` is returned as it is."""
+    (kept for reruns with the same kind and root, which ``OUT/target_manifest.json``
+    records) and given back as ``OUT/dataset.yaml`` naming that manifest, so no later
+    stage (each trial plans and evaluates) walks the directory again. Any other ``data``
+    is returned as it is."""
     if not str(data).endswith((".yaml", ".yml")):
         return data
     spec = read_dataset_yaml(data)
@@ -123,8 +124,14 @@ def pin_manifest(data: str, out: str) -> str:
     if spec.get("manifest") or is_synthetic(spec["root"]):
         return data
     manifest = storage.join(out, "target_manifest.parquet")
-    if not storage.exists(manifest):
+    source_path = storage.join(out, "target_manifest.json")
+    source = {"kind": spec["kind"], "root": spec["root"]}
+    scanned = storage.exists(source_path) and json.loads(storage.read_bytes(source_path))
+    if not (storage.exists(manifest) and scanned == source):
+        if scanned:
+            log.info("the target was %s, now %s: scanning again", scanned, source)
         counts = build_manifest(spec["kind"], spec["root"], manifest)
+        storage.atomic_write_bytes(source_path, json.dumps(source).encode())
         log.info("scanned %s once into %s: %s", spec["root"], manifest, counts)
     return _write_spec({**spec, "manifest": manifest}, out)
 
@@ -167,6 +174,11 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
     """Run the job for ``task`` (e.g. ``gta5_cityscapes``); returns ``summary.json``'s data."""
     cfg = job_config(args)
     out = str(args.out)
+    if storage.is_uri(out) and not (args.data or cfg.data.root or cfg.data.manifest):
+        raise ValueError(
+            f"--out {out}: the synthetic run generates its benchmark and trains its source "
+            "model under --out, which must be a local directory"
+        )
     storage.prepare_output(out)
     if not args.data and (cfg.data.root or cfg.data.manifest):
         args.data = write_dataset_spec(cfg, out)
