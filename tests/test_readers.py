@@ -232,8 +232,9 @@ def test_only_a_synthetic_benchmark_has_two_domains(tiny_benchmark, tmp_path):
         assert not is_synthetic(tmp_path / real), real
 
 
-def test_labelled_split_only_when_every_image_has_a_label(tmp_path):
+def test_labelled_split_only_when_every_image_has_a_label(tmp_path, caplog):
     from sfda_ray.data.catalog import open_dataset
+    from sfda_ray.dist.tune import has_labelled_val
 
     images = {"train": ["aachen/aachen_0_19"], "val": ["lindau/lindau_0_19", "lindau/lindau_1_19"]}
     make_cityscapes(tmp_path / "all", images)
@@ -244,3 +245,7 @@ def test_labelled_split_only_when_every_image_has_a_label(tmp_path):
         val = open_dataset(spec).labelled("val")
         assert (val.num_rows if val is not None else None) == expected, name
         assert open_dataset(spec).labelled("test") is None
+    # The main job says why a partly labelled val split gives no mIoU.
+    assert has_labelled_val(str(tmp_path / "all.yaml")) and not caplog.records
+    assert not has_labelled_val(str(tmp_path / "some.yaml"))
+    assert "1 of 2 target val images have a label" in caplog.text
