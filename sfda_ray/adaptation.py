@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -265,10 +265,9 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
 
     skipped = Counter()  # bad V/T inputs met since this loop (re)started, each logged
 
-    def loader(dataset: Dataset, batch_size: int, seed: int, weights=None) -> Iterator[dict]:
-        """Endless batches of this worker's shard, reshuffled (with a new seed) each pass."""
-        return forever(
-            lambda e: make_loader(
+    def loader(dataset: Dataset, batch_size: int, seed: int, weights=None, start: int = 0):
+        return batch_stream(
+            lambda e, skip: make_loader(
                 dataset,
                 batch_size,
                 seed + 1000 * e,
@@ -277,7 +276,9 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
                 env.world_size,
                 exe.loader_workers,
                 exe.pin_memory,
+                skip,
             ),
+            start,
             skipped,
         )
 
@@ -312,13 +313,17 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
         adapter.load_state_dict(state["adapter"])
         start = state["iteration"]
         log.info("rank %d resuming from iteration %d", env.rank, start)
+        # Fresh crop/flip draws: a resumed run must not replay those of its first steps.
+        torch.manual_seed(a.seed + env.rank + 1_000_003 * start)
 
     iterations = 0 if a.method in ("source_only", "adabn") else a.iterations
     per_round = max(1, -(-iterations // a.st_rounds))
-    t_batches = loader(target_set, a.batch_size, a.seed)
+    # A resumed run reads on from where its streams were at iteration `start`.
+    t_batches = loader(target_set, a.batch_size, a.seed, start=start)
     v_batches = None
     if a.method == "sfda":
-        v_batches = loader(virtual_set, a.batch_size, a.seed + 1, plan.virtual_sampling_weights)
+        v_weights = plan.virtual_sampling_weights
+        v_batches = loader(virtual_set, a.batch_size, a.seed + 1, v_weights, start=start)
     # Losses are reported as means over the interval since the previous report.
     interval: dict[str, float] = {}
     interval_steps = 0
@@ -381,6 +386,16 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
     return {"model": unwrap(adapter.student), "meta": meta, "metrics": final}
 
 
+def batch_stream(
+    make: Callable[[int, int], DataLoader], start: int = 0, skipped: Counter | None = None
+) -> Iterator[dict]:
+    """Endless batches, pass ``e`` from ``make(e, skip)``, beginning at the ``start``-th
+    batch of the uninterrupted stream (a resumed run); ``skip`` batches of a pass are left
+    out by its sampler, so none is read to be thrown away."""
+    first, skip = divmod(start, len(make(0, 0)))
+    return forever(lambda e: make(first + e, skip if e == 0 else 0), skipped)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -390,6 +405,7 @@ def make_loader(
     world_size: int = 1,
     num_workers: int = 0,
     pin_memory: bool = False,
+    skip_batches: int = 0,
 ) -> DataLoader:
     """Shuffled (or weighted) batches of this worker's share of ``dataset``: ``len /
     world_size`` samples per pass.
@@ -407,6 +423,8 @@ def make_loader(
         # Fewer items than ranks: each rank still gets one.
         shard = order[rank::world_size][:n] if len(dataset) >= world_size else order[:1]
         sampler = shard.tolist()
+    if skip_batches:
+        sampler = list(sampler)[skip_batches * batch_size :]
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -10,7 +10,13 @@ import torch
 from conftest import TINY, tiny_config
 from PIL import Image
 
-from sfda_ray.adaptation import LocalEnv, make_loader, make_plan, run_adaptation
+from sfda_ray.adaptation import (
+    LocalEnv,
+    batch_stream,
+    make_loader,
+    make_plan,
+    run_adaptation,
+)
 from sfda_ray.config import AdaptConfig, load_config, load_search_space
 from sfda_ray.data.synthetic import generate
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
@@ -125,6 +131,24 @@ def test_workers_read_disjoint_shards():
     # One worker reads a plain seeded permutation (as RandomSampler with that seed did).
     assert order(0, 1) == torch.randperm(10, generator=torch.Generator().manual_seed(3000)).tolist()
     assert order(2, 3) != order(0, 3)
+
+
+def test_a_resumed_stream_reads_on_where_it_stopped():
+    """Resuming at iteration 5 of 3-batch passes starts at pass 1, batch 2, as the
+    uninterrupted stream was; the sampler leaves out the batches already read."""
+
+    def make(epoch, skip):
+        return [{"image": (epoch, i), "num_skipped": 0} for i in range(skip, 3)]
+
+    def first(stream, n):
+        return [next(stream)["image"] for _ in range(n)]
+
+    assert first(batch_stream(make, 5), 3) == first(batch_stream(make, 0), 8)[5:]
+    full = list(make_loader(list(range(10)), 2, 3, None).sampler)
+    assert list(make_loader(list(range(10)), 2, 3, None, skip_batches=2).sampler) == full[4:]
+    weights = [1.0] * 10
+    drawn = list(make_loader(list(range(10)), 2, 3, weights).sampler)
+    assert list(make_loader(list(range(10)), 2, 3, weights, skip_batches=1).sampler) == drawn[2:]
 
 
 def test_class_mix_pastes_half_of_the_labelled_classes_with_their_labels():
