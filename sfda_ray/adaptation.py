@@ -32,7 +32,7 @@ from sfda_ray.data.dataset import collate_skip_bad
 from sfda_ray.data.labels import CLASS_NAMES
 from sfda_ray.data.loaders import eval_loader, forever, image_loader
 from sfda_ray.evaluate import confusion_on
-from sfda_ray.method.adapt import Adapter, to_input, unwrap
+from sfda_ray.method.adapt import Adapter, sum_over_workers, to_input, unwrap
 from sfda_ray.method.baselines import adapt_batchnorm
 from sfda_ray.method.scoring import normalized_entropy
 from sfda_ray.method.selection import select_by_config
@@ -299,6 +299,11 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
                 max_batches=50,
                 device=exe.device,
             )
+        if env.world_size > 1:  # each worker saw its shard: the mean of their statistics
+            for m in model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    for stats in (m.running_mean, m.running_var):
+                        sum_over_workers(stats).div_(env.world_size)
     adapter = Adapter(
         model,
         a,

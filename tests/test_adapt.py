@@ -151,6 +151,39 @@ def test_a_resumed_stream_reads_on_where_it_stopped():
     assert list(make_loader(list(range(10)), 2, 3, weights, skip_batches=1).sampler) == drawn[2:]
 
 
+def _round_thresholds(rank, port, images, results):
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    torch.manual_seed(0)
+    model = build_model("deeplabv2_resnet18", C, output_stride=16)
+    adapter = Adapter(model, AdaptConfig(), "imagenet", torch.full((C,), 1 / C), None, CPU)
+    adapter.begin_round(0, [images[rank]])
+    torch.save(adapter.st_thresholds, results / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_workers_share_one_set_of_round_thresholds(tmp_path):
+    """Two DDP workers (gloo, real processes) each see their own target images; the
+    class-balanced thresholds come from all of them, the same on both workers."""
+    import socket
+
+    torch.manual_seed(1)
+    images = [torch.rand(2, 3, 32, 64), torch.rand(2, 3, 32, 64) * 0.2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_round_thresholds, (port, images, tmp_path), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    torch.manual_seed(0)
+    model = build_model("deeplabv2_resnet18", C, output_stride=16)
+    alone = Adapter(model, AdaptConfig(), "imagenet", torch.full((C,), 1 / C), None, CPU)
+    alone.begin_round(0, images)  # one process seeing both workers' images
+    assert torch.equal(ranks[0], ranks[1]) and torch.equal(ranks[0], alone.st_thresholds)
+    alone.begin_round(0, images[:1])
+    assert not torch.equal(ranks[0], alone.st_thresholds)  # rank 0's images alone differ
+
+
 def test_class_mix_pastes_half_of_the_labelled_classes_with_their_labels():
     g = torch.Generator().manual_seed(0)
     label_a = torch.tensor([[[1, 1, 2, 2], [3, 3, 255, 255]]])  # classes 1, 2, 3 + ignored

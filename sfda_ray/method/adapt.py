@@ -15,6 +15,7 @@ import copy
 from collections.abc import Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
@@ -82,6 +83,14 @@ def class_mix(
         torch.where(mask, labels_a, labels_b),
         torch.where(mask, weights_a, weights_b),
     )
+
+
+def sum_over_workers(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed in place over the DDP workers (on its device, which the backend must
+    take: CUDA for NCCL); ``t`` as it is in a single process."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t
 
 
 def split_params(model: nn.Module, bn_only: bool) -> list[nn.Parameter]:
@@ -164,6 +173,8 @@ class Adapter:
             conf, label = prob.max(1)
             conf_u8 = (conf * 255).round().to(torch.uint8)
             hist += class_confidence_histogram(label.cpu(), conf_u8.cpu(), self.num_classes)
+        # Every worker's images decide the thresholds, and every worker gets the same ones.
+        hist = sum_over_workers(hist.to(self.device)).cpu()
         thresholds = class_balanced_thresholds(
             hist.view(self.num_classes, CONFIDENCE_BINS).numpy(),
             self.cfg.st_tau,
