@@ -102,7 +102,7 @@ class RayTrainEnv:
 
     def report(self, metrics: dict, state: dict | None) -> None:
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        flat.update(self._mean_over_workers(flat))
+        flat.update(self._over_workers(flat))
         flat["train_workers"], flat["train_nodes"] = self.world_size, self.nodes
         if state is None:
             ray.train.report(flat)
@@ -111,17 +111,20 @@ class RayTrainEnv:
             save_state(state, os.path.join(tmp, STATE_FILE))
             ray.train.report(flat, checkpoint=Checkpoint.from_directory(tmp))
 
-    def _mean_over_workers(self, metrics: dict) -> dict:
-        """Losses averaged over every worker's shard (Ray Train keeps rank 0's metrics).
+    def _over_workers(self, metrics: dict) -> dict:
+        """Losses averaged and skipped inputs summed over every worker's shard (Ray Train
+        keeps rank 0's metrics).
 
-        Every rank reports at the same iterations with the same loss keys, so this
-        collective is entered by all of them."""
-        keys = sorted(k for k in metrics if k.startswith("loss_") or k == "st_kept_fraction")
+        Every rank reports at the same iterations with the same keys, so this collective
+        is entered by all of them."""
+        means = sorted(k for k in metrics if k.startswith("loss_") or k == "st_kept_fraction")
+        keys = means + [k for k in ("skipped_inputs",) if k in metrics]
         if self.world_size == 1 or not keys or not torch.distributed.is_initialized():
             return {}
         values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(values)
-        return dict(zip(keys, (values / self.world_size).tolist(), strict=True))
+        totals = dict(zip(keys, values.tolist(), strict=True))
+        return {k: v / self.world_size if k in means else int(v) for k, v in totals.items()}
 
     def load_state(self) -> dict | None:
         checkpoint = ray.train.get_checkpoint()
