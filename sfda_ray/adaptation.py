@@ -32,7 +32,7 @@ from sfda_ray.data.dataset import collate_skip_bad
 from sfda_ray.data.labels import CLASS_NAMES
 from sfda_ray.data.loaders import eval_loader, forever, image_loader
 from sfda_ray.evaluate import confusion_on
-from sfda_ray.method.adapt import Adapter, sum_over_workers, to_input, unwrap
+from sfda_ray.method.adapt import Adapter, mean_over_workers, to_input, unwrap
 from sfda_ray.method.baselines import adapt_batchnorm
 from sfda_ray.method.scoring import normalized_entropy
 from sfda_ray.method.selection import select_by_config
@@ -83,11 +83,17 @@ def check_discriminator_fits(map_size: tuple[int, int]) -> None:
         )
 
 
-def scored_map_size(scores: str) -> tuple[int, int] | None:
-    """(H, W) of the maps of a scores directory (one map read); None when none scored."""
+def scored_map_size(scores: str, tries: int = 10) -> tuple[int, int] | None:
+    """(H, W) of the maps of a scores directory, from the first of its first ``tries``
+    maps that reads; None when none does (each stage then meets the bad maps itself)."""
     table = storage.read_parquet(storage.join(scores, "scores.parquet"))
-    paths = table.filter(pc.is_null(table["error"]))["pseudo_label_path"]
-    return tuple(load_map(paths[0].as_py()).shape[:2]) if len(paths) else None
+    paths = table.filter(pc.is_null(table["error"]))["pseudo_label_path"].to_pylist()
+    for path in paths[:tries]:
+        try:
+            return tuple(load_map(path).shape[:2])
+        except (OSError, ValueError) as e:
+            log.warning("map %s does not read (%s): trying the next one", path, e)
+    return None
 
 
 def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan:
@@ -299,11 +305,11 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
                 max_batches=50,
                 device=exe.device,
             )
-        if env.world_size > 1:  # each worker saw its shard: the mean of their statistics
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    for stats in (m.running_mean, m.running_var):
-                        sum_over_workers(stats).div_(env.world_size)
+        # Each worker saw its own shard: the mean of their statistics.
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                for stats in (m.running_mean, m.running_var):
+                    mean_over_workers(stats)
     adapter = Adapter(
         model,
         a,

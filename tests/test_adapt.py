@@ -17,10 +17,10 @@ from sfda_ray.adaptation import (
     make_plan,
     run_adaptation,
 )
-from sfda_ray.config import AdaptConfig, load_config, load_search_space
+from sfda_ray.config import AdaptConfig, apply_overrides, load_config, load_search_space
 from sfda_ray.data.synthetic import generate
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
-from sfda_ray.method.adapt import Adapter, class_mix
+from sfda_ray.method.adapt import Adapter, class_mix, mean_over_workers
 from sfda_ray.method.losses import (
     discriminator_input,
     entropy_loss,
@@ -130,7 +130,6 @@ def test_workers_read_disjoint_shards():
     assert len(first) == len(second) == 5 and not set(first) & set(second)
     # One worker reads a plain seeded permutation (as RandomSampler with that seed did).
     assert order(0, 1) == torch.randperm(10, generator=torch.Generator().manual_seed(3000)).tolist()
-    assert order(2, 3) != order(0, 3)
 
 
 def test_a_resumed_stream_reads_on_where_it_stopped():
@@ -159,7 +158,8 @@ def _round_thresholds(rank, port, images, results):
     model = build_model("deeplabv2_resnet18", C, output_stride=16)
     adapter = Adapter(model, AdaptConfig(), "imagenet", torch.full((C,), 1 / C), None, CPU)
     adapter.begin_round(0, [images[rank]])
-    torch.save(adapter.st_thresholds, results / f"rank{rank}.pt")
+    mean = mean_over_workers(torch.tensor([float(rank)]))  # as the AdaBN start averages
+    torch.save((adapter.st_thresholds, mean), results / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
@@ -174,7 +174,8 @@ def test_workers_share_one_set_of_round_thresholds(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_round_thresholds, (port, images, tmp_path), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    ranks, means = zip(*(torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)), strict=True)
+    assert [m.item() for m in means] == [0.5, 0.5]
     torch.manual_seed(0)
     model = build_model("deeplabv2_resnet18", C, output_stride=16)
     alone = Adapter(model, AdaptConfig(), "imagenet", torch.full((C,), 1 / C), None, CPU)
@@ -374,6 +375,29 @@ def test_maps_too_small_for_the_discriminator_are_refused(
     with pytest.raises(ValueError, match=r"scored at 16x32 pixels.*search space"):
         run_sweep(_adapt_cfg(), *args, str(out), space, "e", f"sqlite:///{tmp_path}/m.db")
     assert not out.exists()
+
+
+def test_a_runs_identity_is_its_settings_not_how_its_paths_are_spelled(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores
+):
+    """What decides whether a rerun may resume a run directory (OUT/adapt.json)."""
+    from sfda_ray.dist.train import run_identity
+
+    scores, _ = tiny_scores
+    cfg = _adapt_cfg()
+    plan = make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+    respelled = f"{tiny_source_ckpt.parent}/./{tiny_source_ckpt.name}"
+    same = make_plan(cfg, respelled, f"{scores}/", str(tiny_benchmark))
+    assert run_identity(cfg, same) == run_identity(cfg, plan)
+    cadence = apply_overrides(cfg, {"adapt.eval_every": 1, "data.num_workers": 2})
+    assert run_identity(cadence, plan) == run_identity(cfg, plan)
+    other_lr = apply_overrides(cfg, {"adapt.lr": 0.01})
+    assert run_identity(other_lr, plan)["adapt.lr"] != run_identity(cfg, plan)["adapt.lr"]
+    fewer = make_plan(
+        apply_overrides(cfg, {"select.ratio": 0.25}),
+        *map(str, (tiny_source_ckpt, scores, tiny_benchmark)),
+    )
+    assert run_identity(cfg, fewer)["plan"] != run_identity(cfg, plan)["plan"]
 
 
 def test_evaluating_mid_run_leaves_training_unchanged(

@@ -32,13 +32,14 @@ from sfda_ray.adaptation import (
     save_state,
 )
 from sfda_ray.config import Config, ConfigError, from_dict, result_identity, to_dict
-from sfda_ray.models.checkpoint import load_model
+from sfda_ray.models.checkpoint import file_fingerprint, load_model
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 RUN_FILE = "adapt.json"
 # Keys that change how a run goes or reports, not what it computes: a resumed run may
-# change them (evaluation never changes training's draws; data is in the plan's digest).
+# change them (evaluation never changes training's draws; the data is in the plan's
+# digest by fingerprint, wherever it lies).
 _NOT_IDENTITY = {
     "adapt": ("eval_every", "checkpoint_every", "log_every", "threads"),
     "data": ("num_workers", "root", "manifest"),
@@ -55,7 +56,27 @@ def run_identity(cfg: Config, plan: AdaptPlan) -> dict:
         for key, value in config[section].items()
         if key not in _NOT_IDENTITY.get(section, ())
     }
-    plan_json = json.dumps(asdict(plan), sort_keys=True, default=str)
+    # The plan by content, not by how its paths are spelled (./src.pt and src.pt are one).
+    content = {
+        "start_checkpoint": file_fingerprint(plan.checkpoint),
+        "bn_adapted": plan.bn_adapted,
+        "fingerprints": plan.fingerprints,  # the source checkpoint's and the data's
+        "virtual": [r["image_id"] for r in plan.virtual_rows],
+        "target": [r["image_id"] for r in plan.target_rows],
+        "eval": [r["image_id"] for r in plan.eval_rows + plan.proxy_rows],
+        **{
+            k: getattr(plan, k)
+            for k in (
+                "thresholds",
+                "prior_target",
+                "class_weight",
+                "virtual_sampling_weights",
+                "map_size",
+                "eval_classes",
+            )
+        },
+    }
+    plan_json = json.dumps(content, sort_keys=True, default=str)
     identity["plan"] = hashlib.sha256(plan_json.encode()).hexdigest()[:16]
     return identity
 
@@ -65,9 +86,8 @@ def _check_same_run(out: str, storage_path: str, identity: dict) -> None:
     path = storage.join(out, RUN_FILE)
     if storage.exists(path) and storage.list_files(storage_path, STATE_FILE):
         recorded = json.loads(storage.read_bytes(path))
-        changed = sorted(
-            k for k in recorded.keys() | identity.keys() if recorded.get(k) != identity.get(k)
-        )
+        # A key only one side has is a config key added or removed between versions.
+        changed = sorted(k for k in recorded.keys() & identity.keys() if recorded[k] != identity[k])
         if changed:
             what = ", ".join(
                 "plan (selection, start checkpoint or data)" if k == "plan" else k for k in changed

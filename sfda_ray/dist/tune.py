@@ -119,8 +119,7 @@ def run_sweep(
     # Every report must carry the metric ASHA ranks on: checkpoint when evaluating.
     base = apply_overrides(cfg, {"adapt.checkpoint_every": a.eval_every})
     # What every trial would refuse is refused here, once, before any trial starts.
-    map_size = scored_map_size(scores)
-    if map_size and _every_trial_adversarial(base, space):
+    if _every_trial_adversarial(base, space) and (map_size := scored_map_size(scores)):
         check_discriminator_fits(map_size)
     storage_path = storage.join(out, "tune")
     sweep_path = storage.join(storage_path, SWEEP_NAME)
