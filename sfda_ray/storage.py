@@ -7,6 +7,7 @@ never leaves a file that looks complete.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import uuid
@@ -22,9 +23,25 @@ def is_uri(path: str | os.PathLike) -> bool:
 def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """Filesystem and in-filesystem path for a local path or URI."""
     path = str(path)
-    if is_uri(path):
-        return pafs.FileSystem.from_uri(path)
-    return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+    location, _, query = path.partition("?")
+    scheme, rest = location.split("://", 1)
+    if scheme in _BUCKET_SCHEMES:  # "bucket/key", as from_uri gives it
+        bucket = rest.split("/", 1)[0]
+        root = f"{scheme}://{bucket}" + (f"?{query}" if query else "")
+        return _bucket_filesystem(root), rest.rstrip("/")
+    return pafs.FileSystem.from_uri(path)
+
+
+_BUCKET_SCHEMES = ("s3", "gs")
+
+
+@functools.lru_cache(maxsize=32)
+def _bucket_filesystem(root: str) -> pafs.FileSystem:
+    """One filesystem per bucket (and URI options) per process: making an S3 one asks
+    for the bucket's region, a request that a scan of thousands of files would repeat."""
+    return pafs.FileSystem.from_uri(root)[0]
 
 
 def join(base: str | os.PathLike, *parts: str) -> str:
@@ -32,9 +49,15 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     manifest or a scores table still names the file from another working directory or
     another node's worker."""
     base = str(base)
-    if is_uri(base):
-        return "/".join([base.rstrip("/"), *[p.strip("/") for p in parts]])
+    if is_uri(base):  # parts go before the options (s3://b/x?endpoint_override=...)
+        location, sep, query = base.partition("?")
+        return "/".join([location.rstrip("/"), *[p.strip("/") for p in parts]]) + sep + query
     return str(Path(os.path.abspath(Path(base).expanduser()), *parts))
+
+
+def basename(path: str | os.PathLike) -> str:
+    """The file name of a local path or URI (without the URI's options)."""
+    return str(path).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def exists(path: str | os.PathLike) -> bool:
@@ -129,8 +152,10 @@ def list_files(directory: str | os.PathLike, suffix: str = "") -> list[str]:
     files = [i.path for i in infos if i.type == pafs.FileType.File]
     found = sorted(f for f in files if f.endswith(suffix))
     scheme = str(directory).split("://", 1)[0] if is_uri(directory) else "file"
-    # Object stores list "bucket/key": give back URIs that resolve() understands.
-    return found if scheme == "file" else [f"{scheme}://{f}" for f in found]
+    # Object stores list "bucket/key": give back URIs that resolve() understands, with the
+    # directory's options (endpoint, region) kept.
+    _, sep, query = str(directory).partition("?")
+    return found if scheme == "file" else [f"{scheme}://{f}{sep}{query}" for f in found]
 
 
 def read_parquet(path: str | os.PathLike, schema=None):

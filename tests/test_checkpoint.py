@@ -75,6 +75,27 @@ def test_round_trip_through_uri(tmp_path):
     assert file_fingerprint(uri) == file_fingerprint(tmp_path / "run" / "model.pt")
 
 
+def test_a_bucket_gets_one_filesystem_per_process():
+    """Making an S3 filesystem asks for the bucket's region: a scan of thousands of files
+    must not do it per file. (A region in the URI: nothing here reaches the network.)"""
+    import pyarrow.fs as pafs
+
+    from sfda_ray import storage
+
+    uris = ["s3://bucket/a/b.png?region=us-east-1", "s3://bucket/c/?region=us-east-1"]
+    (fs_a, path_a), (fs_c, path_c) = map(storage.resolve, uris)
+    assert fs_a is fs_c and isinstance(fs_a, pafs.S3FileSystem)
+    assert [path_a, path_c] == [pafs.FileSystem.from_uri(u)[1] for u in uris]
+    assert storage.resolve("s3://other/x?region=us-east-1")[0] is not fs_a
+    assert storage.resolve(f"file://{Path.cwd()}/x")[1] == f"{Path.cwd()}/x"
+    # A file under a URI with options (a MinIO endpoint, say) keeps them.
+    options = "s3://bucket/runs?endpoint_override=localhost:9000"
+    assert storage.join(options, "scores", "a.png") == (
+        "s3://bucket/runs/scores/a.png?endpoint_override=localhost:9000"
+    )
+    assert storage.basename(storage.join(options, "a.png")) == "a.png"
+
+
 def test_non_plain_meta_is_refused_before_writing(tmp_path):
     model = build_model("deeplabv2_resnet18", 3)
     path = tmp_path / "model.pt"

@@ -242,7 +242,7 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
             },
             0,
         )
-        files = {p.rsplit("/", 1)[-1]: storage.read_bytes(p) for p in pictures}
+        files = {storage.basename(p): storage.read_bytes(p) for p in pictures}
         files["summary.json"] = (json.dumps(summary, indent=2) + "\n").encode()
         tracker.log_files(parent, files)
         storage.atomic_write_bytes(storage.join(out, "summary.json"), files["summary.json"])

@@ -36,7 +36,7 @@ def report_files(out: str, trial_id: str) -> dict[str, bytes]:
     if not storage.exists(directory):
         return {}
     return {
-        path.rsplit("/", 1)[-1]: storage.read_bytes(path)
+        storage.basename(path): storage.read_bytes(path)
         for path in storage.list_files(directory, "")
     }
 
