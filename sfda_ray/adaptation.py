@@ -404,7 +404,7 @@ def batch_stream(
     batch of the uninterrupted stream (a resumed run); ``skip`` batches of a pass are left
     out by its sampler, so none is read to be thrown away."""
     first, skip = divmod(start, len(make(0, 0)))
-    return forever(lambda e: make(first + e, skip if e == 0 else 0), skipped)
+    return forever(lambda e: make(first + e, skip if e == 0 else 0), skipped, skip > 0)
 
 
 def make_loader(

@@ -143,6 +143,13 @@ def test_a_resumed_stream_reads_on_where_it_stopped():
         return [next(stream)["image"] for _ in range(n)]
 
     assert first(batch_stream(make, 5), 3) == first(batch_stream(make, 0), 8)[5:]
+
+    # The rest of a pass may hold only unreadable items: that is no empty whole pass.
+    def bad_tail(epoch, skip):
+        batches = make(epoch, skip)
+        return [{"num_skipped": 2}] * len(batches) if (epoch, skip) == (1, 2) else batches
+
+    assert first(batch_stream(bad_tail, 5), 1) == [(2, 0)]
     full = list(make_loader(list(range(10)), 2, 3, None).sampler)
     assert list(make_loader(list(range(10)), 2, 3, None, skip_batches=2).sampler) == full[4:]
     weights = [1.0] * 10

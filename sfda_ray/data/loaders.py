@@ -49,12 +49,15 @@ def _common_size(table: pa.Table) -> tuple[int, int]:
 
 
 def forever(
-    make: Callable[[int], Iterable[dict]], skipped: Counter | None = None
+    make: Callable[[int], Iterable[dict]],
+    skipped: Counter | None = None,
+    partial_first: bool = False,
 ) -> Iterator[dict]:
     """Endless stream of non-empty batches: pass ``e`` reads ``make(e)``, so a caller can
     reseed each pass or return the same (reshuffling) loader every time. Bad items (each
-    logged with its reason) are counted in ``skipped["inputs"]``; a pass with no good item
-    at all is an error, not an endless loop."""
+    logged with its reason) are counted in ``skipped["inputs"]``; a whole pass with no good
+    item at all is an error, not an endless loop (``partial_first``: the first pass is the
+    rest of one, which may hold no good item)."""
     epoch = 0
     while True:
         bad, good = 0, False
@@ -65,7 +68,7 @@ def forever(
             if "image" in batch:
                 good = True
                 yield batch
-        if not good:
+        if not good and not (partial_first and epoch == 0):
             raise ValueError(f"no usable item in a whole pass over the data ({bad} skipped)")
         epoch += 1
 
