@@ -28,6 +28,7 @@ from ray.cluster_utils import Cluster
 
 from sfda_ray.cli import add_tune_args
 from sfda_ray.dist.job import run_job
+from sfda_ray.dist.tune import SweepFailed
 
 CLUSTER_SETTINGS = [
     "tune.num_samples=2",
@@ -77,7 +78,11 @@ def main() -> int:
         ray.init(address=cluster.address)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         wait_until_schedulable(nodes)
-        summary = run_job(args, "local_cluster")
+        try:
+            summary = run_job(args, "local_cluster")
+        except SweepFailed as e:
+            print(f"local_cluster.py: error: {e}", file=sys.stderr)
+            return 1
         # Where the scoring actors ran (the GCS keeps finished actors' records). Which
         # actor scores which batch is Ray Data's choice: a fast scorer may take them all.
         scorer_nodes = sorted(
