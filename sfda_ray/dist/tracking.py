@@ -59,9 +59,9 @@ def describe_error(error: BaseException | str | None) -> str | None:
     if error is None:
         return None
     if isinstance(error, str):
-        latest = _ANSI_COLOUR.sub("", error).rsplit("Failure # ", 1)[-1]
-        lines = [line.strip() for line in latest.splitlines()[1:] if line.strip()]
-        return (lines or [latest.strip()])[-1][:_LINE_CHARS]
+        latest = _latest_failure(_ANSI_COLOUR.sub("", error))
+        lines = [line.strip() for line in latest.splitlines() if line.strip()]
+        return (lines or [error.strip()])[-1][:_LINE_CHARS]
     error = _unwrapped(error)
     failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError
     if not failures:
@@ -73,6 +73,14 @@ def describe_error(error: BaseException | str | None) -> str | None:
         f"Ray Train worker{'s' if len(r) > 1 else ''} {', '.join(r)}: {text}"
         for text, r in ranks.items()
     )
+
+
+def _latest_failure(error_txt: str) -> str:
+    """The text of the last failure in Tune's ``error.txt``, where each one is written as
+    ``Failure # N (occurred at ...)`` and then the error's text."""
+    if "Failure # " not in error_txt:
+        return error_txt
+    return error_txt.rsplit("Failure # ", 1)[-1].partition("\n")[2]
 
 
 def _unwrapped(error: BaseException) -> BaseException:
@@ -324,7 +332,6 @@ def _latest_error(trial) -> str | None:
     if pickled and os.path.isfile(pickled):
         with open(pickled, "rb") as f:
             error = cloudpickle.load(f)
-        latest = text.rsplit("Failure # ", 1)[-1].partition("\n")[2] if text else ""
-        if text is None or str(error).strip() == latest.strip():
+        if text is None or str(error).strip() == _latest_failure(text).strip():
             return describe_error(error)
     return describe_error(text)
