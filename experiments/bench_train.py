@@ -3,16 +3,20 @@
 The same adaptation (default method, default small model, same scores, same seeds) runs
 three times: the plain single-process loop, Ray Train with 1 worker, and Ray Train with 2
 workers at the same global batch (half the per-worker batch, one torch thread each).
-Step time is taken inside the loop between the first and the last report, so it excludes
-start-up and includes Ray's per-report work (checkpoints to storage). Losses are means over
-each report interval (over both workers with 2), so the curves can be compared.
+Step time is taken inside the loop, per report interval, so it excludes start-up and
+includes Ray's per-report work (a checkpoint to storage at every report). On a small shared
+machine single runs differ by 10-20%, more than the overhead measured: the three runs are
+repeated, interleaved, and each run's figure is the median over its report intervals, each
+configuration's the median over its repeats. Losses are means over each report interval
+(over both workers with 2), so the curves can be compared.
 
-    python experiments/bench_train.py --iterations 60 --json bench_train.json
+    python experiments/bench_train.py --iterations 60 --repeats 3 --json bench_train.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import tempfile
@@ -46,10 +50,12 @@ class ReportLog(UserCallback):
             f.write(json.dumps(metrics[0]) + "\n")
 
 
-def step_seconds(reports: list[dict]) -> float:
-    """Seconds per iteration between the first and the last report of a run."""
-    first, last = reports[0], reports[-1]
-    return (last["seconds"] - first["seconds"]) / (last["iteration"] - first["iteration"])
+def interval_seconds(reports: list[dict]) -> list[float]:
+    """Seconds per iteration over each interval between consecutive reports of a run."""
+    return [
+        (b["seconds"] - a["seconds"]) / (b["iteration"] - a["iteration"])
+        for a, b in itertools.pairwise(reports)
+    ]
 
 
 def curve(reports: list[dict], key: str = "loss_total") -> list[float]:
@@ -72,6 +78,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64, help="target images")
     parser.add_argument("--height", type=int, default=96)
     parser.add_argument("--width", type=int, default=192)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration")
     parser.add_argument("--json", help="write results here")
     args = parser.parse_args()
     if args.batch_size % 2:
@@ -114,29 +121,41 @@ def main() -> None:
         scores = str(tmp / "scores")
         score_dataset(ckpt, str(data), scores, ScoringOptions(batch_size=16))
 
-        t0 = time.perf_counter()
-        plain_env = LocalEnv(state_path=str(tmp / "plain_state.pt"))
-        run_adaptation(make_plan(cfg, ckpt, scores, str(data)), cfg, plain_env)
-        walls = {"plain": time.perf_counter() - t0}
-        runs = {"plain": plain_env.reports}
-        for name, config, workers in (("ray_1_worker", cfg, 1), ("ray_2_workers", cfg2, 2)):
-            t0 = time.perf_counter()
-            runs[name] = ray_run(config, ckpt, scores, str(data), tmp / name, workers)
-            walls[name] = time.perf_counter() - t0
+        names = ("plain", "ray_1_worker", "ray_2_workers")
+        runs: dict[str, list[list[dict]]] = {name: [] for name in names}
+        walls: dict[str, list[float]] = {name: [] for name in names}
+        for repeat in range(args.repeats):
+            for name in names:
+                out = tmp / f"{name}_{repeat}"  # a fresh run each time, never a resume
+                t0 = time.perf_counter()
+                if name == "plain":
+                    plain_env = LocalEnv(state_path=str(out.with_suffix(".pt")))
+                    run_adaptation(make_plan(cfg, ckpt, scores, str(data)), cfg, plain_env)
+                    runs[name].append(plain_env.reports)
+                else:
+                    config, workers = (cfg, 1) if name == "ray_1_worker" else (cfg2, 2)
+                    runs[name].append(ray_run(config, ckpt, scores, str(data), out, workers))
+                walls[name].append(time.perf_counter() - t0)
 
-    seconds = {name: step_seconds(reports) for name, reports in runs.items()}
-    curves = {name: curve(reports) for name, reports in runs.items()}
+    per_run = {
+        name: [float(np.median(interval_seconds(r))) for r in reports]
+        for name, reports in runs.items()
+    }
+    seconds = {name: float(np.median(values)) for name, values in per_run.items()}
+    curves = {name: curve(reports[0]) for name, reports in runs.items()}
     level = float(np.mean(np.abs(curves["plain"])))
     result = {
         "iterations": args.iterations,
         "global_batch": args.batch_size,
         "image_size": [args.height, args.width],
         "model": cfg.model.name,
+        "repeats": args.repeats,
         "seconds_per_iter": {k: round(v, 4) for k, v in seconds.items()},
-        "wall_seconds": {k: round(v, 1) for k, v in walls.items()},
+        "seconds_per_iter_per_repeat": {k: [round(x, 4) for x in v] for k, v in per_run.items()},
+        "wall_seconds_per_repeat": {k: [round(x, 1) for x in v] for k, v in walls.items()},
         "ratio_ray_1_worker_vs_plain": round(seconds["ray_1_worker"] / seconds["plain"], 3),
         "ratio_ray_2_workers_vs_plain": round(seconds["ray_2_workers"] / seconds["plain"], 3),
-        "report_iterations": [r["iteration"] for r in runs["plain"]],
+        "report_iterations": [r["iteration"] for r in runs["plain"][0]],
         "loss_total": {k: [round(x, 4) for x in v] for k, v in curves.items()},
         # Same seeds and shard: 1 Ray worker should retrace the plain loop.
         "max_abs_loss_diff_ray_1_vs_plain": float(
@@ -149,13 +168,14 @@ def main() -> None:
         "machine": f"{psutil.cpu_count()} CPUs, {platform.machine()}, torch {torch.__version__}",
         "date": time.strftime("%Y-%m-%d"),
     }
-    print(f"{'run':<15} {'s/iter':>8} {'vs plain':>9} {'wall s':>8}")
+    print(f"{'run':<15} {'s/iter':>8} {'vs plain':>9}  {'per repeat':<24} {'wall s'}")
     for name in runs:
         print(
-            f"{name:<15} {seconds[name]:8.3f} {seconds[name] / seconds['plain']:9.3f} "
-            f"{walls[name]:8.1f}"
+            f"{name:<15} {seconds[name]:8.3f} {seconds[name] / seconds['plain']:9.3f}  "
+            f"{' '.join(f'{x:.3f}' for x in per_run[name]):<24} "
+            + " ".join(f"{x:.0f}" for x in walls[name])
         )
-    print("loss_total per report interval:")
+    print("loss_total per report interval (first repeat):")
     for name, values in curves.items():
         print(f"  {name:<15} " + " ".join(f"{v:.3f}" for v in values))
     print(
