@@ -1,14 +1,16 @@
 """The sweep's pieces that need no running sweep: search spaces and MLflow bookkeeping."""
 
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from sfda_ray.config import ConfigError, apply_overrides, load_config, load_search_space
-from sfda_ray.dist.tracking import ERROR_TAG, PARENT_TAG, SweepTracker
+from sfda_ray.dist.tracking import ERROR_TAG, PARENT_TAG, SweepTracker, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,6 +92,32 @@ def test_tracker_reuses_runs_and_closes_interrupted_ones(tmp_path):
     assert (tmp_path / "mlartifacts").as_uri() == client.get_experiment(
         again.experiment_id
     ).artifact_location
+
+
+def test_git_commit_tag_says_when_the_code_was_edited(tmp_path):
+    assert git_commit(tmp_path) == "unknown"  # not a checkout
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=repo,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+
+    git("init", "-q")
+    (repo / "method.py").write_text("lr = 0.01\n")
+    git("add", "method.py")
+    git("commit", "-q", "-m", "first")
+    sha = git("rev-parse", "HEAD")
+    assert re.fullmatch(r"[0-9a-f]{40}", sha) and git_commit(repo) == sha
+    (repo / "notes.txt").write_text("untracked files do not change what runs\n")
+    assert git_commit(repo) == sha
+    (repo / "method.py").write_text("lr = 0.1\n")
+    assert git_commit(repo) == f"{sha}-dirty"
 
 
 def test_config_data_section_names_the_target(tmp_path):

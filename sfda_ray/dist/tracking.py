@@ -135,19 +135,30 @@ def check_tracking_store(tracking_uri: str) -> None:
         raise ValueError(f"MLflow tracking store {tracking_uri}: {e.message}") from e
 
 
-def git_commit() -> str:
-    """The commit of this checkout of the project, or ``unknown`` outside git."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
+def git_commit(path: str | Path | None = None) -> str:
+    """The commit of the checkout holding ``path`` (this project's by default), with
+    ``-dirty`` when tracked files differ from it, or ``unknown`` outside git."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["git", *args],
+            cwd=Path(path) if path else Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
-            timeout=10,
+            timeout=30,
         )
+
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return "unknown"
+        # A run from edited code is not the commit's run: say so rather than let the
+        # tag claim the commit reproduces it.
+        changes = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
+    dirty = changes.returncode != 0 or changes.stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
