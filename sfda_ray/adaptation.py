@@ -83,17 +83,21 @@ def check_discriminator_fits(map_size: tuple[int, int]) -> None:
         )
 
 
-def scored_map_size(scores: str, tries: int = 10) -> tuple[int, int] | None:
-    """(H, W) of the maps of a scores directory, from the first of its first ``tries``
-    maps that reads; None when none does (each stage then meets the bad maps itself)."""
-    table = storage.read_parquet(storage.join(scores, "scores.parquet"))
-    paths = table.filter(pc.is_null(table["error"]))["pseudo_label_path"].to_pylist()
+def first_map_size(paths: list[str], tries: int = 10) -> tuple[int, int] | None:
+    """(H, W) of the first of the first ``tries`` maps in ``paths`` that reads; None when
+    none does (each stage then meets the bad maps itself)."""
     for path in paths[:tries]:
         try:
             return tuple(load_map(path).shape[:2])
         except (OSError, ValueError) as e:
             log.warning("map %s does not read (%s): trying the next one", path, e)
     return None
+
+
+def scored_map_size(scores: str) -> tuple[int, int] | None:
+    """(H, W) of the maps of a scores directory (``first_map_size`` of its scored rows)."""
+    table = storage.read_parquet(storage.join(scores, "scores.parquet"))
+    return first_map_size(table.filter(pc.is_null(table["error"]))["pseudo_label_path"].to_pylist())
 
 
 def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan:
@@ -120,7 +124,12 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
         ).to_pylist()
     }
     virtual = [rows[i] for i in selection.virtual]
-    map_size = tuple(load_map(virtual[0]["pseudo_label_path"]).shape[:2])
+    map_size = first_map_size([row["pseudo_label_path"] for row in virtual])
+    if map_size is None:
+        raise ValueError(
+            f"none of the first virtual-source maps listed in {scores}/scores.parquet reads "
+            "(see the warnings above): score the images again"
+        )
     if a.adversarial:
         check_discriminator_fits(map_size)
     weights = None

@@ -373,6 +373,33 @@ def test_maps_too_small_for_the_discriminator_are_refused(
     # Without the adversarial term nothing needs that size.
     assert make_plan(_adapt_cfg(**{"adapt.lambda_adv": 0.0}), *args).map_size == (16, 32)
 
+    # The size comes from the first map that reads: a damaged first one is passed over.
+    first = make_plan(_adapt_cfg(**{"adapt.lambda_adv": 0.0}), *args).virtual_rows[0]
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(tiny_map.read_bytes()[:40])
+    paths = [
+        str(damaged) if image_id == first["image_id"] else str(tiny_map)
+        for image_id in table["image_id"].to_pylist()
+    ]
+    table = table.set_column(
+        table.schema.get_field_index("pseudo_label_path"), "pseudo_label_path", pa.array(paths)
+    )
+    pq.write_table(table, small / "scores.parquet")
+    plan = make_plan(_adapt_cfg(**{"adapt.lambda_adv": 0.0}), *args)
+    assert plan.virtual_rows[0]["pseudo_label_path"] == str(damaged)
+    assert plan.map_size == (16, 32)
+    pq.write_table(
+        table.set_column(
+            table.schema.get_field_index("pseudo_label_path"),
+            "pseudo_label_path",
+            pa.array([str(damaged)] * table.num_rows),
+        ),
+        small / "scores.parquet",
+    )
+    with pytest.raises(ValueError, match=r"none of the first virtual-source maps .* reads"):
+        make_plan(_adapt_cfg(**{"adapt.lambda_adv": 0.0}), *args)
+    pq.write_table(table, small / "scores.parquet")
+
     # A sweep whose every trial would train the discriminator (the shipped space samples
     # lambda_adv > 0) is refused once, before any trial or MLflow run.
     from sfda_ray.dist.tune import run_sweep
