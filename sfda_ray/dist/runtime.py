@@ -25,8 +25,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            runtime_env={"worker_process_setup_hook": _without_state_api},
+        )
     log.info("Ray cluster resources: %s", ray.cluster_resources())
+
+
+def _without_state_api() -> None:
+    """Setup of every worker process of a local Ray, which runs without the dashboard and
+    so without the State API: Ray Train's placement-group cleaner asks that API about the
+    controller every second and would log a warning each time it cannot."""
+    logging.getLogger(
+        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+    ).setLevel(logging.ERROR)
 
 
 def on_gpus(fn: Callable[..., Any], num_gpus: float, *args: Any, **kwargs: Any) -> Any:
