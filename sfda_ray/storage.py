@@ -141,6 +141,16 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         raise
 
 
+def remove(path: str | os.PathLike) -> bool:
+    """Delete the file at ``path``; False when there was none."""
+    fs, p = resolve(path)
+    try:
+        fs.delete_file(p)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _disk_full(error: OSError) -> bool:
     return error.errno == errno.ENOSPC or "No space left on device" in str(error)
 

@@ -108,13 +108,18 @@ def test_switching_sizes_back_and_forth_never_reuses_the_other_sizes_maps(
         table.filter(pa.compute.equal(table["split"], "train")).slice(0, 6), tmp_path / "m.parquet"
     )
     data, out = str(tmp_path / "m.parquet"), str(tmp_path / "scores")
-    for size, shape in [(None, (48, 96)), ((32, 64), (32, 64)), (None, (48, 96))]:
+    for run, (size, shape) in enumerate([(None, (48, 96)), ((32, 64), (32, 64)), (None, (48, 96))]):
         options = ScoringOptions(batch_size=6, actors=1, adabn=False, size=size)
         summary = score_dataset(str(tiny_source_ckpt), data, out, options)
         assert summary["scored_this_run"] == 6
+        listed = set()
         for row in pq.read_table(tmp_path / "scores" / "scores.parquet").to_pylist():
             assert np.asarray(Image.open(row["pseudo_label_path"])).shape == shape
             assert np.asarray(Image.open(row["confidence_path"])).shape == shape
+            listed |= {row["pseudo_label_path"], row["confidence_path"]}
+        # The maps of the replaced rows (label and confidence of 6 images) are gone.
+        assert summary["superseded_maps_removed"] == (12 if run else 0)
+        assert {str(p) for p in (tmp_path / "scores" / "maps").rglob("*.png")} == listed
     assert score_dataset(str(tiny_source_ckpt), data, out, options)["scored_this_run"] == 0
 
 

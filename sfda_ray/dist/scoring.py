@@ -6,7 +6,8 @@ Layout of a scores directory ``OUT`` (local path or ``s3://``/``gs://``/``file:/
   run keeps every finished part and a rerun skips those images (same fingerprint:
   scoring model, size, MC-dropout passes, image), so a rerun with another size re-scores;
 - ``OUT/maps/<image_id>_<fingerprint>_{label,conf,unc}.png``  8-bit pseudo-label,
-  confidence and (MC-dropout) uncertainty maps at the model's input resolution;
+  confidence and (MC-dropout) uncertainty maps at the model's input resolution; the maps
+  of an image scored again with other settings are deleted once the new table is written;
 - ``OUT/scores.parquet``  the consolidated table, one row per image, written last;
 - ``OUT/summary.json``  counts, skip reasons, throughput and virtual-source quality.
 
@@ -387,9 +388,11 @@ def score_dataset(
     elapsed = time.perf_counter() - t0
 
     by_id = {r["image_id"]: r for r in rows}
-    table = _latest_per_image(_read_parts(out))
-    table = table.filter(pc.is_in(table["image_id"], pa.array(list(by_id))))
+    parts = _read_parts(out)
+    latest = _latest_per_image(parts)
+    table = latest.filter(pc.is_in(latest["image_id"], pa.array(list(by_id))))
     storage.write_parquet(table, storage.join(out, "scores.parquet"))
+    removed = remove_superseded_maps(parts, latest)
     summary = summarize_scores(table, len(todo), elapsed, opts.select, opts.num_classes)
     summary.update(
         {
@@ -404,12 +407,31 @@ def score_dataset(
             "data_fingerprint": ref.fingerprint,
             "manifest_skipped": ref.skipped,
             "split": opts.split,
+            "superseded_maps_removed": removed,
         }
     )
     storage.atomic_write_bytes(
         storage.join(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode()
     )
     return summary
+
+
+def remove_superseded_maps(parts: pa.Table, latest: pa.Table) -> int:
+    """Delete the maps of rows that a later row of the same image replaced (scored again
+    with another model, size or passes): nothing reads them again, as each image's latest
+    row decides. Returns how many were deleted; one that cannot be is left with a warning."""
+    columns = [column for column, _ in MAP_COLUMNS.values()]
+    listed = {p for c in columns for p in latest[c].to_pylist() if p}
+    stale = {p for c in columns for p in parts[c].to_pylist() if p} - listed
+    removed = 0
+    for path in sorted(stale):
+        try:
+            removed += storage.remove(path)
+        except OSError as e:
+            log.warning("could not delete the superseded map %s: %s", path, e)
+    if removed:
+        log.info("deleted %d maps of images since scored again with other settings", removed)
+    return removed
 
 
 # PNG bytes per map pixel, generously: synthetic maps take 0.05 (labels) and 0.4
