@@ -15,6 +15,7 @@ from sfda_ray.adaptation import (
     batch_stream,
     make_loader,
     make_plan,
+    metrics_over_workers,
     run_adaptation,
 )
 from sfda_ray.config import AdaptConfig, apply_overrides, load_config, load_search_space
@@ -155,6 +156,30 @@ def test_a_resumed_stream_reads_on_where_it_stopped():
     weights = [1.0] * 10
     drawn = list(make_loader(list(range(10)), 2, 3, weights).sampler)
     assert list(make_loader(list(range(10)), 2, 3, weights, skip_batches=1).sampler) == drawn[2:]
+
+
+def _reported_metrics(rank, port, results):
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    # Rank 1 alone met damaged inputs; each worker has its own losses on its own shard.
+    metrics = {"loss_v": [1.0, 3.0][rank], "skipped_inputs": [0, 3][rank], "iteration": 5}
+    torch.save(metrics_over_workers(metrics, torch.device("cpu")), results / f"metrics{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_reported_metrics_cover_every_workers_shard(tmp_path):
+    """What rank 0 reports for the run: losses averaged and skipped inputs summed over
+    both workers (gloo, real processes); a single process reports its own."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_reported_metrics, (port, tmp_path), nprocs=2)
+    for rank in (0, 1):
+        assert torch.load(tmp_path / f"metrics{rank}.pt") == {"loss_v": 2.0, "skipped_inputs": 3}
+    assert metrics_over_workers({"loss_v": 1.0, "skipped_inputs": 0}, torch.device("cpu")) == {}
 
 
 def _round_thresholds(rank, port, images, results):

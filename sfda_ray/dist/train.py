@@ -27,6 +27,7 @@ from sfda_ray.adaptation import (
     AdaptPlan,
     load_state,
     make_plan,
+    metrics_over_workers,
     run_adaptation,
     save_adapted,
     save_state,
@@ -122,7 +123,7 @@ class RayTrainEnv:
 
     def report(self, metrics: dict, state: dict | None) -> None:
         flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
-        flat.update(self._over_workers(flat))
+        flat.update(metrics_over_workers(flat, self.device))
         flat["train_workers"], flat["train_nodes"] = self.world_size, self.nodes
         if state is None:
             ray.train.report(flat)
@@ -130,21 +131,6 @@ class RayTrainEnv:
         with tempfile.TemporaryDirectory() as tmp:
             save_state(state, os.path.join(tmp, STATE_FILE))
             ray.train.report(flat, checkpoint=Checkpoint.from_directory(tmp))
-
-    def _over_workers(self, metrics: dict) -> dict:
-        """Losses averaged and skipped inputs summed over every worker's shard (Ray Train
-        keeps rank 0's metrics).
-
-        Every rank reports at the same iterations with the same keys, so this collective
-        is entered by all of them."""
-        means = sorted(k for k in metrics if k.startswith("loss_") or k == "st_kept_fraction")
-        keys = means + [k for k in ("skipped_inputs",) if k in metrics]
-        if self.world_size == 1 or not keys or not torch.distributed.is_initialized():
-            return {}
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(values)
-        totals = dict(zip(keys, values.tolist(), strict=True))
-        return {k: v / self.world_size if k in means else int(v) for k, v in totals.items()}
 
     def load_state(self) -> dict | None:
         checkpoint = ray.train.get_checkpoint()
