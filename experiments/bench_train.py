@@ -6,9 +6,10 @@ workers at the same global batch (half the per-worker batch, one torch thread ea
 Step time is taken inside the loop, per report interval, so it excludes start-up and
 includes Ray's per-report work (a checkpoint to storage at every report). On a small shared
 machine single runs differ by 10-20%, more than the overhead measured: the three runs are
-repeated, interleaved, and each run's figure is the median over its report intervals, each
-configuration's the median over its repeats. Losses are means over each report interval
-(over both workers with 2), so the curves can be compared.
+repeated, interleaved (each repeat starts with the next one), and each run's figure is the
+median over its report intervals, each configuration's the median over its repeats. Losses
+are means over each report interval (over both workers with 2), so the curves can be
+compared.
 
     python experiments/bench_train.py --iterations 60 --repeats 3 --json bench_train.json
 """
@@ -83,6 +84,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.batch_size % 2:
         parser.error("--batch-size must be even (it is split over 2 workers)")
+    if args.repeats < 1 or args.iterations < 2 * args.report_every:
+        parser.error(
+            "needs --repeats >= 1 and two reports at least (--iterations >= 2 x --report-every)"
+        )
     threads = min(2, psutil.cpu_count())
     common = {
         "adapt.iterations": args.iterations,
@@ -125,7 +130,8 @@ def main() -> None:
         runs: dict[str, list[list[dict]]] = {name: [] for name in names}
         walls: dict[str, list[float]] = {name: [] for name in names}
         for repeat in range(args.repeats):
-            for name in names:
+            # Each repeat starts one further along, so no configuration always runs first.
+            for name in names[repeat % 3 :] + names[: repeat % 3]:
                 out = tmp / f"{name}_{repeat}"  # a fresh run each time, never a resume
                 t0 = time.perf_counter()
                 if name == "plain":

@@ -155,12 +155,19 @@ def _disk_full(error: OSError) -> bool:
     return error.errno == errno.ENOSPC or "No space left on device" in str(error)
 
 
+def list_names(directory: str | os.PathLike) -> list[str]:
+    """Paths of the files directly or indirectly under ``directory``, relative to it, sorted
+    (none when it does not exist)."""
+    fs, root = resolve(directory)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    prefix = root.rstrip("/") + "/"
+    return sorted(i.path[len(prefix) :] for i in infos if i.type == pafs.FileType.File)
+
+
 def list_files(directory: str | os.PathLike, suffix: str = "") -> list[str]:
     """Files directly or indirectly under ``directory`` ending in ``suffix``, sorted."""
-    fs, p = resolve(directory)
-    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True, allow_not_found=True))
-    files = [i.path for i in infos if i.type == pafs.FileType.File]
-    found = sorted(f for f in files if f.endswith(suffix))
+    _, root = resolve(directory)
+    found = [f"{root.rstrip('/')}/{n}" for n in list_names(directory) if n.endswith(suffix)]
     scheme = str(directory).split("://", 1)[0] if is_uri(directory) else "file"
     # Object stores list "bucket/key": give back URIs that resolve() understands, with the
     # directory's options (endpoint, region) kept.

@@ -1,6 +1,7 @@
 import io
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -84,10 +85,16 @@ def test_rerun_at_another_size_scores_again(scored, tiny_benchmark, tiny_source_
     are made again at that size, not taken from the earlier run."""
     first_out, first = scored
     out = tmp_path / "scores"
-    shutil.copytree(first_out, out)
+    shutil.copytree(first_out, out)  # its rows still name the maps under first_out
+    copied_maps = sorted((out / "maps").rglob("*.png"))
     options = ScoringOptions(batch_size=8, actors=1, size=(32, 64))
     resized = score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), str(out), options)
     assert resized["scored_this_run"] == 24 and resized["scored"] == 24
+    # The replaced maps are deleted from this directory, and only from it.
+    assert resized["superseded_maps_removed"] == len(copied_maps) > 0
+    assert not any(p.exists() for p in copied_maps)
+    for row in pq.read_table(first_out / "scores.parquet").to_pylist():
+        assert Path(row["pseudo_label_path"]).is_file() and Path(row["confidence_path"]).is_file()
     assert resized["checkpoint_fingerprint"] != first["checkpoint_fingerprint"]
     assert load_model(resized["checkpoint"])[1]["adabn_recipe"]["size"] == [32, 64]
     for row in pq.read_table(out / "scores.parquet").to_pylist():

@@ -94,18 +94,17 @@ def test_tracker_reuses_runs_and_closes_interrupted_ones(tmp_path):
     ).artifact_location
 
 
-def test_git_commit_tag_says_when_the_code_was_edited(tmp_path):
+def test_git_commit_tag_says_when_the_code_was_edited(tmp_path, monkeypatch):
+    for variable in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        monkeypatch.delenv(variable, raising=False)
     assert git_commit(tmp_path) == "unknown"  # not a checkout
     repo = tmp_path / "repo"
     repo.mkdir()
 
     def git(*args: str) -> str:
+        config = ["-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
         return subprocess.run(
-            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
-            cwd=repo,
-            check=True,
-            capture_output=True,
-            text=True,
+            ["git", *config, *args], cwd=repo, check=True, capture_output=True, text=True
         ).stdout.strip()
 
     git("init", "-q")
@@ -118,6 +117,8 @@ def test_git_commit_tag_says_when_the_code_was_edited(tmp_path):
     assert git_commit(repo) == sha
     (repo / "method.py").write_text("lr = 0.1\n")
     assert git_commit(repo) == f"{sha}-dirty"
+    (repo / ".git" / "index").write_bytes(b"not an index")  # git cannot compare any more
+    assert git_commit(repo) == f"{sha}-unverified"
 
 
 def test_config_data_section_names_the_target(tmp_path):

@@ -34,13 +34,22 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     log.info("Ray cluster resources: %s", ray.cluster_resources())
 
 
+class _StateApiDown(logging.Filter):
+    """Drops the one warning that says the State API did not answer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "State API may be temporarily unavailable" not in record.getMessage()
+
+
 def _without_state_api() -> None:
     """Setup of every worker process of a local Ray, which runs without the dashboard and
     so without the State API: Ray Train's placement-group cleaner asks that API about the
-    controller every second and would log a warning each time it cannot."""
-    logging.getLogger(
+    controller every second and would log a warning each time it cannot. Its other
+    warnings (a dead controller's placement group cleaned up) still show."""
+    logger = logging.getLogger(
         "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-    ).setLevel(logging.ERROR)
+    )
+    logger.addFilter(_StateApiDown())
 
 
 def on_gpus(fn: Callable[..., Any], num_gpus: float, *args: Any, **kwargs: Any) -> Any:

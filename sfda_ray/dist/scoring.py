@@ -103,13 +103,14 @@ MAP_COLUMNS = {
     "conf_png": ("confidence_path", "conf"),
     "unc_png": ("uncertainty_path", "unc"),
 }
+MAP_PATHS = [column for column, _ in MAP_COLUMNS.values()]
 # What a scoring actor returns per image: ids, numbers and the maps as PNG bytes.
 ACTOR_SCHEMA = pa.schema(
     [
         f
         for f in SCORES_SCHEMA
         if f.name in ("image_id", "fingerprint")
-        or (f.name not in MANIFEST_COLUMNS and f.name not in {c for c, _ in MAP_COLUMNS.values()})
+        or (f.name not in MANIFEST_COLUMNS and f.name not in MAP_PATHS)
     ]
     + [pa.field(name, pa.binary()) for name in MAP_COLUMNS]
 )
@@ -392,7 +393,7 @@ def score_dataset(
     latest = _latest_per_image(parts)
     table = latest.filter(pc.is_in(latest["image_id"], pa.array(list(by_id))))
     storage.write_parquet(table, storage.join(out, "scores.parquet"))
-    removed = remove_superseded_maps(parts, latest)
+    removed = remove_superseded_maps(out, parts, latest)
     summary = summarize_scores(table, len(todo), elapsed, opts.select, opts.num_classes)
     summary.update(
         {
@@ -416,19 +417,38 @@ def score_dataset(
     return summary
 
 
-def remove_superseded_maps(parts: pa.Table, latest: pa.Table) -> int:
-    """Delete the maps of rows that a later row of the same image replaced (scored again
-    with another model, size or passes): nothing reads them again, as each image's latest
-    row decides. Returns how many were deleted; one that cannot be is left with a warning."""
-    columns = [column for column, _ in MAP_COLUMNS.values()]
-    listed = {p for c in columns for p in latest[c].to_pylist() if p}
-    stale = {p for c in columns for p in parts[c].to_pylist() if p} - listed
+def map_name(image_id: str, fingerprint: str, suffix: str) -> str:
+    """A map's path under ``OUT/maps``: named by fingerprint too, so a rerun with other
+    settings never overwrites the maps of rows it has not replaced yet."""
+    return f"{image_id}_{fingerprint[:12]}_{suffix}.png"
+
+
+def _map_names(table: pa.Table) -> set[str]:
+    return {
+        map_name(row["image_id"], row["fingerprint"], suffix)
+        for row in table.select(["image_id", "fingerprint", *MAP_PATHS]).to_pylist()
+        for column, suffix in MAP_COLUMNS.values()
+        if row[column]
+    }
+
+
+def remove_superseded_maps(out: str, parts: pa.Table, latest: pa.Table) -> int:
+    """Delete the maps under ``OUT/maps`` of rows that a later row of the same image
+    replaced (scored again with another model, size or passes): nothing reads them again,
+    as each image's latest row decides. Returns how many were deleted; one that cannot be
+    is left with a warning.
+
+    Files are matched by name under this ``OUT``, not by the paths in the rows, which
+    name where ``OUT`` was when they were written."""
+    maps = storage.join(out, "maps")
+    stale = (_map_names(parts) - _map_names(latest)) & set(storage.list_names(maps))
     removed = 0
-    for path in sorted(stale):
+    for name in sorted(stale):
         try:
-            removed += storage.remove(path)
+            storage.remove(storage.join(maps, name))
+            removed += 1
         except OSError as e:
-            log.warning("could not delete the superseded map %s: %s", path, e)
+            log.warning("could not delete the superseded map %s: %s", name, e)
     if removed:
         log.info("deleted %d maps of images since scored again with other settings", removed)
     return removed
@@ -540,9 +560,7 @@ class ScoreWriter:
         for key, (column, suffix) in MAP_COLUMNS.items():
             record[column] = None
             if row[key] is not None:
-                # Named by fingerprint too: a rerun with other settings never overwrites
-                # the maps of rows it has not replaced yet.
-                name = f"{source['image_id']}_{source['fingerprint'][:12]}_{suffix}.png"
+                name = map_name(source["image_id"], source["fingerprint"], suffix)
                 path = storage.join(self.out, "maps", name)
                 storage.atomic_write_bytes(path, row[key])
                 record[column] = path

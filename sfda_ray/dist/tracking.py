@@ -136,29 +136,45 @@ def check_tracking_store(tracking_uri: str) -> None:
 
 
 def git_commit(path: str | Path | None = None) -> str:
-    """The commit of the checkout holding ``path`` (this project's by default), with
-    ``-dirty`` when tracked files differ from it, or ``unknown`` outside git."""
+    """The commit of the checkout holding ``path`` (this project's by default): with
+    ``-dirty`` when tracked files differ from it, ``-unverified`` when git could not tell;
+    ``unknown`` outside git."""
+    # The checkout's own repository, whatever a calling git hook set; and no index lock
+    # taken, so a git command the user runs meanwhile does not fail.
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE")
+    }
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(
-            ["git", *args],
+            ["git", "--no-optional-locks", *args],
             cwd=Path(path) if path else Path(__file__).resolve().parent,
             capture_output=True,
             text=True,
             timeout=30,
+            env=env,
         )
 
     try:
         head = git("rev-parse", "HEAD")
-        if head.returncode != 0:
-            return "unknown"
-        # A run from edited code is not the commit's run: say so rather than let the
-        # tag claim the commit reproduces it.
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("no git commit to tag the runs with: %s", e)
+        return "unknown"
+    if head.returncode != 0:
+        log.warning("no git commit to tag the runs with: %s", head.stderr.strip())
+        return "unknown"
+    sha = head.stdout.strip()
+    # A run from edited code is not the commit's run: say so rather than let the tag
+    # claim the commit reproduces it.
+    try:
         changes = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    dirty = changes.returncode != 0 or changes.stdout.strip()
-    return head.stdout.strip() + ("-dirty" if dirty else "")
+        return f"{sha}-unverified"
+    if changes.returncode != 0:
+        return f"{sha}-unverified"
+    return sha + ("-dirty" if changes.stdout.strip() else "")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, object]:
