@@ -488,3 +488,27 @@ def test_adapt_needs_no_source_data(ray_session, tmp_path):
     plan = make_plan(_adapt_cfg(), str(ckpt), str(scores), str(bench))
     metrics = run_adaptation(plan, _adapt_cfg(), LocalEnv())["metrics"]
     assert metrics["iteration"] == 4 and np.isfinite(metrics["val_miou"])
+
+
+@pytest.mark.slow
+def test_one_ray_train_worker_retraces_the_plain_loop(
+    ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    """The Ray layer adds no computation: one Ray Train worker with the same config and
+    seeds ends with the plain loop's weights, bit for bit, and reports its losses."""
+    from sfda_ray.dist.train import run_adapt
+
+    scores, _ = tiny_scores
+    cfg = _adapt_cfg()
+    args = (str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+    env = LocalEnv()
+    plain = run_adaptation(make_plan(cfg, *args), cfg, env)["model"].state_dict()
+    metrics = run_adapt(cfg, *args, str(tmp_path / "run"), workers=1)
+    on_ray = load_model(str(tmp_path / "run" / "final.pt"))[0].state_dict()
+    source = load_model(str(tiny_source_ckpt))[0].state_dict()
+    assert any(not torch.equal(plain[k], source[k]) for k in plain)  # it did train
+    assert plain.keys() == on_ray.keys()
+    assert [k for k in plain if not torch.equal(plain[k], on_ray[k])] == []
+    assert metrics["iteration"] == env.reports[-1]["iteration"] == 4
+    for key in ("loss_total", "loss_v", "loss_st"):
+        assert metrics[key] == env.reports[-1][key], key
