@@ -131,7 +131,7 @@ def main() -> None:
         walls: dict[str, list[float]] = {name: [] for name in names}
         for repeat in range(args.repeats):
             # Each repeat starts one further along, so no configuration always runs first.
-            for name in names[repeat % 3 :] + names[: repeat % 3]:
+            for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
                 out = tmp / f"{name}_{repeat}"  # a fresh run each time, never a resume
                 t0 = time.perf_counter()
                 if name == "plain":

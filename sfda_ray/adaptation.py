@@ -32,7 +32,14 @@ from sfda_ray.data.dataset import collate_skip_bad
 from sfda_ray.data.labels import CLASS_NAMES
 from sfda_ray.data.loaders import eval_loader, forever, image_loader
 from sfda_ray.evaluate import confusion_on
-from sfda_ray.method.adapt import Adapter, mean_over_workers, sum_over_workers, to_input, unwrap
+from sfda_ray.method.adapt import (
+    Adapter,
+    is_distributed,
+    mean_over_workers,
+    sum_over_workers,
+    to_input,
+    unwrap,
+)
 from sfda_ray.method.baselines import adapt_batchnorm
 from sfda_ray.method.scoring import normalized_entropy
 from sfda_ray.method.selection import select_by_config
@@ -463,11 +470,9 @@ def metrics_over_workers(metrics: dict, device: torch.device) -> dict:
     A collective: every rank calls it at the same iterations with the same keys."""
     means = sorted(k for k in metrics if k.startswith("loss_") or k == "st_kept_fraction")
     keys = means + [k for k in ("skipped_inputs",) if k in metrics]
-    if not keys or not torch.distributed.is_initialized():
+    if not keys or not is_distributed():
         return {}
     world_size = torch.distributed.get_world_size()
-    if world_size == 1:
-        return {}
     values = [metrics[k] for k in keys]
     totals = sum_over_workers(torch.tensor(values, dtype=torch.float64, device=device))
     return {

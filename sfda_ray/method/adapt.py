@@ -85,21 +85,22 @@ def class_mix(
     )
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
+    """Whether this process is one of several DDP workers."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def sum_over_workers(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed in place over the DDP workers (on its device, which the backend must
     take: CUDA for NCCL); ``t`` as it is in a single process."""
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(t)
     return t
 
 
 def mean_over_workers(t: torch.Tensor) -> torch.Tensor:
     """``t`` averaged in place over the DDP workers; ``t`` as it is in a single process."""
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(t)
         t.div_(dist.get_world_size())
     return t
