@@ -342,6 +342,8 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
         log.info("rank %d resuming from iteration %d", env.rank, start)
         # Fresh crop/flip draws: a resumed run must not replay those of its first steps.
         torch.manual_seed(a.seed + env.rank + 1_000_003 * start)
+        if env.rank > 0:  # the checkpoint holds rank 0's augmentation generator alone
+            adapter.generator.manual_seed(a.seed + env.rank + 1_000_003 * start)
 
     iterations = 0 if a.method in ("source_only", "adabn") else a.iterations
     per_round = max(1, -(-iterations // a.st_rounds))

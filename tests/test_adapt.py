@@ -191,13 +191,15 @@ def _round_thresholds(rank, port, images, results):
     adapter = Adapter(model, AdaptConfig(), "imagenet", torch.full((C,), 1 / C), None, CPU)
     adapter.begin_round(0, [images[rank]])
     mean = mean_over_workers(torch.tensor([float(rank)]))  # as the AdaBN start averages
-    torch.save((adapter.st_thresholds, mean), results / f"rank{rank}.pt")
+    draw = torch.rand(4, generator=adapter.generator)
+    torch.save((adapter.st_thresholds, mean, draw), results / f"rank{rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def test_workers_share_one_set_of_round_thresholds(tmp_path):
+def test_workers_share_round_thresholds_but_not_augmentation_draws(tmp_path):
     """Two DDP workers (gloo, real processes) each see their own target images; the
-    class-balanced thresholds come from all of them, the same on both workers."""
+    class-balanced thresholds come from all of them, the same on both workers, while
+    each draws its own strong augmentation and ClassMix parameters."""
     import socket
 
     torch.manual_seed(1)
@@ -206,11 +208,16 @@ def test_workers_share_one_set_of_round_thresholds(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_round_thresholds, (port, images, tmp_path), nprocs=2)
-    ranks, means = zip(*(torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)), strict=True)
+    ranks, means, draws = zip(
+        *(torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)), strict=True
+    )
     assert [m.item() for m in means] == [0.5, 0.5]
     torch.manual_seed(0)
     model = build_model("deeplabv2_resnet18", C, output_stride=16)
     alone = Adapter(model, AdaptConfig(), "imagenet", torch.full((C,), 1 / C), None, CPU)
+    # Augmentation draws: rank 0 draws as one process does, rank 1 its own.
+    assert torch.equal(draws[0], torch.rand(4, generator=alone.generator))
+    assert not torch.equal(draws[0], draws[1])
     alone.begin_round(0, images)  # one process seeing both workers' images
     assert torch.equal(ranks[0], ranks[1]) and torch.equal(ranks[0], alone.st_thresholds)
     alone.begin_round(0, images[:1])

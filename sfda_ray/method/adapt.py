@@ -160,7 +160,9 @@ class Adapter:
         self.teacher: nn.Module | None = None
         self.st_thresholds = torch.full((self.num_classes,), cfg.st_tau, device=device)
         self.round = -1
-        self.generator = torch.Generator().manual_seed(cfg.seed)
+        # Strong augmentation and ClassMix draws: each worker its own, rank 0 as one process.
+        rank = dist.get_rank() if is_distributed() else 0
+        self.generator = torch.Generator().manual_seed(cfg.seed + rank)
 
     @property
     def uses_teacher(self) -> bool:
