@@ -208,9 +208,7 @@ def test_workers_share_round_thresholds_but_not_augmentation_draws(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     torch.multiprocessing.spawn(_round_thresholds, (port, images, tmp_path), nprocs=2)
-    ranks, means, draws = zip(
-        *(torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)), strict=True
-    )
+    ranks, means, draws = zip(*(torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)), strict=True)
     assert [m.item() for m in means] == [0.5, 0.5]
     torch.manual_seed(0)
     model = build_model("deeplabv2_resnet18", C, output_stride=16)
