@@ -12,7 +12,7 @@ public AdaptSegNet/ADVENT .pth is converted once with `sfda-ray import-checkpoin
     python experiments/tune_gta.py --checkpoint gta5_source.pt \
         --config experiments/configs/gta5_cityscapes.yaml
 
-The search space is experiments/configs/tune_space.yaml (or --space). Rerunning the same
+The search space is sfda_ray/dist/tune_space.yaml (or --space). Rerunning the same
 command resumes an interrupted sweep. It ends by printing the best configuration, its
 target mIoU next to the source-only model's, and the `mlflow ui` command for the runs.
 """

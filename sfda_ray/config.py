@@ -197,7 +197,7 @@ class AdaptConfig:
 class SweepConfig:
     """The Ray Tune search over selection thresholds and loss weights (`sfda-ray tune`)."""
 
-    # Search-space YAML (see experiments/configs/tune_space.yaml); null: the job's default.
+    # Search-space YAML (see sfda_ray/dist/tune_space.yaml); null: that default.
     space: str | None = None
     num_samples: int = _field(4, lo=1)
     # Trials running at once; null: as many as the cluster has workers' resources for.

@@ -20,6 +20,7 @@ from sfda_ray.adaptation import (
 )
 from sfda_ray.config import AdaptConfig, apply_overrides, load_config, load_search_space
 from sfda_ray.data.synthetic import generate
+from sfda_ray.dist.job import DEFAULT_SPACE
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
 from sfda_ray.method.adapt import Adapter, class_mix, mean_over_workers
 from sfda_ray.method.losses import (
@@ -434,7 +435,7 @@ def test_maps_too_small_for_the_discriminator_are_refused(
     # lambda_adv > 0) is refused once, before any trial or MLflow run.
     from sfda_ray.dist.tune import run_sweep
 
-    space = load_search_space(ROOT / "experiments/configs/tune_space.yaml", load_config())
+    space = load_search_space(DEFAULT_SPACE, load_config())
     out = tmp_path / "sweep_out"
     with pytest.raises(ValueError, match=r"scored at 16x32 pixels.*search space"):
         run_sweep(_adapt_cfg(), *args, str(out), space, "e", f"sqlite:///{tmp_path}/m.db")

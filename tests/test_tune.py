@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sfda_ray.config import ConfigError, apply_overrides, load_config, load_search_space
+from sfda_ray.dist.job import DEFAULT_SPACE
 from sfda_ray.dist.tracking import ERROR_TAG, PARENT_TAG, SweepTracker, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +23,7 @@ def _space(tmp_path, text):
 
 
 def test_shipped_search_space_is_valid():
-    space = load_search_space(ROOT / "experiments/configs/tune_space.yaml", load_config())
+    space = load_search_space(DEFAULT_SPACE, load_config())
     assert space["select.tau"] == ("uniform", [0.8, 0.95])
     assert {"select.ratio", "adapt.lambda_adv", "adapt.lambda_st", "adapt.lr"} <= set(space)
 

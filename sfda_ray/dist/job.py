@@ -39,7 +39,8 @@ from sfda_ray.models.checkpoint import file_fingerprint
 from sfda_ray.train_source import train_source
 
 log = logging.getLogger(__name__)
-CONFIGS = Path(__file__).resolve().parents[2] / "experiments" / "configs"
+# Shipped in the package (package data), so an installed `sfda-ray tune` needs no checkout.
+DEFAULT_SPACE = Path(__file__).with_name("tune_space.yaml")
 
 # The synthetic run well within 15 minutes on a 2-core CPU: 4 trials of 30 iterations,
 # two at a time, each worker on one torch thread; ASHA may stop a trial at iteration 15.
@@ -189,7 +190,7 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
         )
     if args.data:
         args.data = pin_manifest(str(args.data), out)
-    space = load_search_space(cfg.tune.space or CONFIGS / "tune_space.yaml", cfg)
+    space = load_search_space(cfg.tune.space or DEFAULT_SPACE, cfg)
     tracking_uri = default_tracking_uri(out)
     check_tracking_store(tracking_uri)
     t0 = time.perf_counter()
