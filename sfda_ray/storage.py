@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import functools
 import os
+import posixpath
 import shutil
 import uuid
 from pathlib import Path
@@ -53,6 +54,22 @@ def join(base: str | os.PathLike, *parts: str) -> str:
         location, sep, query = base.partition("?")
         return "/".join([location.rstrip("/"), *[p.strip("/") for p in parts]]) + sep + query
     return str(Path(os.path.abspath(Path(base).expanduser()), *parts))
+
+
+def beside(path: str | os.PathLike, relative: str) -> str:
+    """``relative`` (``..`` allowed) taken from the folder holding ``path``, a local path
+    or a URI; a URI keeps its options, and its ``..`` are resolved (an object store has no
+    folders to resolve them) but may not leave the bucket."""
+    path = str(path)
+    if not is_uri(path):
+        return join(Path(path).expanduser().parent, relative)
+    location, sep, query = path.partition("?")
+    scheme, rest = location.split("://", 1)
+    bucket = rest.split("/", 1)[0]
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rest), relative))
+    if resolved.split("/", 1)[0] != bucket:
+        raise ValueError(f"{relative!r} from {location} leaves {scheme}://{bucket}")
+    return f"{scheme}://{resolved}{sep}{query}"
 
 
 def basename(path: str | os.PathLike) -> str:

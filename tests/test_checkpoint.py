@@ -94,6 +94,17 @@ def test_a_bucket_gets_one_filesystem_per_process():
         "s3://bucket/runs/scores/a.png?endpoint_override=localhost:9000"
     )
     assert storage.basename(storage.join(options, "a.png")) == "a.png"
+    # A dataset YAML's relative root, under a URI whose options hold slashes of their own.
+    spec = "s3://bucket/configs/cs.yaml?endpoint_override=http://localhost:9000"
+    assert storage.beside(spec, "../cityscapes") == (
+        "s3://bucket/cityscapes?endpoint_override=http://localhost:9000"
+    )
+    assert storage.beside(spec, "gta5") == (
+        "s3://bucket/configs/gta5?endpoint_override=http://localhost:9000"
+    )
+    with pytest.raises(ValueError, match="'../../x' from s3://bucket/configs/cs.yaml leaves"):
+        storage.beside(spec, "../../x")
+    assert storage.beside(f"file://{Path.cwd()}/c/d.yaml", "../e") == f"file://{Path.cwd()}/e"
 
 
 def test_non_plain_meta_is_refused_before_writing(tmp_path):

@@ -86,8 +86,7 @@ def _relative_to(config: str, location: str) -> str:
     folder, not to the working directory, so the file means the same from anywhere."""
     if storage.is_uri(location) or Path(location).expanduser().is_absolute():
         return location
-    folder = config.rsplit("/", 1)[0] if storage.is_uri(config) else str(Path(config).parent)
-    return storage.join(folder, location)
+    return storage.beside(config, location)
 
 
 def read_dataset_yaml(data: str | Path) -> dict:
