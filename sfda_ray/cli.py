@@ -39,6 +39,12 @@ def _add_domain_arg(p: argparse.ArgumentParser, default: str, what: str) -> None
     p.set_defaults(default_domain=default)
 
 
+def _add_device_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--device", default="auto", help=f"{what} (auto: a GPU when there is one; cpu; cuda:N)"
+    )
+
+
 def _domain(args: argparse.Namespace) -> str:
     """``--domain`` picks a half of a synthetic benchmark. A real dataset is one domain, so
     the flag there is a mistake to report, not a value to ignore."""
@@ -89,7 +95,7 @@ def cmd_train_source(args: argparse.Namespace) -> int:
         },
     )
     domain = _domain(args)
-    meta = train_source(cfg, args.data, args.out, domain=domain)
+    meta = train_source(cfg, args.data, args.out, domain=domain, device=args.device)
     print(
         f"checkpoint {args.out}: {meta['arch']['name']}, {meta['iteration']} iterations, "
         f"trained on {domain} data {meta['data_fingerprint']}"
@@ -285,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
+    _add_device_arg(p, "where the model trains, as the config's perf section says")
     _add_config_args(p)
     p.set_defaults(func=cmd_train_source)
 
@@ -336,11 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="class subsets to score (the first gives the headline mIoU); default: the "
         "dataset's own, e.g. `--classes synthia16 synthia13` for SYNTHIA -> Cityscapes",
     )
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="where the model runs, in fp32 (auto: a GPU when there is one; cpu; cuda:N)",
-    )
+    _add_device_arg(p, "where the model runs, in fp32")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 

@@ -20,6 +20,7 @@ from sfda_ray.data.labels import CLASS_NAMES, IGNORE_INDEX
 from sfda_ray.data.loaders import forever, train_loader
 from sfda_ray.models import build_model
 from sfda_ray.models.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from sfda_ray.models.execution import Execution, resolve_device
 from sfda_ray.storage import exists
 
 log = logging.getLogger(__name__)
@@ -53,8 +54,11 @@ def poly_lr(base: float, it: int, total: int, power: float = 0.9) -> float:
     return base * (1 - it / total) ** power
 
 
-def train_source(cfg: Config, data: str, out: str, domain: str = "source") -> dict:
-    """Train on the labelled ``train`` split of ``data``; returns the final checkpoint meta."""
+def train_source(
+    cfg: Config, data: str, out: str, domain: str = "source", device: str = "auto"
+) -> dict:
+    """Train on the labelled ``train`` split of ``data`` on ``device`` (``auto``: a GPU when
+    there is one), run as ``cfg.perf`` says; returns the final checkpoint meta."""
     sc = cfg.source
     ref = open_dataset(data, domain)
     table = ref.split("train")
@@ -71,6 +75,7 @@ def train_source(cfg: Config, data: str, out: str, domain: str = "source") -> di
     }
     torch.manual_seed(sc.seed)
     torch.set_num_threads(sc.threads)
+    exe = Execution.resolve(cfg.perf, resolve_device(device))
     arch = meta["arch"]
     model = build_model(
         arch["name"],
@@ -78,6 +83,7 @@ def train_source(cfg: Config, data: str, out: str, domain: str = "source") -> di
         **arch["options"],
         imagenet_init=cfg.model.imagenet_init,
     )
+    exe.prepare(model)  # before the optimizer is built, so its state follows the device
     optimizer = torch.optim.SGD(
         [p for p in model.parameters() if p.requires_grad],
         lr=sc.lr,
@@ -87,9 +93,19 @@ def train_source(cfg: Config, data: str, out: str, domain: str = "source") -> di
     start = 0
     if exists(out):
         saved = load_checkpoint(out)
+        if saved["meta"] is None:
+            raise ValueError(
+                f"{out} exists and is not an sfda_ray checkpoint; choose another --out"
+            )
         if saved["meta"].get("train_config") != train_config:
             raise ValueError(
                 f"{out} exists and was trained with another config or domain; "
+                "choose another --out or delete it"
+            )
+        if saved["meta"].get("data_fingerprint") != ref.fingerprint:
+            raise ValueError(
+                f"{out} exists and was trained on other data (fingerprint "
+                f"{saved['meta'].get('data_fingerprint')}, not {ref.fingerprint} of {data}); "
                 "choose another --out or delete it"
             )
         if saved["meta"].get("complete"):
@@ -101,17 +117,25 @@ def train_source(cfg: Config, data: str, out: str, domain: str = "source") -> di
         log.info("resuming %s from iteration %d", out, start)
 
     # Reseed per resume point so a resumed run does not replay the same batches.
-    loader = train_loader(table, cfg.data, sc.batch_size, sc.seed + start, cfg.data.normalization)
+    loader = train_loader(
+        table, cfg.data, sc.batch_size, sc.seed + start, cfg.data.normalization, exe.pin_memory
+    )
     skipped = Counter()  # all-bad batches included
     batches = forever(lambda _: loader, skipped)
     model.train()
+    forward = exe.compiled(model)
+    log.info("training on %s (%s)", exe.device, exe.precision)
     t0, seen = time.perf_counter(), 0
     for it in range(start, sc.iterations):
         batch = next(batches)
         for group in optimizer.param_groups:
             group["lr"] = poly_lr(sc.lr, it, sc.iterations)
-        logits = model(batch["image"])
-        loss = F.cross_entropy(logits, batch["label"], ignore_index=IGNORE_INDEX)
+        with exe.autocast():
+            logits = forward(exe.to_device(batch["image"]))
+        # The loss in fp32 whatever the forward's precision.
+        loss = F.cross_entropy(
+            logits.float(), exe.to_device(batch["label"]), ignore_index=IGNORE_INDEX
+        )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

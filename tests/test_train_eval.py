@@ -10,8 +10,10 @@ from conftest import tiny_config
 from sfda_ray.cli import main
 from sfda_ray.data.catalog import open_dataset
 from sfda_ray.data.loaders import image_loader, images_of
+from sfda_ray.data.synthetic import BenchmarkSpec, generate
 from sfda_ray.evaluate import evaluate_model
 from sfda_ray.method.baselines import adapt_batchnorm
+from sfda_ray.models import build_model
 from sfda_ray.models.checkpoint import load_checkpoint, load_model
 from sfda_ray.train_source import train_source
 
@@ -77,12 +79,44 @@ def test_train_source_then_eval_json(tiny_benchmark, tmp_path, capsys):
     assert sum(map(sum, report["confusion_matrix"])) == 6 * 48 * 96
 
 
-def test_rerun_of_complete_checkpoint_is_a_no_op(tiny_benchmark, tiny_source_ckpt):
+def test_rerun_of_complete_checkpoint_is_a_no_op(tiny_benchmark, tiny_source_ckpt, tmp_path):
     before = tiny_source_ckpt.read_bytes()
     meta = train_source(tiny_config(), str(tiny_benchmark), str(tiny_source_ckpt))
     assert meta["complete"] and tiny_source_ckpt.read_bytes() == before
     with pytest.raises(ValueError, match="another config"):
         train_source(tiny_config(**{"source.lr": 0.5}), str(tiny_benchmark), str(tiny_source_ckpt))
+    # The same settings on other data: not the model asked for, so refused, not handed back.
+    other = tmp_path / "other"
+    generate(
+        other,
+        BenchmarkSpec(
+            seed=1, height=48, width=96, source_train=4, source_val=2, target_train=2, target_val=2
+        ),
+    )
+    with pytest.raises(ValueError, match=f"trained on other data .* of {other}"):
+        train_source(tiny_config(), str(other), str(tiny_source_ckpt))
+    assert tiny_source_ckpt.read_bytes() == before
+    raw = tmp_path / "raw.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, raw)
+    with pytest.raises(ValueError, match="raw.pth exists and is not an sfda_ray checkpoint"):
+        train_source(tiny_config(), str(tiny_benchmark), str(raw))
+
+
+def test_train_source_runs_as_the_perf_section_says(tiny_benchmark, tmp_path, caplog):
+    """bf16 autocast (the GPU default) on the CPU: the loss stays fp32 and the weights
+    train; a GPU asked for where there is none is refused, naming the device."""
+    caplog.set_level("INFO", logger="sfda_ray.train_source")
+    out = tmp_path / "bf16.pt"
+    cfg = tiny_config(**{"source.iterations": 2, "perf.precision": "bf16"})
+    meta = train_source(cfg, str(tiny_benchmark), str(out), device="cpu")
+    assert meta["complete"] and "training on cpu (bf16)" in caplog.text
+    trained, _ = load_model(str(out))
+    torch.manual_seed(cfg.source.seed)
+    start = build_model("deeplabv2_resnet18", 19, output_stride=16)
+    assert not torch.equal(trained.layer4[0].conv1.weight, start.layer4[0].conv1.weight)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device 'cuda': no CUDA GPU is visible"):
+            train_source(cfg, str(tiny_benchmark), str(tmp_path / "gpu.pt"), device="cuda")
 
 
 def test_killed_training_resumes_from_its_checkpoint(tiny_benchmark, tmp_path):

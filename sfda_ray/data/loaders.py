@@ -20,7 +20,12 @@ log = logging.getLogger(__name__)
 
 
 def train_loader(
-    table: pa.Table, data: DataConfig, batch_size: int, seed: int, normalization: str
+    table: pa.Table,
+    data: DataConfig,
+    batch_size: int,
+    seed: int,
+    normalization: str,
+    pin_memory: bool = False,
 ) -> DataLoader:
     crop = data.crop or data.size or _common_size(table)  # batches need one size
     transform = build_transform(
@@ -40,6 +45,7 @@ def train_loader(
         collate_fn=collate_skip_bad,
         generator=torch.Generator().manual_seed(seed),
         persistent_workers=data.num_workers > 0,
+        pin_memory=pin_memory,
     )
 
 
