@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,9 +31,10 @@ def _check(
     hi: float | None = None,
     *,
     lo_open: bool = False,
+    hi_open: bool = False,
     choices: tuple | None = None,
 ) -> dict:
-    return {"lo": lo, "hi": hi, "lo_open": lo_open, "choices": choices}
+    return {"lo": lo, "hi": hi, "lo_open": lo_open, "hi_open": hi_open, "choices": choices}
 
 
 def _field(default: Any, **check: Any) -> Any:
@@ -79,12 +81,14 @@ class ModelConfig:
         "deeplabv2_resnet18",
         choices=("deeplabv2_resnet18", "deeplabv2_resnet50", "deeplabv2_resnet101"),
     )
-    num_classes: int = _field(19, lo=2)
+    # Every dataset's labels are read into Cityscapes' 19 train ids (SYNTHIA's 16 and 13
+    # classes are scored as subsets of them), so every model predicts those 19.
+    num_classes: int = _field(19, choices=(19,))
     # Small torchvision backbones only: 16 is about three times cheaper than 8 on a CPU.
     output_stride: int = _field(16, choices=(8, 16))
     # Frozen BatchNorm (the ResNet-101 checkpoints' setting); null: the model's default.
     freeze_bn: bool | None = None
-    mc_dropout: float = _field(0.0, lo=0.0, hi=1.0)
+    mc_dropout: float = _field(0.0, lo=0.0, hi=1.0, hi_open=True)
     # Downloads torchvision ImageNet weights: never on by default.
     imagenet_init: bool = False
 
@@ -228,8 +232,8 @@ class PerfConfig:
 
     # bf16 autocast of forward passes (losses stay fp32); auto: bf16 on a GPU.
     precision: str = _field("auto", choices=("auto", "fp32", "bf16"))
-    # NHWC activations (tensor-core convolutions under bf16); auto: on on a GPU.
-    channels_last: str = _field("auto", choices=("auto", "on", "off"))
+    # NHWC activations (tensor-core convolutions under bf16); null: on a GPU.
+    channels_last: bool | None = None
     # torch.compile the trained and the scoring model; the first steps pay for compiling.
     compile: bool = False
     compile_backend: str = "inductor"
@@ -306,18 +310,19 @@ def _check_range(value: Any, meta: typing.Mapping, key: str) -> None:
         raise ConfigError(
             f"{key}: {value!r} is not allowed; allowed: {', '.join(map(str, choices))}"
         )
-    lo, hi, lo_open = meta.get("lo"), meta.get("hi"), meta.get("lo_open")
+    lo, hi = meta.get("lo"), meta.get("hi")
+    lo_open, hi_open = meta.get("lo_open"), meta.get("hi_open")
     if lo is None and hi is None:
         return
     bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (
-        hi is not None and value > hi
+        hi is not None and (value >= hi if hi_open else value > hi)
     )
     if bad:
         parts = []
         if lo is not None:
             parts.append(f"{'>' if lo_open else '>='} {lo}")
         if hi is not None:
-            parts.append(f"<= {hi}")
+            parts.append(f"{'<' if hi_open else '<='} {hi}")
         raise ConfigError(f"{key}: {value!r} is out of range; allowed: {' and '.join(parts)}")
 
 
@@ -355,6 +360,10 @@ def _check_cross_fields(obj: Any, prefix: str) -> None:
         raise ConfigError(
             f"{prefix}: give exactly one of ratio ({obj.ratio}) and score_threshold "
             f"({obj.score_threshold}); set the other to null"
+        )
+    if isinstance(obj, AdaptConfig) and obj.alpha_min > obj.alpha_max:
+        raise ConfigError(
+            f"{prefix}.alpha_min: {obj.alpha_min} is larger than alpha_max {obj.alpha_max}"
         )
     if isinstance(obj, ScoreConfig) and obj.mc_passes == 1:
         raise ConfigError(
@@ -433,17 +442,20 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
     return from_dict(Config, data)
 
 
+_YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``key.sub=value`` with the value read as YAML (``lr=0.01``, ``size=[96,192]``)."""
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. source.lr=0.01")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw)
-    if isinstance(value, str):
-        try:  # YAML 1.1 reads "1e-3" as a string
-            value = float(value)
-        except ValueError:
-            pass
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML: {e}") from None
+    if isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value):
+        value = float(value)  # YAML 1.1 reads "1e-3" as a string
     return key.strip(), value
 
 

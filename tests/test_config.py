@@ -29,6 +29,13 @@ def test_defaults_and_yaml_values(tmp_path):
         ("source:\n  iterations: 2.5\n", "source.iterations: 2.5 has the wrong type"),
         ("source:\n  momentum: 1.5\n", "source.momentum: 1.5 is out of range; allowed: >= 0.0"),
         ("model:\n  mc_dropout: -0.2\n", "model.mc_dropout: -0.2 is out of range"),
+        (
+            "model:\n  mc_dropout: 1.0\n",
+            "model.mc_dropout: 1.0 is out of range; allowed: >= 0.0 and < 1.0",
+        ),
+        ("model:\n  num_classes: 16\n", "model.num_classes: 16 is not allowed; allowed: 19"),
+        ("adapt:\n  alpha_min: 6.0\n", "adapt.alpha_min: 6.0 is larger than alpha_max 5.0"),
+        ("perf:\n  channels_last: auto\n", "perf.channels_last: 'auto' has the wrong type"),
         ("score:\n  mc_passes: 1\n", "score.mc_passes: 1 is not allowed; 0 (off) or at least 2"),
         ("model:\n  name: vgg\n", "model.name: 'vgg' is not allowed; allowed: deeplabv2_resnet18"),
         ("data:\n  hflip: 'yes'\n", "data.hflip: 'yes' has the wrong type; expected true or false"),
@@ -76,8 +83,16 @@ def test_flags_override_yaml_and_are_validated(tmp_path):
 def test_parse_override_reads_yaml_values():
     assert parse_override("data.size=[64, 128]") == ("data.size", [64, 128])
     assert parse_override("source.lr=1e-3") == ("source.lr", 1e-3)
+    assert parse_override("score.split=nan") == ("score.split", "nan")  # a name, not a float
+    # YAML 1.1 booleans, as the documented values of boolean keys.
+    cfg = load_config(
+        None, dict(map(parse_override, ["perf.channels_last=on", "perf.compile=false"]))
+    )
+    assert cfg.perf.channels_last is True and cfg.perf.compile is False
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_override("source.lr")
+    with pytest.raises(ConfigError, match=r"--set 'data.size=\[96,': the value is not valid YAML"):
+        parse_override("data.size=[96,")
 
 
 def test_shipped_configs_are_valid():

@@ -35,13 +35,13 @@ def test_auto_is_fp32_nchw_on_cpu_and_bf16_channels_last_on_gpu():
         True,
         4,
     )
-    forced = Execution.resolve(PerfConfig(precision="fp32", channels_last="off"), "cuda")
+    forced = Execution.resolve(PerfConfig(precision="fp32", channels_last=False), "cuda")
     assert (forced.precision, forced.channels_last) == ("fp32", False)
     assert Execution.resolve(PerfConfig(compile=True), "cpu").compile_backend == "inductor"
 
 
 def test_perf_section_is_validated():
-    cfg = load_config(None, {"perf.precision": "bf16", "perf.channels_last": "on"})
+    cfg = load_config(None, {"perf.precision": "bf16", "perf.channels_last": True})
     assert cfg.perf.precision == "bf16"
     with pytest.raises(ConfigError, match=r"perf\.precision.*fp16"):
         load_config(None, {"perf.precision": "fp16"})
@@ -58,7 +58,7 @@ def model():
 def test_channels_last_and_bf16_scores_agree_with_fp32(model):
     x = torch.randn(2, 3, 48, 96)
     ref = score_images(model, x)
-    nhwc = Execution.resolve(PerfConfig(channels_last="on"), "cpu")
+    nhwc = Execution.resolve(PerfConfig(channels_last=True), "cpu")
     last = score_images(nhwc.prepare(copy.deepcopy(model)), x)
     assert (last.label == ref.label).float().mean() > 0.999
     assert torch.allclose(last.score, ref.score, atol=1e-4)
@@ -99,7 +99,7 @@ def _two_steps(model, perf: PerfConfig) -> tuple[list[dict], Adapter]:
 
 
 def test_bf16_channels_last_adaptation_steps_train_both_nets(model):
-    logs, adapter = _two_steps(model, PerfConfig(precision="bf16", channels_last="on"))
+    logs, adapter = _two_steps(model, PerfConfig(precision="bf16", channels_last=True))
     for key in ("loss_v", "loss_st", "loss_prior", "loss_adv", "loss_d", "loss_total"):
         assert all(math.isfinite(step[key]) for step in logs), key
     student = adapter.student.layer1[0].conv1.weight
@@ -135,7 +135,7 @@ def test_scoring_actor_in_bf16_writes_the_same_rows(ray_session, model, tmp_path
     decoded = decode_batch(batch, None)
     threads = torch.get_num_threads()  # a Scorer sets the process's torch threads
     fp32 = Scorer(str(ckpt), 0, threads)(decoded).to_pylist()
-    perf = PerfConfig(precision="bf16", channels_last="on")
+    perf = PerfConfig(precision="bf16", channels_last=True)
     bf16 = Scorer(str(ckpt), 0, threads, perf)(decoded)
     assert bf16.num_rows == 3
     for a, b in zip(fp32, bf16.to_pylist(), strict=True):

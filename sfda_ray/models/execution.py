@@ -42,7 +42,7 @@ class Execution:
         perf = perf or PerfConfig()
         gpu = device.type == "cuda"
         bf16 = perf.precision == "bf16" or (perf.precision == "auto" and gpu)
-        nhwc = perf.channels_last == "on" or (perf.channels_last == "auto" and gpu)
+        nhwc = gpu if perf.channels_last is None else perf.channels_last
         workers = perf.loader_workers if perf.loader_workers is not None else (4 if gpu else 0)
         return cls(
             device=device,
