@@ -270,7 +270,8 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
     torch.manual_seed(a.seed + env.rank)
     torch.set_num_threads(a.threads)
     model, meta = load_model(
-        plan.source_checkpoint if a.method == "source_only" else plan.checkpoint
+        plan.source_checkpoint if a.method == "source_only" else plan.checkpoint,
+        num_classes=len(CLASS_NAMES),
     )
     exe = Execution.resolve(cfg.perf, env.device)
     exe.prepare(model)

@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import Any
 
-from sfda_ray.config import Config, ConfigError, load_config, parse_override
+from sfda_ray.config import NORMALIZATIONS, Config, ConfigError, load_config, parse_override
 from sfda_ray.data.labels import EVAL_SUBSETS
 
 
@@ -104,13 +104,23 @@ def cmd_train_source(args: argparse.Namespace) -> int:
 
 
 def cmd_import_checkpoint(args: argparse.Namespace) -> int:
+    from sfda_ray import storage
+    from sfda_ray.data.labels import CLASS_NAMES
     from sfda_ray.models.checkpoint import file_fingerprint, load_model, save_checkpoint
 
+    if storage.resolve(args.out)[1] == storage.resolve(args.checkpoint)[1]:
+        raise ValueError(f"--out {args.out} is the checkpoint being imported; name a new file")
+    if storage.exists(args.out) and not args.force:
+        raise ValueError(f"--out {args.out} exists; pass --force to replace it")
     options = {"layout": args.layout, "multi_level": args.multi_level}
     if args.aspp_sum:
         options["aspp_sum"] = args.aspp_sum
     # Every key must match the chosen layout: a wrong one is refused, naming the keys.
-    model, meta = load_model(args.checkpoint, arch={"name": args.model, "options": options})
+    model, meta = load_model(
+        args.checkpoint,
+        arch={"name": args.model, "options": options},
+        num_classes=len(CLASS_NAMES),
+    )
     save_checkpoint(
         args.out,
         model,
@@ -319,8 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--normalization",
         default="caffe_bgr",
+        choices=NORMALIZATIONS,
         help="input the weights expect: caffe_bgr (the public checkpoints) or imagenet",
     )
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_import_checkpoint)
 
     p = sub.add_parser("eval", help="mIoU, per-class IoU and confusion matrix of a checkpoint")

@@ -103,7 +103,7 @@ def evaluate_checkpoint(
     """``eval_classes`` (names of class subsets) overrides the dataset's own, e.g. to score
     Cityscapes over SYNTHIA's 16 and 13 classes. ``device``: see
     ``models.execution.resolve_device``."""
-    model, meta = load_model(checkpoint)
+    model, meta = load_model(checkpoint, num_classes=len(CLASS_NAMES))
     ref = open_dataset(data, domain)
     if eval_classes:
         ref = ref.with_eval_classes(eval_classes)

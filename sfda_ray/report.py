@@ -56,7 +56,7 @@ def evaluation_files(
     as in the adaptation; None keeps the native size.
     """
     ref = open_dataset(data, "target")
-    adapted, meta = load_model(adapted_checkpoint)
+    adapted, meta = load_model(adapted_checkpoint, num_classes=len(CLASS_NAMES))
     norm = meta["normalization"]
     files: dict[str, bytes] = {}
     val = ref.labelled("val")
@@ -80,7 +80,7 @@ def evaluation_files(
         .sort_by("image_id")
         .slice(0, overlay_images)
     )
-    source, _ = load_model(source_checkpoint)
+    source, _ = load_model(source_checkpoint, num_classes=len(CLASS_NAMES))
     files["overlays.png"] = prediction_overlays(source, adapted, shown, norm, size, device)
     return files
 

@@ -184,8 +184,42 @@ def test_import_checkpoint_makes_a_public_state_dict_usable(tmp_path, capsys):
     assert meta["arch"]["options"]["layout"] == "adaptsegnet" and loaded.multi_level
     assert meta["normalization"] == "caffe_bgr" and meta["imported_from"] == str(raw)
     bad = ["--layout", "adaptsegnet", "--multi-level", "--normalization", "rgb"]
-    assert main([*args, *bad, "--out", str(tmp_path / "x.pt")]) == 2
-    assert "normalization" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, *bad, "--out", str(tmp_path / "x.pt")])
+    assert "--normalization: invalid choice: 'rgb'" in capsys.readouterr().err
+    # What exists is not replaced without --force, and the input never.
+    again = [*args, "--layout", "adaptsegnet", "--multi-level"]
+    before = out.read_bytes()
+    assert main([*again, "--out", str(out)]) == 2
+    assert "exists; pass --force" in capsys.readouterr().err and out.read_bytes() == before
+    assert main([*again, "--out", str(raw), "--force"]) == 2
+    assert "is the checkpoint being imported" in capsys.readouterr().err
+    assert main([*again, "--out", str(out), "--force"]) == 0
+
+
+def test_a_model_of_another_label_space_is_refused(tmp_path, capsys):
+    """Every dataset is read into Cityscapes' 19 train ids: a 16-class SYNTHIA model (as
+    ADVENT publishes one) cannot be imported, and an sfda_ray checkpoint of another class
+    count is refused by every command, naming the file."""
+    from sfda_ray.cli import main
+
+    model = build_model("deeplabv2_resnet18", 16, layout="advent").eval()
+    raw = tmp_path / "synthia16.pth"
+    torch.save(model.state_dict(), raw)
+    out = tmp_path / "synthia16.pt"
+    args = ["import-checkpoint", str(raw), "--model", "deeplabv2_resnet18", "--layout", "advent"]
+    assert main([*args, "--out", str(out)]) == 2
+    assert "synthia16.pth predicts 16 classes, not 19" in capsys.readouterr().err
+    assert not out.exists()
+    save_checkpoint(out, model, {"normalization": "imagenet"})
+    with pytest.raises(CheckpointError, match="synthia16.pt predicts 16 classes, not 19"):
+        load_model(out, num_classes=19)
+    assert main(["eval", "--checkpoint", str(out), "--data", str(tmp_path)]) == 2
+    assert "predicts 16 classes, not 19" in capsys.readouterr().err
+    trunk = tmp_path / "trunk.pth"
+    torch.save({k: v for k, v in model.state_dict().items() if "layer6" not in k}, trunk)
+    with pytest.raises(CheckpointError, match="trunk.pth has no ASPP classifier"):
+        load_model(trunk, arch="deeplabv2_resnet18")
 
 
 def test_class_count_mismatch_is_named():

@@ -39,7 +39,7 @@ from sfda_ray import storage
 from sfda_ray.config import PerfConfig, SelectConfig
 from sfda_ray.data.catalog import open_dataset
 from sfda_ray.data.decode import decode_batch
-from sfda_ray.data.labels import IGNORE_INDEX
+from sfda_ray.data.labels import CLASS_NAMES, IGNORE_INDEX
 from sfda_ray.data.manifest import error_reason
 from sfda_ray.data.transforms import normalize_batch
 from sfda_ray.dist.runtime import on_gpus
@@ -179,7 +179,7 @@ class Scorer:
     ):
         torch.set_num_threads(threads)
         self.exe = Execution.resolve(perf, resolve_device("auto"))
-        model, meta = load_model(checkpoint)
+        model, meta = load_model(checkpoint, num_classes=len(CLASS_NAMES))
         self.model = self.exe.compiled(self.exe.prepare(model).eval())
         self.normalization = meta["normalization"]
         self.num_classes = meta["num_classes"]
@@ -300,7 +300,7 @@ def adabn_checkpoint(
         cached = load_checkpoint(path)["meta"]
         if cached.get("adabn_of") == source_fp and cached.get("adabn_recipe") == recipe:
             return path
-    model, meta = load_model(checkpoint)
+    model, meta = load_model(checkpoint, num_classes=len(CLASS_NAMES))
     adabn_on_split(model, manifest, meta["normalization"], size, max_batches, device)
     save_checkpoint(path, model, {**meta, "adabn_of": source_fp, "adabn_recipe": recipe})
     return path
@@ -338,13 +338,13 @@ def score_dataset(
     it stopped.
     """
     opts = options or ScoringOptions()
-    if opts.mc_passes > 1:  # refused here, before any work, rather than in every actor
-        arch = (load_checkpoint(checkpoint)["meta"] or {}).get("arch") or {}
-        if not arch.get("options", {}).get("mc_dropout"):
-            raise ValueError(
-                f"score.mc_passes {opts.mc_passes} needs a model with dropout; {checkpoint} "
-                "was built with mc_dropout 0 (train it with model.mc_dropout > 0)"
-            )
+    # The model is checked here, before any work, rather than in every actor.
+    _, meta = load_model(checkpoint, num_classes=len(CLASS_NAMES))
+    if opts.mc_passes > 1 and not meta["arch"]["options"].get("mc_dropout"):
+        raise ValueError(
+            f"score.mc_passes {opts.mc_passes} needs a model with dropout; {checkpoint} "
+            "was built with mc_dropout 0 (train it with model.mc_dropout > 0)"
+        )
     ref = open_dataset(data, opts.domain)
     manifest = ref.split(opts.split)
     rows = manifest.select(

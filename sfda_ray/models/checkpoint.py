@@ -217,8 +217,9 @@ def load_model(
     ``options`` override the stored build options (e.g. ``mc_dropout=0.1``). A raw state
     dict needs ``arch`` (a model name or ``{"name", "options"}``); its class count is read
     from the classifier and its normalisation is taken to be "caffe_bgr", as for the
-    public AdaptSegNet/ADVENT checkpoints. Returns (model, meta) with ``meta["arch"]``
-    describing the model as built.
+    public AdaptSegNet/ADVENT checkpoints. ``num_classes``: the class count the caller
+    reads the outputs as; a model predicting another number is refused. Returns (model,
+    meta) with ``meta["arch"]`` describing the model as built.
     """
     ckpt = load_checkpoint(path)
     meta = ckpt["meta"]
@@ -229,19 +230,23 @@ def load_model(
                 f"`sfda-ray import-checkpoint {path} --out MODEL.pt --layout adaptsegnet` "
                 "(or --layout advent, --multi-level), then pass MODEL.pt"
             )
-        meta = _complete_meta(
-            {
-                "arch": arch,
-                "num_classes": num_classes or _num_classes(ckpt["state_dict"]),
-                "normalization": "caffe_bgr",
-            }
-        )
+        found = _num_classes(ckpt["state_dict"])
+        if found is None:
+            raise CheckpointError(
+                f"{path} has no ASPP classifier (no '...conv2d_list.0.weight' key): a backbone "
+                "alone is not a segmentation model"
+            )
+        meta = _complete_meta({"arch": arch, "num_classes": found, "normalization": "caffe_bgr"})
     if arch is not None:
         meta = _complete_meta({**meta, "arch": arch})
+    if num_classes is not None and meta["num_classes"] != num_classes:
+        raise CheckpointError(
+            f"{path} predicts {meta['num_classes']} classes, not {num_classes}: every dataset's "
+            f"labels are read into Cityscapes' {num_classes} train ids (SYNTHIA's 16 and 13 "
+            "classes are scored as subsets of them), and the model must predict those"
+        )
     model = build_model(
-        meta["arch"]["name"],
-        num_classes or meta["num_classes"],
-        **{**meta["arch"]["options"], **options},
+        meta["arch"]["name"], meta["num_classes"], **{**meta["arch"]["options"], **options}
     )
     load_weights(model, ckpt["state_dict"])
     return model, {**meta, "arch": model.arch}
