@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 from conftest import tiny_config
+from data_fixtures import CITYSCAPES_TO_TRAIN
 
 from sfda_ray.cli import main
 from sfda_ray.data.catalog import open_dataset
@@ -218,3 +219,23 @@ def test_eval_over_synthia_subsets_of_a_cityscapes_tree(tiny_source_ckpt, tmp_pa
     with pytest.raises(SystemExit):  # argparse names the allowed subsets
         main([*args, "--classes", "all"])
     assert "invalid choice: 'all'" in capsys.readouterr().err
+
+
+def test_eval_batches_frames_of_different_sizes_apart(tiny_source_ckpt, tmp_path, capsys):
+    """GTA5 mixes frame sizes and labels are scored at full resolution: each batch holds
+    one size, so a split of two sizes is evaluated whole, every labelled pixel once."""
+    from data_fixtures import all_ids_label, make_cityscapes, random_rgb, write_png
+
+    root = tmp_path / "cs"
+    make_cityscapes(root, {"train": ["t/t_0_19"], "val": ["a/a_0_19", "b/b_0_19", "c/c_0_19"]})
+    for rel in ("b/b_0_19",):  # the middle frame is larger
+        write_png(root / "leftImg8bit" / "val" / f"{rel}_leftImg8bit.png", random_rgb(1, 24, 40))
+        write_png(root / "gtFine" / "val" / f"{rel}_gtFine_labelIds.png", all_ids_label(34, 24, 40))
+    (tmp_path / "cs.yaml").write_text(f"data: {{kind: cityscapes, root: {root}}}\n")
+    args = ["eval", "--checkpoint", str(tiny_source_ckpt), "--data", str(tmp_path / "cs.yaml")]
+    assert main([*args, "--batch-size", "3", "--size", "16", "32", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 3 and report["skipped"] == 0
+    labelled = sum(1 for v in all_ids_label(34).ravel() if v in CITYSCAPES_TO_TRAIN)
+    labelled_large = sum(1 for v in all_ids_label(34, 24, 40).ravel() if v in CITYSCAPES_TO_TRAIN)
+    assert sum(map(sum, report["confusion_matrix"])) == 2 * labelled + labelled_large

@@ -151,9 +151,20 @@ def eval_loader(
         raise ValueError(
             f"{len(missing)} image(s) have no label (first: {missing[0]}); evaluation needs labels"
         )
+    # Labels stay at full resolution, so a batch holds one label size: datasets such as
+    # GTA5 mix frame sizes. In table order within each size.
+    by_size: dict[tuple[int, int], list[int]] = {}
+    sizes = zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True)
+    for index, hw in enumerate(sizes):
+        by_size.setdefault(hw, []).append(index)
+    batches = [
+        group[i : i + batch_size]
+        for group in by_size.values()
+        for i in range(0, len(group), batch_size)
+    ]
     return DataLoader(
         EvalDataset(table, size, normalization),
-        batch_size=batch_size,
+        batch_sampler=batches,
         num_workers=num_workers,
         collate_fn=collate_skip_bad,
         # Its own generator: a loader without one draws its base seed from torch's global
