@@ -68,9 +68,8 @@ def evaluation_files(
             for name, iou in report["per_class"].items()
         ]
         files["per_class_iou.csv"] = ("\n".join(rows) + "\n").encode()
-        files["per_class_iou.png"] = per_class_bars(
-            report["per_class"], f"target val, mIoU {report['miou']:.1f}%"
-        )
+        miou = "-" if report["miou"] is None else f"{report['miou']:.1f}%"  # None: no pixels
+        files["per_class_iou.png"] = per_class_bars(report["per_class"], f"target val, mIoU {miou}")
         files["confusion_matrix.png"] = confusion_image(
             np.asarray(report["confusion_matrix"]), CLASS_NAMES, classes
         )

@@ -41,3 +41,19 @@ def test_evaluation_files(tiny_benchmark, tiny_source_ckpt):
     expected = evaluate_checkpoint(str(tiny_source_ckpt), str(tiny_benchmark), size=(24, 48))
     assert report["miou"] == expected["miou"]
     assert Image.open(io.BytesIO(small["overlays.png"])).size == (4 * 96, 4 * 48)
+
+
+def test_a_val_split_without_pixels_of_the_classes_still_gets_its_files(tiny_source_ckpt, tmp_path):
+    """Labels that are all 'unlabelled' (void, id 0): no mIoU to give, and no failure."""
+    import numpy as np
+    from data_fixtures import make_cityscapes, write_png
+
+    root = tmp_path / "cs"
+    make_cityscapes(root, {"train": ["t/t_0_19"], "val": ["v/v_0_19"]})
+    write_png(root / "gtFine/val/v/v_0_19_gtFine_labelIds.png", np.zeros((16, 32), np.uint8))
+    (tmp_path / "cs.yaml").write_text(f"data: {{kind: cityscapes, root: {root}}}\n")
+    files = evaluation_files(
+        str(tiny_source_ckpt), str(tiny_source_ckpt), str(tmp_path / "cs.yaml")
+    )
+    assert json.loads(files["evaluation.json"])["miou"] is None
+    assert files["per_class_iou.png"].startswith(PNG)
