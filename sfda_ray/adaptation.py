@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -365,6 +366,12 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
             adapter.begin_round(round_index, plain_images(8, a.seed + round_index))
         adapter.set_lr(it, iterations)
         logs = adapter.step(next(v_batches) if v_batches else None, next(t_batches))
+        diverged = [k for k, v in logs.items() if not math.isfinite(v)]
+        if diverged:  # raised before the weights are checkpointed: a retry resumes sound ones
+            raise ValueError(
+                f"adaptation diverged at iteration {it + 1}: {', '.join(diverged)} not finite "
+                f"(adapt.lr {a.lr}; a lower learning rate or loss weight may help)"
+            )
         for k, v in logs.items():
             interval[k] = interval.get(k, 0.0) + v
         interval_steps += 1

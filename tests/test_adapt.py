@@ -371,6 +371,28 @@ def test_a_damaged_input_is_skipped_and_counted(
         run_adaptation(plan, cfg, LocalEnv())
 
 
+def test_a_diverged_run_stops_before_checkpointing_its_weights(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores, monkeypatch
+):
+    """A non-finite loss (too high a learning rate, say) ends the run with the reason, so a
+    sweep shows the trial as failed instead of ranking it; its last checkpoint is sound."""
+    scores, _ = tiny_scores
+    cfg = _adapt_cfg()
+    plan = make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+    step, calls = Adapter.step, []
+
+    def blows_up_at_third(self, *batches):
+        logs = step(self, *batches)
+        calls.append(1)
+        return {**logs, "loss_total": math.nan} if len(calls) == 3 else logs
+
+    monkeypatch.setattr(Adapter, "step", blows_up_at_third)
+    env = LocalEnv()
+    with pytest.raises(ValueError, match="diverged at iteration 3: loss_total not finite"):
+        run_adaptation(plan, cfg, env)
+    assert [r["iteration"] for r in env.reports] == [2]
+
+
 def test_a_selection_without_virtual_source_or_target_is_refused(
     tiny_benchmark, tiny_source_ckpt, tiny_scores
 ):

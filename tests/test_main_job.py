@@ -1,6 +1,7 @@
 """The main job as a user runs it: `python experiments/tune_gta.py --smoke`, in its own
-Ray, logging to a real `mlflow server` on 127.0.0.1; killed mid-sweep and resumed."""
+Ray, logging to a real `mlflow server` on 127.0.0.1; interrupted mid-sweep and resumed."""
 
+import contextlib
 import json
 import os
 import signal
@@ -28,14 +29,22 @@ def _job(out: Path, env: dict) -> subprocess.Popen:
     )
 
 
-def _kill_when(proc: subprocess.Popen, ready, timeout: float = 420) -> None:
+def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 420) -> str:
+    """Ctrl-C, as a terminal sends it (to the whole foreground process group), once
+    ``ready()``; returns the job's stderr."""
     deadline = time.time() + timeout
     while not ready():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, "the sweep never reached its first checkpoint"
         time.sleep(1)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:  # whatever of its Ray is left
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr[-3000:]
+    return stderr
 
 
 def _finish(proc: subprocess.Popen) -> str:
@@ -52,10 +61,17 @@ def test_main_job_sweeps_logs_to_mlflow_and_resumes(tmp_path):
     with mlflow_server(tmp_path) as uri:
         env = {**os.environ, "RAY_ADDRESS": "", "MLFLOW_TRACKING_URI": uri}
 
-        # Kill the driver (and its Ray) once a trial has written a Ray Train checkpoint.
+        # Interrupt the job once a trial has written a Ray Train checkpoint: it stops
+        # (not as if the sweep had finished), says how to resume and closes its runs.
         first = _job(out, env)
-        _kill_when(first, lambda: any(out.glob("trials/*/ray/adapt/checkpoint_*")))
+        stderr = _interrupt_when(first, lambda: any(out.glob("trials/*/ray/adapt/checkpoint_*")))
+        assert "interrupted; rerun the same command to resume" in stderr
         assert not (out / "summary.json").exists()
+        client = MlflowClient(uri)
+        experiment = client.get_experiment_by_name("sfda_ray/synthetic")
+        runs = client.search_runs([experiment.experiment_id])
+        sweeps = [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags]
+        assert sweeps == ["KILLED"] and "RUNNING" not in {r.info.status for r in runs}
         baselines = out / "scores" / "baselines.json"
         evaluated_at = baselines.stat().st_mtime_ns  # evaluated before the sweep started
 
@@ -82,8 +98,6 @@ def test_main_job_sweeps_logs_to_mlflow_and_resumes(tmp_path):
         assert Path(summary["best_checkpoint"]).is_file()
         assert f"open the runs: {uri}" in stdout and "best configuration" in stdout
 
-        client = MlflowClient(uri)
-        experiment = client.get_experiment_by_name("sfda_ray/synthetic")
         runs = client.search_runs([experiment.experiment_id])
         parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -97,8 +111,8 @@ def test_main_job_sweeps_logs_to_mlflow_and_resumes(tmp_path):
             assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
             params = run.data.params
             assert float(params["select.tau"]) > 0 and "adapt.iterations" in params
-            # Step 5 may be lost when the driver is killed between the trial's report and
-            # its logging; the resumed trial continues from that checkpoint to step 10.
+            # Step 5 may be lost when the driver stops between the trial's report and its
+            # logging; the resumed trial continues from that checkpoint to step 10.
             steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_miou")]
             assert steps[-1] == 10 and set(steps) <= {5, 10}
             assert client.get_metric_history(run.info.run_id, "loss_total")

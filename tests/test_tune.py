@@ -371,6 +371,83 @@ def test_a_sweep_where_no_trial_completes_says_why(
         assert run.data.tags[ERROR_TAG].startswith(
             message if PARENT_TAG not in run.data.tags else cause
         )
+    # Resuming with other settings, or logging elsewhere, is refused, naming what changed.
+    other = apply_overrides(cfg, {"adapt.iterations": 3})
+    elsewhere = f"sqlite:///{tmp_path / 'other.db'}"
+    with pytest.raises(
+        ConfigError, match=r"\(config\.adapt\.iterations, mlflow\.tracking_uri differ\)"
+    ):
+        run_sweep(other, *args, "failing", elsewhere)
+    # The path of the space is not part of it, only what the space holds.
+    spelled = apply_overrides(cfg, {"tune.space": "./space.yaml"})
+    with pytest.raises(SweepFailed):
+        run_sweep(spelled, *args, "failing", uri)
+
+
+def test_val_miou_on_an_unlabelled_target_is_refused_before_any_work(tmp_path):
+    from data_fixtures import make_cityscapes
+
+    from sfda_ray.dist.tune import run_sweep
+
+    make_cityscapes(tmp_path / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19"]}, ("b/b_0_19",))
+    (tmp_path / "cs.yaml").write_text(f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}}}\n")
+    cfg = load_config(None, {"tune.metric": "val_miou"})
+    space = {"adapt.lr": ("grid", [0.01])}
+    with pytest.raises(ConfigError, match="tune.metric val_miou needs a labelled target val"):
+        run_sweep(
+            cfg,
+            "src.pt",
+            "scores",
+            str(tmp_path / "cs.yaml"),
+            str(tmp_path / "out"),
+            space,
+            "exp",
+            f"sqlite:///{tmp_path / 'mlflow.db'}",
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_diverged_trial_never_ranks_best():
+    from sfda_ray.dist.tune import best_trial
+
+    def trial(name, proxy, completed=True):
+        return {"trial_id": name, "proxy": proxy, "completed": completed, "error": None}
+
+    nan_first = [
+        trial("nan", float("nan")),
+        trial("a", 0.5),
+        trial("b", 0.3),
+        trial("c", 0.1, False),
+    ]
+    assert best_trial(nan_first, "proxy", "min")["trial_id"] == "b"
+    assert nan_first[0]["error"] == "proxy is nan: the run diverged"
+    assert best_trial(nan_first, "proxy", "max")["trial_id"] == "a"
+    assert best_trial([trial("inf", float("inf"))], "proxy", "min") is None
+
+
+def test_an_mlflow_failure_in_a_trial_hook_does_not_stop_the_sweep(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from mlflow.exceptions import MlflowException
+
+    from sfda_ray.dist.tracking import TrialLogger
+
+    tracker = SweepTracker(
+        f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", str(tmp_path), str(tmp_path)
+    )
+    tracker.start("sweep", {}, {})
+    logger = TrialLogger(tracker, {}, {}, lambda trial_id: {}, iterations=10)
+    trial = SimpleNamespace(trial_id="t1", config={"adapt.lr": 0.01}, last_result={})
+
+    def server_gone(*args, **kwargs):
+        raise MlflowException("API request failed after 7 retries")
+
+    tracker.log_metrics = server_gone
+    logger.on_trial_result(0, [], trial, {"iteration": 5, "val_miou": 20.0})
+    assert "on_trial_result of trial t1 not recorded: API request failed" in caplog.text
+    logger.on_trial_complete(0, [], trial)  # the rest of the trial is still recorded
+    run = tracker.client.get_run(tracker.child("t1", "t1", {}, {}))
+    assert run.info.status == "FINISHED" and run.data.params["adapt.lr"] == "0.01"
 
 
 @pytest.mark.parametrize(

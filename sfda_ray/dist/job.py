@@ -192,19 +192,18 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
         args.data = pin_manifest(str(args.data), out)
     space = load_search_space(cfg.tune.space or DEFAULT_SPACE, cfg)
     tracking_uri = default_tracking_uri(out)
-    check_tracking_store(tracking_uri)
+    experiment = args.experiment or (f"sfda_ray/{task}" if args.data else "sfda_ray/synthetic")
+    check_tracking_store(tracking_uri, experiment)
     t0 = time.perf_counter()
 
     if args.data:
         data, checkpoint = args.data, args.checkpoint
-        experiment = args.experiment or f"sfda_ray/{task}"
     else:
         bench = Path(out) / ("synthetic_smoke" if args.smoke else f"synthetic_seed{args.seed}")
         if not (bench / "benchmark.json").is_file():
             generate(bench, SMOKE_BENCH if args.smoke else BenchmarkSpec(seed=args.seed))
         data, checkpoint = str(bench), str(Path(out) / "source.pt")
         train_source(cfg, data, checkpoint)  # a no-op once complete
-        experiment = args.experiment or "sfda_ray/synthetic"
 
     init_ray(args.address)
     scores = storage.join(out, "scores")
@@ -245,8 +244,12 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
         )
         files = {storage.basename(p): storage.read_bytes(p) for p in pictures}
         files["summary.json"] = (json.dumps(summary, indent=2) + "\n").encode()
-        tracker.log_files(parent, files)
+        # On disk first: an MLflow failure must not lose the summary of a finished sweep.
         storage.atomic_write_bytes(storage.join(out, "summary.json"), files["summary.json"])
+        tracker.log_files(parent, files)
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -287,7 +290,7 @@ def main(task: str, default_out: str, description: str, argv: list[str] | None =
 
 def run_job_command(args: argparse.Namespace, task: str, prog: str) -> int:
     """``run_job`` as a command: exit code 2 for bad input, 1 when no trial completed,
-    each with a one-paragraph error instead of a traceback."""
+    each with a one-paragraph error instead of a traceback, 130 when interrupted (Ctrl-C)."""
     try:
         run_job(args, task)
     except (ConfigError, ValueError, OSError) as e:
@@ -296,4 +299,7 @@ def run_job_command(args: argparse.Namespace, task: str, prog: str) -> int:
     except SweepFailed as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
     return 0

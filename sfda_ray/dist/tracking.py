@@ -11,6 +11,7 @@ when it stops are closed as KILLED, never left RUNNING.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -124,15 +125,22 @@ def default_tracking_uri(out: str) -> str:
     return f"sqlite:///{Path(out).resolve() / 'mlflow.db'}"
 
 
-def check_tracking_store(tracking_uri: str) -> None:
-    """Open the tracking store before any work, so that a wrong URI fails the job at its
-    start rather than after scoring. An unreachable server is retried as MLflow's
-    ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` says (minutes by default) before it fails."""
+def check_tracking_store(tracking_uri: str, experiment: str) -> None:
+    """Open the tracking store and look up the experiment before any work, so that a wrong
+    URI or a deleted experiment fails the job at its start rather than after scoring. An
+    unreachable server is retried as MLflow's ``MLFLOW_HTTP_REQUEST_MAX_RETRIES`` says
+    (minutes by default) before it fails."""
     log.info("checking the MLflow tracking store at %s", tracking_uri)
     try:
-        MlflowClient(tracking_uri).search_experiments(max_results=1)
+        found = MlflowClient(tracking_uri).get_experiment_by_name(experiment)
     except MlflowException as e:
         raise ValueError(f"MLflow tracking store {tracking_uri}: {e.message}") from e
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise ValueError(
+            f"MLflow experiment {experiment!r} (id {found.experiment_id}) at {tracking_uri} "
+            "is deleted: restore it (`mlflow experiments restore --experiment-id "
+            f"{found.experiment_id}`) or pass another --experiment"
+        )
 
 
 def git_commit(path: str | Path | None = None) -> str:
@@ -301,6 +309,20 @@ class SweepTracker:
             self.client.log_batch(run_id, params=items[i : i + 100])
 
 
+def _never_stops_the_sweep(hook):
+    """A Tune callback hook whose failure (an MLflow server gone after its retries, a
+    locked sqlite store) is logged, not raised: raised, it would stop every trial."""
+
+    @functools.wraps(hook)
+    def guarded(self, iteration, trials, trial, *args, **info):
+        try:
+            hook(self, iteration, trials, trial, *args, **info)
+        except Exception as e:
+            log.warning("MLflow: %s of trial %s not recorded: %s", hook.__name__, trial.trial_id, e)
+
+    return guarded
+
+
 class TrialLogger(Callback):
     """Tune callback: a child run per trial, curves per reported step, files at the end.
 
@@ -318,9 +340,11 @@ class TrialLogger(Callback):
         params = {**self.fixed, **trial.config}
         return self.tracker.child(trial.trial_id, str(trial), params, self.tags)
 
+    @_never_stops_the_sweep
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run(trial)
 
+    @_never_stops_the_sweep
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = {
             k: v
@@ -329,6 +353,7 @@ class TrialLogger(Callback):
         }
         self.tracker.log_metrics(self._run(trial), metrics, int(result.get("iteration", 0)))
 
+    @_never_stops_the_sweep
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
         last = (trial.last_result or {}).get("iteration", 0)
@@ -336,16 +361,14 @@ class TrialLogger(Callback):
         self.tracker.log_files(run_id, self.files_of(trial.trial_id))
         self.tracker.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
+    @_never_stops_the_sweep
     def on_trial_error(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
+        self.tracker.client.set_terminated(run_id, "FAILED")  # first: the rest may fail
+        error = _latest_error(trial)
+        if error:
+            self.tracker.client.set_tag(run_id, ERROR_TAG, error[:_TAG_CHARS])
         self.tracker.log_files(run_id, self.files_of(trial.trial_id))
-        try:
-            error = _latest_error(trial)
-            if error:
-                self.tracker.client.set_tag(run_id, ERROR_TAG, error[:_TAG_CHARS])
-        except Exception:  # recording the cause must never stop the sweep
-            log.warning("could not record trial %s's error", trial.trial_id, exc_info=True)
-        self.tracker.client.set_terminated(run_id, "FAILED")
 
 
 def _latest_error(trial) -> str | None:

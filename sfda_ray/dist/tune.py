@@ -113,8 +113,14 @@ def run_sweep(
     tracker, whose parent run stays open for the caller's last records."""
     t, a = cfg.tune, cfg.adapt
     metric = t.metric
+    labelled = has_labelled_val(data)
     if metric == "auto":
-        metric = "val_miou" if has_labelled_val(data) else "proxy"
+        metric = "val_miou" if labelled else "proxy"
+    elif metric == "val_miou" and not labelled:
+        raise ConfigError(
+            "tune.metric val_miou needs a labelled target val split, which this data has not; "
+            "use proxy (or auto)"
+        )
     mode = "max" if metric == "val_miou" else "min"
     # Every report must carry the metric ASHA ranks on: checkpoint when evaluating.
     base = apply_overrides(cfg, {"adapt.checkpoint_every": a.eval_every})
@@ -123,23 +129,31 @@ def run_sweep(
         check_discriminator_fits(map_size)
     storage_path = storage.join(out, "tune")
     sweep_path = storage.join(storage_path, SWEEP_NAME)
+    config = result_identity(base)
+    del config["tune"]["space"]  # the space by content, not by how its path is spelled
     identity = {
         "space": {k: [kind, args] for k, (kind, args) in space.items()},
-        "config": result_identity(base),
+        "config": config,
         "checkpoint": file_fingerprint(checkpoint),
         "scores": json.loads(storage.read_bytes(storage.join(scores, "summary.json"))).get(
             "checkpoint_fingerprint"
         ),
         "data": open_dataset(data, "target").fingerprint,
+        # A resumed sweep logs through the callbacks it was started with (Tune restores
+        # them), so it must log to the same place.
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment},
     }
     identity_path = storage.join(out, "sweep.json")
     resume = tune.Tuner.can_restore(sweep_path)
     if resume:
         recorded = json.loads(storage.read_bytes(identity_path))
         if recorded != identity:
-            changed = sorted(k for k in identity if recorded.get(k) != identity[k])
+            changed = _differences(recorded, identity)
+            shown = ", ".join(changed[:8]) + (
+                f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+            )
             raise ConfigError(
-                f"{out} holds a sweep with other settings ({', '.join(changed)} differ): "
+                f"{out} holds a sweep with other settings ({shown} differ): "
                 f"use another output directory, or delete {sweep_path} to start over"
             )
     else:
@@ -153,7 +167,7 @@ def run_sweep(
     }
     fixed = {k: v for k, v in flatten(to_dict(base)).items() if k not in space}
     tracker = SweepTracker(tracking_uri, experiment, sweep_path, str(out))
-    parent = tracker.start(f"sweep {os.path.basename(os.path.abspath(str(out)))}", fixed, tags)
+    tracker.start(f"sweep {os.path.basename(os.path.abspath(str(out)))}", fixed, tags)
 
     trainable = tune.with_parameters(
         adapt_trial, base=to_dict(base), checkpoint=checkpoint, scores=scores, data=data, out=out
@@ -161,6 +175,9 @@ def run_sweep(
     # The trial function only drives its Ray Train workers, which hold the CPUs and GPUs:
     # it asks for memory alone (Tune refuses an empty request), so it never blocks them.
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
+    # Ctrl-C raises KeyboardInterrupt here, as anywhere else in the job. Tune's own handler
+    # would stop the sweep and return from fit() as if it had finished.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         if resume:
             log.info("resuming the sweep at %s", sweep_path)
@@ -170,10 +187,49 @@ def run_sweep(
                 base, space, metric, mode, trainable, storage_path, tracker, tags, fixed, out
             )
         grid = tuner.fit()
-    except BaseException:
+        return _summarise(grid, out, space, metric, mode, sweep_path, tracker, tags), tracker
+    except SweepFailed:
+        raise  # the parent run is closed, with the reason
+    except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
 
+
+def best_trial(trials: list[dict], metric: str, mode: str) -> dict | None:
+    """The completed trial with the best ``metric`` (the first of equals), None when no
+    trial completed with one. A non-finite value (a run that blew up) never ranks: Python
+    orders nothing against NaN, so ``max`` could return it. Such a trial gets an error."""
+    ranked = []
+    for tr in trials:
+        value = tr[metric]
+        if not tr["completed"] or value is None:
+            continue
+        if math.isfinite(value):
+            ranked.append(tr)
+        elif tr["error"] is None:
+            tr["error"] = f"{metric} is {value}: the run diverged"
+    return (max if mode == "max" else min)(ranked, key=lambda tr: tr[metric], default=None)
+
+
+def _differences(recorded: object, current: object, key: str = "") -> list[str]:
+    """The dotted keys at which two JSON values differ."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        return [
+            d
+            for k in sorted(set(recorded) | set(current))
+            for d in _differences(recorded.get(k), current.get(k), f"{key}.{k}" if key else k)
+        ]
+    return [] if recorded == current else [key]
+
+
+def _summarise(
+    grid, out: str, space: dict, metric: str, mode: str, sweep_path: str, tracker, tags: dict
+) -> dict:
+    """The sweep's summary from Tune's results; the best trial's model goes to MLflow."""
+    parent = tracker.parent_id
     trials = []
     for result in grid:
         if result.metrics is None or "trial_id" not in result.metrics:
@@ -196,12 +252,11 @@ def run_sweep(
                 "error": describe_error(result.error),
             }
         )
-    completed = [tr for tr in trials if tr["completed"] and tr[metric] is not None]
-    if not completed:
+    best = best_trial(trials, metric, mode)
+    if best is None:
         message = _failure_message(sweep_path, trials)
         tracker.finish("FAILED", error=message)
         raise SweepFailed(message)
-    best = (max if mode == "max" else min)(completed, key=lambda tr: tr[metric])
     paired = [tr for tr in trials if tr["val_miou"] is not None and tr["proxy"] is not None]
     rho = None
     if len(paired) >= 3:
@@ -230,7 +285,7 @@ def run_sweep(
     tracker.log_metrics(parent, {"best_" + metric: best[metric]}, 0)
     if rho is not None:
         tracker.log_metrics(parent, {"proxy_miou_spearman": rho}, 0)
-    return summary, tracker
+    return summary
 
 
 def _every_trial_adversarial(base: Config, space: dict[str, tuple[str, list]]) -> bool:
