@@ -231,6 +231,18 @@ def test_an_unusable_tracking_store_fails_the_job_before_any_work(monkeypatch, t
     assert not any(out.iterdir())  # no benchmark generated, no source model trained
 
 
+def test_a_deleted_experiment_is_refused_with_the_way_back(tmp_path):
+    from sfda_ray.dist.tracking import check_tracking_store
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    check_tracking_store(uri, "exp")  # not there yet: the sweep will create it
+    experiment_id = client.create_experiment("exp")
+    client.delete_experiment(experiment_id)
+    with pytest.raises(ValueError, match=f"experiments restore --experiment-id {experiment_id}"):
+        check_tracking_store(uri, "exp")
+
+
 def test_looking_up_a_finished_trial_run_leaves_it_finished(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = SweepTracker(uri, "exp", str(tmp_path / "sweep"), str(tmp_path))
