@@ -90,7 +90,7 @@ def train_source(
         momentum=sc.momentum,
         weight_decay=sc.weight_decay,
     )
-    start = 0
+    start, earlier = 0, {"train_seconds": 0.0, "skipped_items": 0}
     if exists(out):
         saved = load_checkpoint(out)
         if saved["meta"] is None:
@@ -114,6 +114,7 @@ def train_source(
         load_weights(model, saved["state_dict"])
         optimizer.load_state_dict(saved["optimizer"])
         start = saved["meta"]["iteration"]
+        earlier = {k: saved["meta"].get(k, 0) for k in earlier}  # before this resume
         log.info("resuming %s from iteration %d", out, start)
 
     # Reseed per resume point so a resumed run does not replay the same batches.
@@ -152,15 +153,20 @@ def train_source(
                 rate,
             )
         if done % sc.checkpoint_every == 0 and done < sc.iterations:
+            so_far = {
+                "train_seconds": earlier["train_seconds"] + time.perf_counter() - t0,
+                "skipped_items": earlier["skipped_items"] + skipped["inputs"],
+            }
             save_checkpoint(
-                out, model, {**meta, "iteration": done}, optimizer_state=optimizer.state_dict()
+                out, model, {**meta, "iteration": done, **so_far}, optimizer.state_dict()
             )
     final = {
         **meta,
         "iteration": sc.iterations,
         "complete": True,
-        "train_seconds": time.perf_counter() - t0,
-        "skipped_items": skipped["inputs"],
+        # Over the whole run, resumes included.
+        "train_seconds": earlier["train_seconds"] + time.perf_counter() - t0,
+        "skipped_items": earlier["skipped_items"] + skipped["inputs"],
         "images": table.num_rows,
         "skipped_images": ref.skipped,
     }
