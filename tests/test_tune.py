@@ -478,3 +478,26 @@ def test_which_sweeps_train_the_discriminator_in_every_trial(space, overrides, e
     from sfda_ray.dist.tune import _every_trial_adversarial
 
     assert _every_trial_adversarial(load_config(None, overrides), space) is every_trial
+
+
+def test_a_resumed_driver_does_not_log_a_step_twice(tmp_path):
+    """A trial resumed after its last report was logged reports that step again: the new
+    driver (callbacks unpickled, as Tune restores them) reads what was logged from MLflow."""
+    import pickle
+    from types import SimpleNamespace
+
+    from sfda_ray.dist.tracking import TrialLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = SweepTracker(uri, "exp", str(tmp_path), str(tmp_path))
+    tracker.start("sweep", {}, {})
+    logger = TrialLogger(tracker, {}, {}, dict, iterations=10)
+    trial = SimpleNamespace(trial_id="t1", config={}, last_result={})
+    for step, miou in ((5, 20.0), (10, 25.0)):
+        logger.on_trial_result(0, [], trial, {"iteration": step, "val_miou": miou})
+    restored = pickle.loads(pickle.dumps(logger))
+    restored.tracker.start("sweep", {}, {})
+    restored.on_trial_result(0, [], trial, {"iteration": 10, "val_miou": 25.0})
+    run = restored.tracker.child("t1", "t1", {}, {})
+    history = MlflowClient(uri).get_metric_history(run, "val_miou")
+    assert [(m.step, m.value) for m in history] == [(5, 20.0), (10, 25.0)]

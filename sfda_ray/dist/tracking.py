@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray import cloudpickle
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_TAG = "sfda.trial_id"
 ERROR_TAG = "sfda.error"
+STEP_TAG = "sfda.logged_step"  # a trial's last logged iteration, for a resumed driver
 _TAG_CHARS = 5000  # MLflow keeps tag values up to 8000 characters
 _LINE_CHARS = 1000
 _ANSI_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
@@ -275,11 +276,16 @@ class SweepTracker:
         if ERROR_TAG in tags:
             self.client.delete_tag(run_id, ERROR_TAG)
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(
+        self, run_id: str, metrics: dict[str, float], step: int, tags: dict | None = None
+    ) -> None:
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        for i in range(0, len(batch), 500):
-            self.client.log_batch(run_id, metrics=batch[i : i + 500])
+        run_tags = [RunTag(k, str(v)) for k, v in (tags or {}).items()]
+        for i in range(0, max(len(batch), 1), 500):  # tags with the first batch
+            self.client.log_batch(
+                run_id, metrics=batch[i : i + 500], tags=run_tags if i == 0 else []
+            )
 
     def log_files(self, run_id: str, files: dict[str, bytes], artifact_path: str | None = None):
         if not files:
@@ -335,6 +341,14 @@ class TrialLogger(Callback):
         self.tags = tags
         self.files_of = files_of
         self.iterations = iterations
+        self.logged_step: dict[str, int] = {}
+
+    # What was logged is read back from MLflow by each driver, never from a pickle.
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "logged_step"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, logged_step={})
 
     def _run(self, trial) -> str:
         params = {**self.fixed, **trial.config}
@@ -346,12 +360,20 @@ class TrialLogger(Callback):
 
     @_never_stops_the_sweep
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        run_id, step = self._run(trial), int(result.get("iteration", 0))
+        if trial.trial_id not in self.logged_step:
+            tags = self.tracker.client.get_run(run_id).data.tags
+            self.logged_step[trial.trial_id] = int(tags.get(STEP_TAG, -1))
+        # A trial resumed after its last report was logged reports that step again.
+        if step <= self.logged_step[trial.trial_id]:
+            return
         metrics = {
             k: v
             for k, v in result.items()
             if k not in _NOT_METRICS and isinstance(v, (int, float)) and not isinstance(v, bool)
         }
-        self.tracker.log_metrics(self._run(trial), metrics, int(result.get("iteration", 0)))
+        self.tracker.log_metrics(run_id, metrics, step, tags={STEP_TAG: step})
+        self.logged_step[trial.trial_id] = step
 
     @_never_stops_the_sweep
     def on_trial_complete(self, iteration, trials, trial, **info):
