@@ -367,6 +367,10 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
         adapter.set_lr(it, iterations)
         logs = adapter.step(next(v_batches) if v_batches else None, next(t_batches))
         diverged = [k for k, v in logs.items() if not math.isfinite(v)]
+        if is_distributed():  # through DDP one worker's NaN reaches every worker's weights
+            anywhere = sum_over_workers(torch.tensor([float(len(diverged))], device=exe.device))
+            if anywhere.item() and not diverged:
+                diverged = ["another worker's loss"]
         if diverged:  # raised before the weights are checkpointed: a retry resumes sound ones
             raise ValueError(
                 f"adaptation diverged at iteration {it + 1}: {', '.join(diverged)} not finite "
@@ -401,13 +405,18 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
                 {k: v for k, v in final.items() if k not in ("per_class", "confusion_matrix")}
             )
             if "proxy" in metrics:
-                miou = f"val_miou {metrics['val_miou']:.2f} " if "val_miou" in metrics else ""
+                miou = metrics.get("val_miou")  # None: no pixel of the evaluated classes
+                miou = "" if miou is None else f"val_miou {miou:.2f} "
                 log.info("iter %d: %sproxy %.4f", done, miou, metrics["proxy"])
-        state_out = (
-            {"adapter": adapter.state_dict(), "iteration": done}
-            if checkpoint_now and env.rank == 0
-            else None
-        )
+        state_out = None
+        if checkpoint_now and env.rank == 0:
+            # A finite loss can still leave an inf gradient behind: never save such weights.
+            if not all(p.isfinite().all() for p in unwrap(adapter.student).parameters()):
+                raise ValueError(
+                    f"adaptation diverged by iteration {done}: the weights are not finite "
+                    f"(adapt.lr {a.lr}; a lower learning rate or loss weight may help)"
+                )
+            state_out = {"adapter": adapter.state_dict(), "iteration": done}
         env.report(metrics, state_out)
     if iterations == start:  # nothing trained in this call (baselines, or already done)
         if env.rank == 0:

@@ -22,7 +22,7 @@ from sfda_ray.config import AdaptConfig, apply_overrides, load_config, load_sear
 from sfda_ray.data.synthetic import generate
 from sfda_ray.dist.job import DEFAULT_SPACE
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
-from sfda_ray.method.adapt import Adapter, class_mix, mean_over_workers
+from sfda_ray.method.adapt import Adapter, class_mix, mean_over_workers, unwrap
 from sfda_ray.method.losses import (
     discriminator_input,
     entropy_loss,
@@ -391,6 +391,23 @@ def test_a_diverged_run_stops_before_checkpointing_its_weights(
     with pytest.raises(ValueError, match="diverged at iteration 3: loss_total not finite"):
         run_adaptation(plan, cfg, env)
     assert [r["iteration"] for r in env.reports] == [2]
+
+    # A finite loss whose step left a weight at inf: the checkpoint is not written.
+    calls.clear()
+
+    def breaks_a_weight(self, *batches):
+        logs = step(self, *batches)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                next(unwrap(self.student).parameters()).view(-1)[0] = math.inf
+        return logs
+
+    monkeypatch.setattr(Adapter, "step", breaks_a_weight)
+    env = LocalEnv()
+    with pytest.raises(ValueError, match="diverged by iteration 2: the weights are not finite"):
+        run_adaptation(plan, cfg, env)
+    assert env.reports == []
 
 
 def test_a_selection_without_virtual_source_or_target_is_refused(

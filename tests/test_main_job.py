@@ -1,5 +1,6 @@
 """The main job as a user runs it: `python experiments/tune_gta.py --smoke`, in its own
-Ray, logging to a real `mlflow server` on 127.0.0.1; interrupted mid-sweep and resumed."""
+Ray, logging to a real `mlflow server` on 127.0.0.1; interrupted (Ctrl-C) mid-sweep,
+resumed, killed outright and resumed again."""
 
 import contextlib
 import json
@@ -75,7 +76,18 @@ def test_main_job_sweeps_logs_to_mlflow_and_resumes(tmp_path):
         baselines = out / "scores" / "baselines.json"
         evaluated_at = baselines.stat().st_mtime_ns  # evaluated before the sweep started
 
-        stdout = _finish(_job(out, env))  # the same command resumes the sweep
+        # The same command resumes the sweep; kill it outright (a lost node, the OOM
+        # killer) once a trial has finished, and once more it resumes, to the end.
+        second = _job(out, env)
+        deadline = time.time() + 420
+        while not any(out.glob("trials/*/final.pt")):
+            assert second.poll() is None, second.communicate()[1][-3000:]
+            assert time.time() < deadline, "no trial finished after the resume"
+            time.sleep(1)
+        os.killpg(second.pid, signal.SIGKILL)
+        second.wait()
+        assert not (out / "summary.json").exists()
+        stdout = _finish(_job(out, env))
         summary = json.loads((out / "summary.json").read_text())
         # The rerun took the baselines from the cache instead of evaluating them again.
         assert baselines.stat().st_mtime_ns == evaluated_at
@@ -101,7 +113,7 @@ def test_main_job_sweeps_logs_to_mlflow_and_resumes(tmp_path):
         runs = client.search_runs([experiment.experiment_id])
         parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-        # One run per trial and one for the sweep, although the sweep ran twice.
+        # One run per trial and one for the sweep, although the sweep ran three times.
         assert len(parents) == 1 and len(children) == 2
         assert {r.info.status for r in runs} == {"FINISHED"}
         parent = parents[0]

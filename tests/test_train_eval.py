@@ -15,7 +15,7 @@ from sfda_ray.data.synthetic import BenchmarkSpec, generate
 from sfda_ray.evaluate import evaluate_model
 from sfda_ray.method.baselines import adapt_batchnorm
 from sfda_ray.models import build_model
-from sfda_ray.models.checkpoint import load_checkpoint, load_model
+from sfda_ray.models.checkpoint import load_checkpoint, load_model, save_checkpoint
 from sfda_ray.train_source import train_source
 
 
@@ -103,14 +103,25 @@ def test_rerun_of_complete_checkpoint_is_a_no_op(tiny_benchmark, tiny_source_ckp
         train_source(tiny_config(), str(tiny_benchmark), str(raw))
 
 
-def test_train_source_runs_as_the_perf_section_says(tiny_benchmark, tmp_path, caplog):
+def test_train_source_runs_as_the_perf_section_says(tiny_benchmark, tmp_path, caplog, monkeypatch):
     """bf16 autocast (the GPU default) on the CPU: the loss stays fp32 and the weights
     train; a GPU asked for where there is none is refused, naming the device."""
+    import sfda_ray.train_source as module
+
     caplog.set_level("INFO", logger="sfda_ray.train_source")
     out = tmp_path / "bf16.pt"
     cfg = tiny_config(**{"source.iterations": 2, "perf.precision": "bf16"})
+    dtypes = []
+
+    def build_and_watch(*args, **kwargs):
+        model = build_model(*args, **kwargs)
+        model.register_forward_hook(lambda m, i, output: dtypes.append(output.dtype))
+        return model
+
+    monkeypatch.setattr(module, "build_model", build_and_watch)
     meta = train_source(cfg, str(tiny_benchmark), str(out), device="cpu")
     assert meta["complete"] and "training on cpu (bf16)" in caplog.text
+    assert dtypes == [torch.bfloat16, torch.bfloat16]  # each step's forward ran in bf16
     trained, _ = load_model(str(out))
     torch.manual_seed(cfg.source.seed)
     start = build_model("deeplabv2_resnet18", 19, output_stride=16)
@@ -160,6 +171,33 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_benchmark, tmp_path):
     assert final["iteration"] == 16
     # Time and skipped items count the whole run, the stretch before the kill included.
     assert final["train_seconds"] > saved["train_seconds"] > 0
+
+
+def test_a_resumed_source_run_counts_its_whole_time_and_skipped_items(tiny_benchmark, tmp_path):
+    import sfda_ray.train_source as module
+
+    out = tmp_path / "src.pt"
+    cfg = tiny_config(**{"source.iterations": 4})
+
+    class Stopped(Exception):
+        pass
+
+    def save_then_stop(*args, **kwargs):  # the process dies right after its first checkpoint
+        save_checkpoint(*args, **kwargs)
+        raise Stopped
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(module, "save_checkpoint", save_then_stop)
+        with pytest.raises(Stopped):
+            train_source(cfg, str(tiny_benchmark), str(out))
+    # As if the first stretch had taken 1000 s and met 7 bad images.
+    payload = torch.load(out, weights_only=True)
+    assert payload["meta"]["iteration"] == 2 and not payload["meta"]["complete"]
+    payload["meta"].update(train_seconds=1000.0, skipped_items=7)
+    torch.save(payload, out)
+    meta = train_source(cfg, str(tiny_benchmark), str(out))
+    assert meta["complete"] and 1000.0 < meta["train_seconds"] < 1100.0
+    assert meta["skipped_items"] == 7
 
 
 def test_adabn_replaces_batchnorm_statistics(tiny_benchmark, tiny_source_ckpt):

@@ -1,5 +1,6 @@
 """The sweep's pieces that need no running sweep: search spaces and MLflow bookkeeping."""
 
+import json
 import os
 import re
 import shutil
@@ -239,7 +240,10 @@ def test_a_deleted_experiment_is_refused_with_the_way_back(tmp_path):
     check_tracking_store(uri, "exp")  # not there yet: the sweep will create it
     experiment_id = client.create_experiment("exp")
     client.delete_experiment(experiment_id)
-    with pytest.raises(ValueError, match=f"experiments restore --experiment-id {experiment_id}"):
+    restore = (
+        f"MLFLOW_TRACKING_URI={uri} mlflow experiments restore --experiment-id {experiment_id}"
+    )
+    with pytest.raises(ValueError, match=re.escape(restore)):
         check_tracking_store(uri, "exp")
 
 
@@ -396,27 +400,22 @@ def test_a_sweep_where_no_trial_completes_says_why(
         run_sweep(spelled, *args, "failing", uri)
 
 
-def test_val_miou_on_an_unlabelled_target_is_refused_before_any_work(tmp_path):
+def test_val_miou_on_an_unlabelled_target_is_refused_before_any_work(
+    tiny_source_ckpt, tmp_path, monkeypatch, capsys
+):
     from data_fixtures import make_cityscapes
 
-    from sfda_ray.dist.tune import run_sweep
+    from sfda_ray.dist.job import main
 
     make_cityscapes(tmp_path / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19"]}, ("b/b_0_19",))
     (tmp_path / "cs.yaml").write_text(f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}}}\n")
-    cfg = load_config(None, {"tune.metric": "val_miou"})
-    space = {"adapt.lr": ("grid", [0.01])}
-    with pytest.raises(ConfigError, match="tune.metric val_miou needs a labelled target val"):
-        run_sweep(
-            cfg,
-            "src.pt",
-            "scores",
-            str(tmp_path / "cs.yaml"),
-            str(tmp_path / "out"),
-            space,
-            "exp",
-            f"sqlite:///{tmp_path / 'mlflow.db'}",
-        )
-    assert not (tmp_path / "out").exists()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
+    args = ["--data", str(tmp_path / "cs.yaml"), "--checkpoint", str(tiny_source_ckpt)]
+    out = tmp_path / "out"
+    args += ["--out", str(out), "--set", "tune.metric=val_miou"]
+    assert main("cityscapes", "out", "the job", args) == 2
+    assert "tune.metric val_miou needs a labelled target val" in capsys.readouterr().err
+    assert not (out / "scores").exists()  # nothing scored
 
 
 def test_a_diverged_trial_never_ranks_best():
@@ -501,3 +500,42 @@ def test_a_resumed_driver_does_not_log_a_step_twice(tmp_path):
     run = restored.tracker.child("t1", "t1", {}, {})
     history = MlflowClient(uri).get_metric_history(run, "val_miou")
     assert [(m.step, m.value) for m in history] == [(5, 20.0), (10, 25.0)]
+
+
+def test_the_summary_is_saved_whatever_mlflow_does_at_the_end(tmp_path, caplog):
+    from mlflow.exceptions import MlflowException
+
+    from sfda_ray.dist.job import save_and_record
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = SweepTracker(uri, "exp", str(tmp_path / "sweep"), str(tmp_path))
+    parent = tracker.start("sweep", {}, {"git_commit": "abc"})
+    (tmp_path / "final.pt").write_bytes(b"weights")
+    sweep = {
+        "best_trial": "t1",
+        "best_checkpoint": str(tmp_path / "final.pt"),
+        "metric": "val_miou",
+        "best_metric": 30.0,
+        "proxy_miou_spearman": None,
+    }
+    summary = {"best_miou": 30.0, "source_only_miou": 20.0}
+    save_and_record(str(tmp_path), summary, {"hist.png": b"png"}, sweep, tracker)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    client = MlflowClient(uri)
+    run = client.get_run(parent)
+    assert run.info.status == "FINISHED" and run.data.metrics["best_val_miou"] == 30.0
+    assert {a.path for a in client.list_artifacts(parent)} == {"hist.png", "summary.json"}
+    best = run.data.tags["sfda.best_run_id"]
+    assert [a.path for a in client.list_artifacts(best, "model")] == ["model/final.pt"]
+    assert client.get_run(best).data.tags["git_commit"] == "abc"
+
+    # The tracking server gone at the very end: the summary is on disk all the same.
+    (tmp_path / "summary.json").unlink()
+
+    def server_gone(*args, **kwargs):
+        raise MlflowException("API request failed after 7 retries")
+
+    tracker.log_files = server_gone
+    save_and_record(str(tmp_path), summary, {}, sweep, tracker)
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    assert "the sweep's results are in" in caplog.text and "after 7 retries" in caplog.text

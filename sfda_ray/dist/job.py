@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import yaml
+from mlflow.exceptions import MlflowException
 
 from sfda_ray import storage
 from sfda_ray.cli import add_tune_args
@@ -32,8 +33,14 @@ from sfda_ray.data.readers import build_manifest
 from sfda_ray.data.synthetic import BenchmarkSpec, generate
 from sfda_ray.dist.runtime import init_ray, on_gpus
 from sfda_ray.dist.scoring import ScoringOptions, adabn_checkpoint, score_dataset, write_pictures
-from sfda_ray.dist.tracking import check_tracking_store, default_tracking_uri
-from sfda_ray.dist.tune import SweepFailed, has_labelled_val, run_sweep
+from sfda_ray.dist.tracking import SweepTracker, check_tracking_store, default_tracking_uri
+from sfda_ray.dist.tune import (
+    SweepFailed,
+    has_labelled_val,
+    record_best,
+    run_sweep,
+    sweep_metric,
+)
 from sfda_ray.evaluate import evaluate_checkpoint
 from sfda_ray.models.checkpoint import file_fingerprint
 from sfda_ray.train_source import train_source
@@ -190,6 +197,7 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
         )
     if args.data:
         args.data = pin_manifest(str(args.data), out)
+        sweep_metric(cfg, args.data)  # refused here rather than after scoring
     space = load_search_space(cfg.tune.space or DEFAULT_SPACE, cfg)
     tracking_uri = default_tracking_uri(out)
     experiment = args.experiment or (f"sfda_ray/{task}" if args.data else "sfda_ray/synthetic")
@@ -232,30 +240,39 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
                 "seconds": round(time.perf_counter() - t0, 1),
             }
         )
-        parent = sweep["mlflow_parent_run_id"]
-        tracker.log_metrics(
-            parent,
-            {
-                k: summary[k]
-                for k in ("source_only_miou", "adabn_miou", "best_miou")
-                if summary.get(k) is not None
-            },
-            0,
-        )
         files = {storage.basename(p): storage.read_bytes(p) for p in pictures}
-        files["summary.json"] = (json.dumps(summary, indent=2) + "\n").encode()
-        # On disk first: an MLflow failure must not lose the summary of a finished sweep.
-        storage.atomic_write_bytes(storage.join(out, "summary.json"), files["summary.json"])
-        tracker.log_files(parent, files)
+        save_and_record(out, summary, files, sweep, tracker)
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise
     except BaseException:
         tracker.finish("FAILED")
         raise
-    tracker.finish()
     _print_summary(summary, out)
     return summary
+
+
+def save_and_record(
+    out: str, summary: dict, files: dict[str, bytes], sweep: dict, tracker: SweepTracker
+) -> None:
+    """``OUT/summary.json`` first, then the sweep's results in MLflow. A finished sweep's
+    results are on disk whatever the tracking store does: an MLflow failure here (beyond
+    the client's own retries) is a warning, and the parent run is closed by the next run."""
+    files = {**files, "summary.json": (json.dumps(summary, indent=2) + "\n").encode()}
+    path = storage.join(out, "summary.json")
+    storage.atomic_write_bytes(path, files["summary.json"])
+    baselines = {
+        k: summary[k]
+        for k in ("source_only_miou", "adabn_miou", "best_miou")
+        if summary.get(k) is not None
+    }
+    try:
+        record_best(tracker, sweep)
+        tracker.log_metrics(tracker.parent_id, baselines, 0)
+        tracker.log_files(tracker.parent_id, files)
+        tracker.finish()
+    except MlflowException as e:
+        log.warning("MLflow: the sweep's results are in %s but not all in MLflow: %s", path, e)
 
 
 def _print_summary(summary: dict, out: str) -> None:

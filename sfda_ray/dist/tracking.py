@@ -139,8 +139,8 @@ def check_tracking_store(tracking_uri: str, experiment: str) -> None:
     if found is not None and found.lifecycle_stage == "deleted":
         raise ValueError(
             f"MLflow experiment {experiment!r} (id {found.experiment_id}) at {tracking_uri} "
-            "is deleted: restore it (`mlflow experiments restore --experiment-id "
-            f"{found.experiment_id}`) or pass another --experiment"
+            f"is deleted: restore it (`MLFLOW_TRACKING_URI={tracking_uri} mlflow experiments "
+            f"restore --experiment-id {found.experiment_id}`) or pass another --experiment"
         )
 
 
@@ -230,7 +230,9 @@ class SweepTracker:
         self.__dict__.update(state, _client=None, children={})
 
     def start(self, run_name: str, params: dict, tags: dict) -> str:
-        """Open the sweep's parent run, or reopen it when the sweep is resumed."""
+        """Open the sweep's parent run, or reopen it when the sweep is resumed. ``tags``
+        are the sweep's, which its trials' runs carry too."""
+        self.tags = tags
         if storage.exists(self.state_path):
             state = json.loads(storage.read_bytes(self.state_path))
             if state.get("tracking_uri") == self.tracking_uri:

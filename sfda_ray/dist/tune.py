@@ -111,17 +111,8 @@ def run_sweep(
 ) -> tuple[dict, SweepTracker]:
     """Run (or resume) the sweep; returns its summary (best trial, every trial) and the
     tracker, whose parent run stays open for the caller's last records."""
-    t, a = cfg.tune, cfg.adapt
-    metric = t.metric
-    labelled = has_labelled_val(data)
-    if metric == "auto":
-        metric = "val_miou" if labelled else "proxy"
-    elif metric == "val_miou" and not labelled:
-        raise ConfigError(
-            "tune.metric val_miou needs a labelled target val split, which this data has not; "
-            "use proxy (or auto)"
-        )
-    mode = "max" if metric == "val_miou" else "min"
+    a = cfg.adapt
+    metric, mode = sweep_metric(cfg, data)
     # Every report must carry the metric ASHA ranks on: checkpoint when evaluating.
     base = apply_overrides(cfg, {"adapt.checkpoint_every": a.eval_every})
     # What every trial would refuse is refused here, once, before any trial starts.
@@ -176,7 +167,9 @@ def run_sweep(
     # it asks for memory alone (Tune refuses an empty request), so it never blocks them.
     trainable = tune.with_resources(trainable, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     # Ctrl-C raises KeyboardInterrupt here, as anywhere else in the job. Tune's own handler
-    # would stop the sweep and return from fit() as if it had finished.
+    # would stop the sweep and return from fit() as if it had finished. (A resume then
+    # starts from Tune's last periodic snapshot of the sweep, seconds old.)
+    sigint_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         if resume:
@@ -187,7 +180,7 @@ def run_sweep(
                 base, space, metric, mode, trainable, storage_path, tracker, tags, fixed, out
             )
         grid = tuner.fit()
-        return _summarise(grid, out, space, metric, mode, sweep_path, tracker, tags), tracker
+        return _summarise(grid, out, space, metric, mode, sweep_path, tracker), tracker
     except SweepFailed:
         raise  # the parent run is closed, with the reason
     except KeyboardInterrupt:
@@ -196,6 +189,26 @@ def run_sweep(
     except BaseException:
         tracker.finish("FAILED")
         raise
+    finally:
+        if sigint_handler is None:
+            del os.environ["TUNE_DISABLE_SIGINT_HANDLER"]
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = sigint_handler
+
+
+def sweep_metric(cfg: Config, data: str) -> tuple[str, str]:
+    """The metric trials are ranked on and its mode: ``tune.metric``, where ``auto`` is
+    val_miou when the target has labelled val images and the label-free proxy otherwise."""
+    labelled = has_labelled_val(data)
+    metric = cfg.tune.metric
+    if metric == "auto":
+        metric = "val_miou" if labelled else "proxy"
+    elif metric == "val_miou" and not labelled:
+        raise ConfigError(
+            "tune.metric val_miou needs a labelled target val split, which this data has not; "
+            "use proxy (or auto)"
+        )
+    return metric, "max" if metric == "val_miou" else "min"
 
 
 def best_trial(trials: list[dict], metric: str, mode: str) -> dict | None:
@@ -226,9 +239,9 @@ def _differences(recorded: object, current: object, key: str = "") -> list[str]:
 
 
 def _summarise(
-    grid, out: str, space: dict, metric: str, mode: str, sweep_path: str, tracker, tags: dict
+    grid, out: str, space: dict, metric: str, mode: str, sweep_path: str, tracker: SweepTracker
 ) -> dict:
-    """The sweep's summary from Tune's results; the best trial's model goes to MLflow."""
+    """The sweep's summary from Tune's results (a failed sweep closes its parent run)."""
     parent = tracker.parent_id
     trials = []
     for result in grid:
@@ -278,14 +291,21 @@ def _summarise(
         "sweep_path": sweep_path,
         "mlflow_parent_run_id": parent,
     }
-    best_run = tracker.child(best["trial_id"], best["trial_id"], {}, tags, reopen=False)
-    tracker.log_files(best_run, {"final.pt": storage.read_bytes(best["checkpoint"])}, "model")
-    tracker.client.set_tag(parent, "sfda.best_trial", best["trial_id"])
-    tracker.client.set_tag(parent, "sfda.best_run_id", best_run)
-    tracker.log_metrics(parent, {"best_" + metric: best[metric]}, 0)
-    if rho is not None:
-        tracker.log_metrics(parent, {"proxy_miou_spearman": rho}, 0)
     return summary
+
+
+def record_best(tracker: SweepTracker, sweep: dict) -> None:
+    """The sweep's result in MLflow: the best trial's model in its run, and the parent's
+    tags and metrics pointing at it."""
+    parent, best_id, metric = tracker.parent_id, sweep["best_trial"], sweep["metric"]
+    best_run = tracker.child(best_id, best_id, {}, tracker.tags, reopen=False)
+    tracker.log_files(best_run, {"final.pt": storage.read_bytes(sweep["best_checkpoint"])}, "model")
+    tracker.client.set_tag(parent, "sfda.best_trial", best_id)
+    tracker.client.set_tag(parent, "sfda.best_run_id", best_run)
+    metrics = {"best_" + metric: sweep["best_metric"]}
+    if sweep["proxy_miou_spearman"] is not None:
+        metrics["proxy_miou_spearman"] = sweep["proxy_miou_spearman"]
+    tracker.log_metrics(parent, metrics, 0)
 
 
 def _every_trial_adversarial(base: Config, space: dict[str, tuple[str, list]]) -> bool:
