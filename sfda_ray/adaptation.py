@@ -265,6 +265,21 @@ def evaluate_adapted(
     }
 
 
+def check_finite(logs: dict[str, float], iteration: int, lr: float, device: torch.device) -> None:
+    """Raise when a loss of this step is not finite, on every worker when on any: through
+    DDP one worker's NaN reaches every worker's weights."""
+    diverged = [k for k, v in logs.items() if not math.isfinite(v)]
+    if is_distributed():
+        anywhere = sum_over_workers(torch.tensor([float(len(diverged))], device=device))
+        if anywhere.item() and not diverged:
+            diverged = ["another worker's loss"]
+    if diverged:
+        raise ValueError(
+            f"adaptation diverged at iteration {iteration}: {', '.join(diverged)} not finite "
+            f"(adapt.lr {lr}; a lower learning rate or loss weight may help)"
+        )
+
+
 def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
     """The loop of one worker; returns the final metrics (rank 0's are the run's)."""
     a = cfg.adapt
@@ -366,16 +381,8 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
             adapter.begin_round(round_index, plain_images(8, a.seed + round_index))
         adapter.set_lr(it, iterations)
         logs = adapter.step(next(v_batches) if v_batches else None, next(t_batches))
-        diverged = [k for k, v in logs.items() if not math.isfinite(v)]
-        if is_distributed():  # through DDP one worker's NaN reaches every worker's weights
-            anywhere = sum_over_workers(torch.tensor([float(len(diverged))], device=exe.device))
-            if anywhere.item() and not diverged:
-                diverged = ["another worker's loss"]
-        if diverged:  # raised before the weights are checkpointed: a retry resumes sound ones
-            raise ValueError(
-                f"adaptation diverged at iteration {it + 1}: {', '.join(diverged)} not finite "
-                f"(adapt.lr {a.lr}; a lower learning rate or loss weight may help)"
-            )
+        # Raised before the weights are checkpointed: a retry resumes sound ones.
+        check_finite(logs, it + 1, a.lr, exe.device)
         for k, v in logs.items():
             interval[k] = interval.get(k, 0.0) + v
         interval_steps += 1

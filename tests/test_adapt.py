@@ -13,6 +13,7 @@ from PIL import Image
 from sfda_ray.adaptation import (
     LocalEnv,
     batch_stream,
+    check_finite,
     make_loader,
     make_plan,
     metrics_over_workers,
@@ -167,6 +168,40 @@ def _reported_metrics(rank, port, results):
     metrics = {"loss_v": [1.0, 3.0][rank], "skipped_inputs": [0, 3][rank], "iteration": 5}
     torch.save(metrics_over_workers(metrics, torch.device("cpu")), results / f"metrics{rank}.pt")
     torch.distributed.destroy_process_group()
+
+
+def _divergence(rank, port, results):
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    logs = {"loss_total": [1.0, math.nan][rank]}  # rank 1 alone blew up
+    try:
+        check_finite(logs, 7, 0.01, torch.device("cpu"))
+        outcome = "went on"
+    except ValueError as e:
+        outcome = str(e)
+    check_finite({"loss_total": 1.0}, 8, 0.01, torch.device("cpu"))  # all finite: no stop
+    (results / f"rank{rank}.txt").write_text(outcome)
+    torch.distributed.destroy_process_group()
+
+
+def test_every_worker_stops_when_one_diverges(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_divergence, (port, tmp_path), nprocs=2)
+    assert (
+        (tmp_path / "rank0.txt")
+        .read_text()
+        .startswith("adaptation diverged at iteration 7: another worker's loss not finite")
+    )
+    assert (
+        (tmp_path / "rank1.txt")
+        .read_text()
+        .startswith("adaptation diverged at iteration 7: loss_total not finite")
+    )
 
 
 def test_reported_metrics_cover_every_workers_shard(tmp_path):
