@@ -305,6 +305,17 @@ def test_tent_trains_only_normalisation_parameters():
     assert not torch.equal(bn, model.layer1[0].bn1.weight)
 
 
+def test_tent_normalises_with_target_batches_on_a_frozen_bn_model():
+    """The ResNet-101 checkpoints freeze BN; TENT's point is the target batch statistics."""
+    model = build_model("deeplabv2_resnet18", C, output_stride=16, freeze_bn=True)
+    mean = model.layer1[0].bn1.running_mean.clone()
+    cfg = AdaptConfig(method="tent", strong_aug=False)
+    adapter = Adapter(model, cfg, "imagenet", torch.full((C,), 1 / C), None, CPU)
+    adapter.step(None, {"image": torch.rand(2, 3, 32, 64)})
+    assert model.layer1[0].bn1.training  # batch statistics in the step
+    assert not torch.equal(mean, model.layer1[0].bn1.running_mean)
+
+
 def _adapt_cfg(**kw):
     base = {
         "adapt.iterations": 4,

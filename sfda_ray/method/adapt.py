@@ -144,6 +144,9 @@ class Adapter:
         self.alpha = (
             class_weight.to(device) if (cfg.class_weights and class_weight is not None) else None
         )
+        if cfg.method == "tent" and getattr(model, "freeze_bn", False):
+            # TENT normalises with each target batch's statistics: frozen BN would not.
+            model.set_freeze_bn(False)
         params = split_params(model, bn_only=cfg.method == "tent")
         self.student = wrap(model)
         self.forward = execution.compiled(self.student)
