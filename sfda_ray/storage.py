@@ -72,6 +72,11 @@ def beside(path: str | os.PathLike, relative: str) -> str:
     return f"{scheme}://{resolved}{sep}{query}"
 
 
+def has_suffix(path: str | os.PathLike, *suffixes: str) -> bool:
+    """Whether the file name of a local path or URI (options left out) ends so."""
+    return str(path).partition("?")[0].endswith(suffixes)
+
+
 def basename(path: str | os.PathLike) -> str:
     """The file name of a local path or URI (without the URI's options)."""
     return str(path).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]

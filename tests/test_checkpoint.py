@@ -105,6 +105,9 @@ def test_a_bucket_gets_one_filesystem_per_process():
     with pytest.raises(ValueError, match="'../../x' from s3://bucket/configs/cs.yaml leaves"):
         storage.beside(spec, "../../x")
     assert storage.beside(f"file://{Path.cwd()}/c/d.yaml", "../e") == f"file://{Path.cwd()}/e"
+    # What a file is, by its name without the options (a manifest, a dataset YAML).
+    assert storage.has_suffix("s3://b/m.parquet?region=us-east-1", ".parquet")
+    assert storage.has_suffix(spec, ".yaml", ".yml") and not storage.has_suffix(spec, ".parquet")
 
 
 def test_non_plain_meta_is_refused_before_writing(tmp_path):

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -218,6 +219,30 @@ def test_dataset_yaml_relative_root_is_relative_to_the_yaml(tmp_path, monkeypatc
     assert ref.manifest.num_rows == 2
     image = Path(ref.manifest["image_path"][0].as_py())
     assert image.is_absolute() and image.is_file()
+
+
+def test_dataset_yaml_mistakes_are_named(tmp_path):
+    from sfda_ray.data.catalog import open_dataset
+
+    make_cityscapes(tmp_path / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19"]})
+    cases = {
+        "typo.yaml": (
+            "data: {kind: cityscapes, root: cs, eval_clases: [synthia16]}\n",
+            "typo.yaml: data: unknown key(s) eval_clases",
+        ),
+        "kind.yaml": ("data: {kind: kitti, root: cs}\n", "kind.yaml: data.kind 'kitti' is not"),
+        "list.yaml": ("- data\n", "list.yaml: expected a `data:` section"),
+        "broken.yaml": ("data: {kind: [\n", "broken.yaml: not valid YAML"),
+    }
+    for name, (text, message) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            open_dataset(tmp_path / name)
+    # A whole config (its data: section has the config's other keys too) serves as one.
+    (tmp_path / "config.yaml").write_text(
+        "data: {kind: cityscapes, root: cs, size: [16, 32], num_workers: 4}\nmodel: {}\n"
+    )
+    assert open_dataset(tmp_path / "config.yaml").manifest.num_rows == 2
 
 
 def test_only_a_synthetic_benchmark_has_two_domains(tiny_benchmark, tmp_path):

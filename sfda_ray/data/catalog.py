@@ -8,13 +8,14 @@ a ``data:`` section (``kind``, ``root``, optional ``manifest`` and ``eval_classe
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import pyarrow as pa
 import yaml
 
 from sfda_ray import storage
+from sfda_ray.config import DATA_KINDS, DataConfig
 from sfda_ray.data.labels import EVAL_SUBSETS
 from sfda_ray.data.manifest import read_manifest
 from sfda_ray.data.readers import scan_dataset
@@ -81,6 +82,11 @@ def _ref(name: str, table: pa.Table, subsets: dict[str, tuple[int, ...]]) -> Dat
     return DatasetRef(name, ok, subsets, table.num_rows - ok.num_rows)
 
 
+# A dataset YAML's `data:` section holds keys of the config's (so a whole config may
+# serve as one); a key of neither is a typo to report, not to ignore.
+DATASET_KEYS = {f.name for f in fields(DataConfig)}
+
+
 def _relative_to(config: str, location: str) -> str:
     """A relative ``root`` or ``manifest`` in a dataset YAML is relative to the YAML's
     folder, not to the working directory, so the file means the same from anywhere."""
@@ -95,7 +101,11 @@ def read_dataset_yaml(data: str | Path) -> dict:
     where = str(data) if storage.is_uri(str(data)) else str(Path(str(data)).expanduser())
     if not storage.exists(where):
         raise FileNotFoundError(f"dataset config {where} does not exist")
-    spec = (yaml.safe_load(storage.read_bytes(where)) or {}).get("data")
+    try:
+        document = yaml.safe_load(storage.read_bytes(where)) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{where}: not valid YAML: {e}") from None
+    spec = document.get("data") if isinstance(document, dict) else None
     if (
         not isinstance(spec, dict)
         or "kind" not in spec
@@ -103,6 +113,17 @@ def read_dataset_yaml(data: str | Path) -> dict:
     ):
         raise ValueError(
             f"{where}: expected a `data:` section with `kind` and `root` (or `manifest`)"
+        )
+    unknown = sorted(set(spec) - DATASET_KEYS)
+    if unknown:
+        raise ValueError(
+            f"{where}: data: unknown key(s) {', '.join(map(str, unknown))}; allowed: "
+            f"{', '.join(sorted(DATASET_KEYS))}"
+        )
+    if spec["kind"] not in DATA_KINDS:
+        raise ValueError(
+            f"{where}: data.kind {spec['kind']!r} is not allowed; allowed: "
+            f"{', '.join(DATA_KINDS)}"
         )
     located = {k: _relative_to(where, str(spec[k])) for k in ("root", "manifest") if spec.get(k)}
     return {**spec, **located, "where": where}
@@ -115,7 +136,7 @@ def _location(spec: dict) -> str:
 def is_synthetic(data: str | Path) -> bool:
     """Whether ``data`` is a synthetic benchmark (itself or through a dataset YAML): the one
     kind of dataset that holds both domains."""
-    if str(data).endswith((".yaml", ".yml")):
+    if storage.has_suffix(data, ".yaml", ".yml"):
         data = _location(read_dataset_yaml(data))
     return (
         not storage.is_uri(str(data))
@@ -126,7 +147,7 @@ def is_synthetic(data: str | Path) -> bool:
 def open_dataset(data: str | Path, domain: str = "target", kind: str | None = None) -> DatasetRef:
     """Open ``data`` (see module doc). ``domain`` picks the half of a synthetic benchmark."""
     path = Path(str(data)).expanduser()
-    if str(data).endswith(".parquet"):
+    if storage.has_suffix(data, ".parquet"):
         table = read_manifest(str(data), include_errors=True)
         kinds = set(table["dataset"].to_pylist())
         return _ref(str(data), table, _subsets_for(kind or next(iter(kinds), "cityscapes")))
@@ -136,7 +157,7 @@ def open_dataset(data: str | Path, domain: str = "target", kind: str | None = No
         info = load_benchmark_info(path)
         table = read_manifest(str(path / info["manifests"][domain]), include_errors=True)
         return _ref(f"synthetic:{domain}", table, {"synthetic": tuple(info["class_ids"])})
-    if path.suffix in (".yaml", ".yml"):
+    if storage.has_suffix(data, ".yaml", ".yml"):
         spec = read_dataset_yaml(data)
         ref = open_dataset(_location(spec), domain, spec["kind"])
         # e.g. SYNTHIA -> Cityscapes scores Cityscapes on SYNTHIA's 16 and 13 classes.
