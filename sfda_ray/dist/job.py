@@ -125,7 +125,7 @@ def pin_manifest(data: str, out: str) -> str:
     records) and given back as ``OUT/dataset.yaml`` naming that manifest, so no later
     stage (each trial plans and evaluates) walks the directory again. Any other ``data``
     is returned as it is."""
-    if not str(data).endswith((".yaml", ".yml")):
+    if not storage.has_suffix(data, ".yaml", ".yml"):
         return data
     spec = read_dataset_yaml(data)
     spec.pop("where")
