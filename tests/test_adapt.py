@@ -468,6 +468,28 @@ def test_a_selection_without_virtual_source_or_target_is_refused(
         make_plan(empty_v, *args)
 
 
+def test_virtual_source_maps_of_another_size_or_class_range(tmp_path, caplog):
+    """A map scored at another (native) size is resized with its image; one holding a class
+    outside the label space is skipped and logged, not fatal."""
+    import numpy as np
+    from data_fixtures import random_rgb, write_png
+
+    from sfda_ray.data.adaptation import AdaptationDataset
+
+    image = write_png(tmp_path / "img.png", random_rgb(0, 16, 32))
+    big = write_png(tmp_path / "big.png", np.full((16, 32), 3, np.uint8))
+    conf = write_png(tmp_path / "conf.png", np.full((16, 32), 250, np.uint8))
+    bad = write_png(tmp_path / "bad.png", np.full((8, 16), 25, np.uint8))
+    rows = [
+        {"image_path": str(image), "pseudo_label_path": str(p), "confidence_path": str(conf)}
+        for p in (big, bad)
+    ]
+    dataset = AdaptationDataset(rows, (8, 16), np.full(C, 0.9), (1.0, 1.0), hflip=False)
+    item = dataset[0]
+    assert item["label"].shape == (8, 16) and set(item["label"].unique().tolist()) == {3}
+    assert dataset[1] is None and "pseudo-label 25 outside the 19 classes" in caplog.text
+
+
 def test_maps_too_small_for_the_discriminator_are_refused(
     tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
 ):

@@ -62,17 +62,32 @@ class AdaptationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def _map(self, path: str) -> np.ndarray:
+        """A score map at the dataset's size: one scored at another (native) size is
+        resized as its image is, by nearest neighbour."""
+        array = load_map(path)
+        if array.ndim != 2:
+            raise BadInputError(path, f"a score map has one channel, not shape {array.shape}")
+        if array.shape != tuple(self.size):
+            array = np.array(Image.fromarray(array).resize(self.size[::-1], Image.NEAREST))
+        return array
+
     def __getitem__(self, index: int) -> dict | None:
         row = self.rows[index]
         try:
             image = load_image(row["image_path"])
             if image.shape[:2] != self.size:
-                image = np.asarray(Image.fromarray(image).resize(self.size[::-1], Image.BILINEAR))
+                image = np.array(Image.fromarray(image).resize(self.size[::-1], Image.BILINEAR))
             img = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
             if self.thresholds is None:
                 return {"image": self.transform(img).float() / 255.0}
-            label = load_map(row["pseudo_label_path"])
-            conf = load_map(row["confidence_path"])
+            label = self._map(row["pseudo_label_path"])
+            conf = self._map(row["confidence_path"])
+            if label.max() >= len(self.thresholds):
+                raise BadInputError(
+                    row["pseudo_label_path"],
+                    f"pseudo-label {label.max()} outside the {len(self.thresholds)} classes",
+                )
         except BadInputError as e:
             log.warning("skipping %s", e)
             return None

@@ -122,8 +122,7 @@ def read_dataset_yaml(data: str | Path) -> dict:
         )
     if spec["kind"] not in DATA_KINDS:
         raise ValueError(
-            f"{where}: data.kind {spec['kind']!r} is not allowed; allowed: "
-            f"{', '.join(DATA_KINDS)}"
+            f"{where}: data.kind {spec['kind']!r} is not allowed; allowed: {', '.join(DATA_KINDS)}"
         )
     located = {k: _relative_to(where, str(spec[k])) for k in ("root", "manifest") if spec.get(k)}
     return {**spec, **located, "where": where}
