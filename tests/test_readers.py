@@ -180,6 +180,39 @@ def test_write_manifest_validates(tmp_path):
     assert not list(tmp_path.glob("*.tmp-*"))  # the temporary file was renamed away
 
 
+def test_a_hand_made_manifest_is_checked_row_by_row(tmp_path):
+    """What every stage relies on, checked when the manifest is read, naming the file."""
+    row = {
+        "image_id": "a", "image_path": "/a.png", "label_path": "/a_label.png",
+        "label_format": "cityscapes_ids", "split": "val", "dataset": "cityscapes",
+        "height": 16, "width": 32, "error": None,
+    }  # fmt: skip
+    cases = {
+        "repeated": (
+            [row, {**row, "image_path": "/b.png"}],
+            r"image_id must be unique; 1 repeated, e.g. \['a'\]",
+        ),
+        "unsafe": ([{**row, "image_id": "../x"}], r"image_id must be a relative name without"),
+        "format": (
+            [{**row, "label_format": "gta5"}],
+            r"label_format 'gta5' \(of /a_label.png\) is not one of",
+        ),
+        "no_format": ([{**row, "label_format": None}], r"label_format None \(of /a_label.png\)"),
+        "height": ([{**row, "height": "big"}], r"column 'height' is not int32"),
+    }
+    for name, (rows, message) in cases.items():
+        path = tmp_path / f"{name}.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), path)
+        with pytest.raises(ValueError, match=f"{name}.parquet: " + message):
+            read_manifest(path)
+    # A row that already carries an error is skipped, not judged.
+    pq.write_table(
+        pa.Table.from_pylist([{**row, "label_format": None, "error": "x: y"}]),
+        tmp_path / "ok.parquet",
+    )
+    assert read_manifest(tmp_path / "ok.parquet").num_rows == 0
+
+
 def test_dataset_yaml_sets_evaluation_classes(tmp_path):
     from sfda_ray.data.catalog import open_dataset
     from sfda_ray.data.labels import EVAL_SUBSETS

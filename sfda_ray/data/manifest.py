@@ -12,6 +12,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sfda_ray import storage
+from sfda_ray.data.labels import LABEL_FORMATS
 
 MANIFEST_SCHEMA = pa.schema(
     [
@@ -29,19 +30,53 @@ MANIFEST_SCHEMA = pa.schema(
 _REQUIRED = [f.name for f in MANIFEST_SCHEMA if not f.nullable]
 
 
-def to_manifest_table(table_or_rows: pa.Table | Iterable[Mapping[str, Any]]) -> pa.Table:
-    """Validated table in MANIFEST_SCHEMA column order (extra columns are dropped)."""
-    if isinstance(table_or_rows, pa.Table):
-        missing = [n for n in MANIFEST_SCHEMA.names if n not in table_or_rows.column_names]
-        if missing:
-            raise ValueError(f"manifest table is missing columns {missing}")
-        table = table_or_rows.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
-    else:
-        table = pa.Table.from_pylist(list(table_or_rows), schema=MANIFEST_SCHEMA)
-    for name in _REQUIRED:
-        if table[name].null_count:
-            raise ValueError(f"manifest column {name!r} has {table[name].null_count} null values")
+def to_manifest_table(
+    table_or_rows: pa.Table | Iterable[Mapping[str, Any]], where: str = "manifest"
+) -> pa.Table:
+    """Validated table in MANIFEST_SCHEMA column order (extra columns are dropped); errors
+    name ``where``, the column and the values at fault."""
+    if not isinstance(table_or_rows, pa.Table):
+        table_or_rows = pa.Table.from_pylist(list(table_or_rows), schema=MANIFEST_SCHEMA)
+    missing = [n for n in MANIFEST_SCHEMA.names if n not in table_or_rows.column_names]
+    if missing:
+        raise ValueError(f"{where}: not a manifest, missing columns {missing}")
+    columns = []
+    for field in MANIFEST_SCHEMA:
+        column = table_or_rows[field.name]
+        if not field.nullable and column.null_count:
+            raise ValueError(f"{where}: column {field.name!r} has {column.null_count} null values")
+        try:
+            columns.append(column.cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+            raise ValueError(f"{where}: column {field.name!r} is not {field.type}: {e}") from None
+    table = pa.Table.from_arrays(columns, schema=MANIFEST_SCHEMA)
+    _check_rows(table, where)
     return table
+
+
+def _check_rows(table: pa.Table, where: str) -> None:
+    """What every stage relies on: unique ids that are safe in file names, and a known
+    label format wherever a label is named."""
+    ids = table["image_id"].to_pylist()
+    repeated = [i for i, n in Counter(ids).items() if n > 1]
+    if repeated:
+        raise ValueError(
+            f"{where}: image_id must be unique; {len(repeated)} repeated, e.g. {repeated[:3]}"
+        )
+    unsafe = [i for i in ids if ".." in i.split("/") or i.startswith("/")]
+    if unsafe:
+        raise ValueError(
+            f"{where}: image_id must be a relative name without '..', e.g. {unsafe[:3]}"
+        )
+    usable = table.filter(pc.is_null(table["error"]))
+    for path, fmt in zip(
+        usable["label_path"].to_pylist(), usable["label_format"].to_pylist(), strict=True
+    ):
+        if path is not None and fmt not in LABEL_FORMATS:
+            raise ValueError(
+                f"{where}: label_format {fmt!r} (of {path}) is not one of "
+                f"{', '.join(LABEL_FORMATS)}"
+            )
 
 
 def write_manifest(
@@ -65,10 +100,7 @@ def read_manifest(
         table = pq.read_table(p, filesystem=fs)
     except pa.ArrowInvalid as e:
         raise ValueError(f"{path}: not a Parquet manifest ({e})") from e
-    missing = [n for n in MANIFEST_SCHEMA.names if n not in table.column_names]
-    if missing:
-        raise ValueError(f"{path}: not a manifest, missing columns {missing}")
-    table = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    table = to_manifest_table(table, str(path))
     if split is not None:
         table = table.filter(pc.equal(table["split"], split))
     if not include_errors:
