@@ -490,6 +490,50 @@ def test_virtual_source_maps_of_another_size_or_class_range(tmp_path, caplog):
     assert dataset[1] is None and "pseudo-label 25 outside the 19 classes" in caplog.text
 
 
+def test_a_crops_padding_is_marked_and_never_trained_on(tmp_path):
+    """A target image scaled below the crop size is padded: the padding is marked, and
+    neither pseudo-labels nor the prior and entropy terms take it for image."""
+    from data_fixtures import random_rgb, write_png
+
+    from sfda_ray.data.adaptation import AdaptationDataset
+    from sfda_ray.method.losses import entropy_loss, prior_kl
+
+    image = write_png(tmp_path / "img.png", random_rgb(0, 16, 32))
+    row = {"image_path": str(image)}
+    item = AdaptationDataset([row], (16, 32), None, (0.5, 0.5), hflip=False)[0]
+    assert item["valid"].sum() == 8 * 16  # the half-size image; the rest is padding
+    assert item["image"][:, ~item["valid"]].eq(0).all()
+
+    # Losses over the marked pixels only: padding predicted as class 0, image as class 1.
+    logits = torch.zeros(1, C, 4, 4)
+    logits[0, 1, :, :2] = 20.0
+    logits[0, :, :, 2:] = torch.randn(C, 4, 2)
+    valid = torch.zeros(1, 4, 4, dtype=torch.bool)
+    valid[..., :2] = True
+    assert entropy_loss(logits, valid) < 1e-6 < entropy_loss(logits)
+    prior = torch.zeros(C)
+    prior[1] = 1.0
+    assert prior_kl(logits, prior, valid) < 1e-6 < prior_kl(logits, prior)
+
+    # A step whose target batch is all padding takes no pseudo-label from it.
+    torch.manual_seed(0)
+    model = build_model("deeplabv2_resnet18", C, output_stride=16)
+    adapter = Adapter(model, AdaptConfig(), "imagenet", torch.full((C,), 1 / C), None, CPU)
+    images = torch.rand(2, 3, 32, 64)
+    adapter.begin_round(0, [images])
+    batch_v = {
+        "image": torch.rand(2, 3, 32, 64),
+        "label": torch.randint(0, C, (2, 32, 64)),
+        "weight": torch.rand(2, 32, 64),
+        "valid": torch.ones(2, 32, 64, dtype=torch.bool),
+    }
+    padding = {"image": images, "valid": torch.zeros(2, 32, 64, dtype=torch.bool)}
+    logs = adapter.step(batch_v, padding)
+    assert logs["st_kept_fraction"] == 0.0 and logs["loss_st"] == 0.0
+    assert all(math.isfinite(v) for v in logs.values())
+    assert adapter.step(batch_v, {"image": images})["st_kept_fraction"] > 0
+
+
 def test_maps_too_small_for_the_discriminator_are_refused(
     tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
 ):

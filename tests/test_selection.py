@@ -43,6 +43,20 @@ def test_histogram_bins_pixels_by_class_and_confidence():
     assert class_confidence_histogram(label, conf, C, mask=mask).sum() == 2
 
 
+def test_the_kept_pixels_of_the_priors_are_the_pixels_the_adaptation_keeps():
+    """pi_V is counted from the histogram's bins; the adaptation keeps u8 >= 255 * tau. For
+    any tau (rounded to a bin edge by select) and any confidence they agree pixel for pixel."""
+    conf = torch.arange(256, dtype=torch.uint8).repeat(C, 1)  # every 8-bit value per class
+    label = torch.arange(C, dtype=torch.uint8)[:, None].expand(C, 256).contiguous()
+    hist = class_confidence_histogram(label, conf, C).reshape(C, B).numpy()
+    for tau in (0.8, 0.87, 0.9, 0.93, 0.95):
+        sel = select(scores_table([("a", 0.5, hist.ravel().tolist())]), ratio=1.0, tau=tau)
+        thresholds = sel.class_thresholds
+        assert thresholds[0] == pytest.approx(np.ceil(tau * B - 1e-9) / B)
+        kept_by_dataset = (conf >= torch.from_numpy(thresholds * 255)[:, None]).sum(1).numpy()
+        np.testing.assert_array_equal(kept_counts(hist, thresholds), kept_by_dataset)
+
+
 def test_ratio_and_threshold_split_images_by_score():
     rows = [
         ("a", 0.9, hist_row({(0, 19): 10})),

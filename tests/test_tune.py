@@ -25,7 +25,7 @@ def _space(tmp_path, text):
 
 def test_shipped_search_space_is_valid():
     space = load_search_space(DEFAULT_SPACE, load_config())
-    assert space["select.tau"] == ("uniform", [0.8, 0.95])
+    assert space["select.tau"] == ("choice", [0.8, 0.85, 0.9, 0.95])
     assert {"select.ratio", "adapt.lambda_adv", "adapt.lambda_st", "adapt.lr"} <= set(space)
 
 

@@ -43,7 +43,8 @@ class AdaptationDataset(Dataset):
 
     Pseudo-label pixels below their class's confidence threshold become 255 (ignored);
     ``weight`` is the source model's confidence in [0, 1]. Images are resized to the
-    maps' size (the size they were scored at) and augmented jointly with them.
+    maps' size (the size they were scored at) and augmented jointly with them; ``valid``
+    is False on the padding a crop adds to an image scaled below the crop size.
     """
 
     def __init__(
@@ -79,8 +80,11 @@ class AdaptationDataset(Dataset):
             if image.shape[:2] != self.size:
                 image = np.array(Image.fromarray(image).resize(self.size[::-1], Image.BILINEAR))
             img = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
+            # Which pixels are image, not the padding of a crop larger than the scaled image.
+            inside = tv_tensors.Mask(torch.ones(self.size, dtype=torch.uint8))
             if self.thresholds is None:
-                return {"image": self.transform(img).float() / 255.0}
+                img, inside = self.transform(img, inside)
+                return {"image": img.float() / 255.0, "valid": inside == 1}
             label = self._map(row["pseudo_label_path"])
             conf = self._map(row["confidence_path"])
             if label.max() >= len(self.thresholds):
@@ -92,13 +96,17 @@ class AdaptationDataset(Dataset):
             log.warning("skipping %s", e)
             return None
         label = np.where(conf >= self.thresholds[label], label, IGNORE_INDEX).astype(np.uint8)
-        img, label_t, conf_t = self.transform(
-            img, tv_tensors.Mask(torch.from_numpy(label)), tv_tensors.Mask(torch.from_numpy(conf))
+        img, label_t, conf_t, inside = self.transform(
+            img,
+            tv_tensors.Mask(torch.from_numpy(label)),
+            tv_tensors.Mask(torch.from_numpy(conf)),
+            inside,
         )
         return {
             "image": img.float() / 255.0,
             "label": label_t.long(),
             "weight": conf_t.float() / 255.0,
+            "valid": inside == 1,
         }
 
 

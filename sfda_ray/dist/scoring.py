@@ -152,11 +152,16 @@ class ScoringOptions:
         )
 
 
+# Raised when what a row holds changes meaning, so older rows are scored again (2: the
+# confidence bins line up with the thresholds, 2026-11-29).
+SCORES_VERSION = 2
+
+
 def _row_fingerprint(checkpoint_fp: str, opts: ScoringOptions, row: dict) -> str:
     """What decides an image's scores: the scoring model, the size it scores at, the
-    MC-dropout passes, and the image."""
+    MC-dropout passes, and the image (and the scores' version)."""
     size = "x".join(map(str, opts.size)) if opts.size else "native"
-    key = f"{checkpoint_fp}|{size}|mc{opts.mc_passes}|{_image_key(row)}"
+    key = f"v{SCORES_VERSION}|{checkpoint_fp}|{size}|mc{opts.mc_passes}|{_image_key(row)}"
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 

@@ -256,9 +256,11 @@ class Adapter:
         cfg = self.cfg
         self.student.train()
         xt = self.exe.to_device(batch_t["image"])
+        # A crop's padding is no image: no loss, pseudo-label or statistic is taken there.
+        valid_t = self._valid(batch_t)
         logs: dict[str, float] = {}
         if cfg.method in ("tent", "minent"):
-            loss = cfg.lambda_entropy * entropy_loss(self._logits(self._view(xt)))
+            loss = cfg.lambda_entropy * entropy_loss(self._logits(self._view(xt)), valid_t)
             logs["loss_entropy"] = loss.item()
             self._update(loss)
             return logs
@@ -268,8 +270,12 @@ class Adapter:
         forward_v = use_v or (self.use_adv and batch_v is not None)
         if self.uses_teacher:
             pl_t, w_t = self.pseudo_label(xt)
+            if valid_t is not None:
+                pl_t = pl_t.masked_fill(~valid_t, IGNORE_INDEX)
+        valid_v = None
         if forward_v:  # moved to the device once, for L_V, D and ClassMix
             xv, yv, wv = (self.exe.to_device(batch_v[k]) for k in ("image", "label", "weight"))
+            valid_v = self._valid(batch_v)
         views = [self._view(xv)] if forward_v else []
         use_mix = use_v and self.uses_teacher and cfg.lambda_mix > 0
         if use_mix:
@@ -302,13 +308,20 @@ class Adapter:
             total = total + cfg.lambda_mix * l_mix
             logs["loss_mix"] = l_mix.item()
         if cfg.method == "sfda" and cfg.lambda_prior > 0:
-            l_prior = prior_kl(logits[: n_v + n_t] if use_v else logits_t, self.prior)
+            if use_v:
+                both = valid_v is not None and valid_t is not None
+                mask = torch.cat([valid_v, valid_t]) if both else None
+                l_prior = prior_kl(logits[: n_v + n_t], self.prior, mask)
+            else:
+                l_prior = prior_kl(logits_t, self.prior, valid_t)
             total = total + cfg.lambda_prior * l_prior
             logs["loss_prior"] = l_prior.item()
         if self.use_adv:
             d_in_t = discriminator_input(logits_t, cfg.discriminator_input)
             # Fool D on the target: weighted towards uncertain pixels and rare classes.
             w_adv = self._adversarial_weight(logits_t)
+            if valid_t is not None:
+                w_adv = valid_t.float() if w_adv is None else w_adv * valid_t
             with self.exe.autocast():
                 d_out_t = unwrap(self.disc)(d_in_t)
             l_adv = weighted_bce(d_out_t.float(), SOURCE_LABEL, w_adv)
@@ -316,10 +329,17 @@ class Adapter:
             logs["loss_adv"] = l_adv.item()
         self._update(total)
         if self.use_adv and forward_v:
-            logs["loss_d"] = self._discriminator_step(logits_v.detach(), logits_t.detach())
+            logs["loss_d"] = self._discriminator_step(
+                logits_v.detach(), logits_t.detach(), valid_v, valid_t
+            )
         self.update_ema()
         logs["loss_total"] = total.item()
         return logs
+
+    def _valid(self, batch: dict) -> torch.Tensor | None:
+        """The batch's image pixels (None: every pixel, a batch without the mask)."""
+        valid = batch.get("valid")
+        return None if valid is None else self.exe.to_device(valid)
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """The student's forward (compiled when asked) under autocast; fp32 logits."""
@@ -344,14 +364,21 @@ class Adapter:
         loss.backward()
         self.opt.step()
 
-    def _discriminator_step(self, logits_v: torch.Tensor, logits_t: torch.Tensor) -> float:
+    def _discriminator_step(
+        self,
+        logits_v: torch.Tensor,
+        logits_t: torch.Tensor,
+        valid_v: torch.Tensor | None = None,
+        valid_t: torch.Tensor | None = None,
+    ) -> float:
         mode = self.cfg.discriminator_input
         d_in = torch.cat([discriminator_input(logits_v, mode), discriminator_input(logits_t, mode)])
         with self.exe.autocast():
             d_out = self.disc(d_in).float()
         n_v = logits_v.shape[0]
         loss = 0.5 * (
-            weighted_bce(d_out[:n_v], SOURCE_LABEL) + weighted_bce(d_out[n_v:], TARGET_LABEL)
+            weighted_bce(d_out[:n_v], SOURCE_LABEL, valid_v)
+            + weighted_bce(d_out[n_v:], TARGET_LABEL, valid_t)
         )
         self.opt_d.zero_grad(set_to_none=True)  # also drops the generator step's D grads
         loss.backward()

@@ -40,14 +40,29 @@ def weighted_cross_entropy(
     return (ce * weight).sum() / total
 
 
-def entropy_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Mean normalised entropy of the prediction (TENT / ADVENT MinEnt)."""
-    return normalized_entropy(logits.softmax(1)).mean()
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor | None, dims: tuple) -> torch.Tensor:
+    """Mean over ``dims`` of ``values`` ([B, ..., H, W]) at the pixels ``mask`` ([B, H, W])
+    keeps; every pixel without a mask."""
+    if mask is None:
+        return values.mean(dim=dims)
+    m = mask.to(values.dtype)
+    if values.dim() == 4:
+        m = m[:, None]
+    return (values * m).sum(dim=dims) / m.sum(dim=dims).clamp_min(1e-8)
 
 
-def prior_kl(logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """KL(prior || mean predicted class distribution of the batch); 0 when they match."""
-    mean_pred = logits.softmax(1).mean(dim=(0, 2, 3)).clamp_min(1e-8)
+def entropy_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean normalised entropy of the prediction (TENT / ADVENT MinEnt), over the pixels
+    ``mask`` keeps (not a crop's padding)."""
+    return _masked_mean(normalized_entropy(logits.softmax(1)), mask, (0, 1, 2))
+
+
+def prior_kl(
+    logits: torch.Tensor, prior: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """KL(prior || mean predicted class distribution of the batch, over the pixels ``mask``
+    keeps); 0 when they match."""
+    mean_pred = _masked_mean(logits.softmax(1), mask, (0, 2, 3)).clamp_min(1e-8)
     p = prior.clamp_min(0)
     terms = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-12)) - torch.log(mean_pred)), 0.0)
     return terms.sum()

@@ -83,8 +83,10 @@ CONFIDENCE_BINS = 20
 
 
 def confidence_bin(confidence_u8: torch.Tensor, bins: int = CONFIDENCE_BINS) -> torch.Tensor:
-    """Bin index of 8-bit confidences: bin ``i`` covers [i/bins, (i+1)/bins)."""
-    return (confidence_u8.long() * bins // 256).clamp_max(bins - 1)
+    """Bin index of 8-bit confidences (round(255 c)): bin ``i`` holds u8 / 255 in
+    [i/bins, (i+1)/bins), so a pixel is in a bin at or above ``i`` exactly when the
+    threshold test ``u8 >= 255 * i / bins`` keeps it."""
+    return (confidence_u8.long() * bins // 255).clamp_max(bins - 1)
 
 
 def class_confidence_histogram(

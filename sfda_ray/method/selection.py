@@ -6,6 +6,7 @@ per-(class, confidence bin) pixel counts already in the table, so no model runs 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -114,6 +115,9 @@ def select(
     hist = np.stack(table["class_conf_hist"].to_numpy(zero_copy_only=False)).reshape(
         -1, num_classes, bins
     )
+    # Thresholds act at the histogram's resolution, so that pi_V and alpha describe the
+    # very pixels the adaptation keeps: tau is rounded up to the next bin edge.
+    tau = math.ceil(tau * bins - 1e-9) / bins
     thresholds = (
         class_balanced_thresholds(hist.sum(0), tau, cb_portion)
         if class_balanced
