@@ -307,3 +307,25 @@ def test_labelled_split_only_when_every_image_has_a_label(tmp_path, caplog):
     assert has_labelled_val(str(tmp_path / "all.yaml")) and not caplog.records
     assert not has_labelled_val(str(tmp_path / "some.yaml"))
     assert "1 of 2 target val images have a label" in caplog.text
+
+
+def test_the_kind_of_a_bare_manifest_must_be_clear(tmp_path):
+    """Which classes are evaluated comes from the manifest's kind: an unclear one is
+    refused rather than guessed."""
+    from sfda_ray.data.catalog import open_dataset
+
+    row = {
+        "image_id": "a", "image_path": "/a.png", "label_path": None, "label_format": None,
+        "split": "val", "dataset": "cityscapes", "height": 16, "width": 32, "error": None,
+    }  # fmt: skip
+    mixed = [row, {**row, "image_id": "b", "dataset": "gta5"}]
+    pq.write_table(pa.Table.from_pylist(mixed), tmp_path / "mixed.parquet")
+    with pytest.raises(
+        ValueError, match=r"mixed.parquet: the manifest mixes datasets \(cityscapes"
+    ):
+        open_dataset(tmp_path / "mixed.parquet")
+    pq.write_table(pa.Table.from_pylist([{**row, "dataset": "synthetic"}]), tmp_path / "s.parquet")
+    with pytest.raises(ValueError, match="s.parquet: a synthetic benchmark's manifest; pass"):
+        open_dataset(tmp_path / "s.parquet")
+    pq.write_table(pa.Table.from_pylist([row]), tmp_path / "cs.parquet")
+    assert list(open_dataset(tmp_path / "cs.parquet").eval_subsets) == ["cityscapes19"]

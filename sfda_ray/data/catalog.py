@@ -148,8 +148,18 @@ def open_dataset(data: str | Path, domain: str = "target", kind: str | None = No
     path = Path(str(data)).expanduser()
     if storage.has_suffix(data, ".parquet"):
         table = read_manifest(str(data), include_errors=True)
-        kinds = set(table["dataset"].to_pylist())
-        return _ref(str(data), table, _subsets_for(kind or next(iter(kinds), "cityscapes")))
+        kinds = sorted(set(table["dataset"].to_pylist()))
+        if kind is None and len(kinds) > 1:
+            raise ValueError(
+                f"{data}: the manifest mixes datasets ({', '.join(kinds)}); name the kind to "
+                "evaluate it as in a dataset YAML (`data: {kind: ..., manifest: ...}`)"
+            )
+        kind = kind or (kinds[0] if kinds else "cityscapes")
+        if kind == "synthetic":  # its classes are the benchmark's, in benchmark.json
+            raise ValueError(
+                f"{data}: a synthetic benchmark's manifest; pass the benchmark directory"
+            )
+        return _ref(str(data), table, _subsets_for(kind))
     if path.is_dir() and (path / "benchmark.json").is_file():
         if domain not in ("source", "target"):
             raise ValueError(f"domain: {domain!r} is not allowed; allowed: source, target")
