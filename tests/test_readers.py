@@ -309,7 +309,7 @@ def test_labelled_split_only_when_every_image_has_a_label(tmp_path, caplog):
     assert "1 of 2 target val images have a label" in caplog.text
 
 
-def test_the_kind_of_a_bare_manifest_must_be_clear(tmp_path):
+def test_the_kind_of_a_bare_manifest_must_be_clear(tmp_path, caplog):
     """Which classes are evaluated comes from the manifest's kind: an unclear one is
     refused rather than guessed."""
     from sfda_ray.data.catalog import open_dataset
@@ -325,7 +325,7 @@ def test_the_kind_of_a_bare_manifest_must_be_clear(tmp_path):
     ):
         open_dataset(tmp_path / "mixed.parquet")
     pq.write_table(pa.Table.from_pylist([{**row, "dataset": "synthetic"}]), tmp_path / "s.parquet")
-    with pytest.raises(ValueError, match="s.parquet: a synthetic benchmark's manifest; pass"):
-        open_dataset(tmp_path / "s.parquet")
+    assert list(open_dataset(tmp_path / "s.parquet").eval_subsets) == ["cityscapes19"]
+    assert "s.parquet: a synthetic benchmark's manifest is evaluated over all 19" in caplog.text
     pq.write_table(pa.Table.from_pylist([row]), tmp_path / "cs.parquet")
     assert list(open_dataset(tmp_path / "cs.parquet").eval_subsets) == ["cityscapes19"]

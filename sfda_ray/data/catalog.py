@@ -8,6 +8,7 @@ a ``data:`` section (``kind``, ``root``, optional ``manifest`` and ``eval_classe
 from __future__ import annotations
 
 import hashlib
+import logging
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from sfda_ray.data.labels import EVAL_SUBSETS
 from sfda_ray.data.manifest import read_manifest
 from sfda_ray.data.readers import scan_dataset
 from sfda_ray.data.synthetic import load_benchmark_info
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -155,9 +158,11 @@ def open_dataset(data: str | Path, domain: str = "target", kind: str | None = No
                 "evaluate it as in a dataset YAML (`data: {kind: ..., manifest: ...}`)"
             )
         kind = kind or (kinds[0] if kinds else "cityscapes")
-        if kind == "synthetic":  # its classes are the benchmark's, in benchmark.json
-            raise ValueError(
-                f"{data}: a synthetic benchmark's manifest; pass the benchmark directory"
+        if kind == "synthetic":  # its own classes are in the benchmark's benchmark.json
+            log.warning(
+                "%s: a synthetic benchmark's manifest is evaluated over all 19 classes; "
+                "pass the benchmark directory for the benchmark's own",
+                data,
             )
         return _ref(str(data), table, _subsets_for(kind))
     if path.is_dir() and (path / "benchmark.json").is_file():
