@@ -265,6 +265,18 @@ def evaluate_adapted(
     }
 
 
+def pool_batchnorm_statistics(model: nn.Module) -> None:
+    """BatchNorm statistics of the union of the workers' (equal-sized) shards: the mean of
+    the means, and the mean of the variances plus the spread of the means (the variance
+    of the pooled data); unchanged in a single process."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            mean_square = mean_over_workers(m.running_mean.square())
+            mean_over_workers(m.running_mean)
+            mean_over_workers(m.running_var)
+            m.running_var.add_(mean_square - m.running_mean.square())
+
+
 def check_finite(logs: dict[str, float], iteration: int, lr: float, device: torch.device) -> None:
     """Raise when a loss of this step is not finite, on every worker when on any: through
     DDP one worker's NaN reaches every worker's weights."""
@@ -338,11 +350,7 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
                 max_batches=50,
                 device=exe.device,
             )
-        # Each worker saw its own shard: the mean of their statistics.
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                for stats in (m.running_mean, m.running_var):
-                    mean_over_workers(stats)
+        pool_batchnorm_statistics(model)  # each worker saw its own shard
     adapter = Adapter(
         model,
         a,

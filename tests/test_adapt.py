@@ -17,6 +17,7 @@ from sfda_ray.adaptation import (
     make_loader,
     make_plan,
     metrics_over_workers,
+    pool_batchnorm_statistics,
     run_adaptation,
 )
 from sfda_ray.config import AdaptConfig, apply_overrides, load_config, load_search_space
@@ -168,6 +169,36 @@ def _reported_metrics(rank, port, results):
     metrics = {"loss_v": [1.0, 3.0][rank], "skipped_inputs": [0, 3][rank], "iteration": 5}
     torch.save(metrics_over_workers(metrics, torch.device("cpu")), results / f"metrics{rank}.pt")
     torch.distributed.destroy_process_group()
+
+
+def _pooled_batchnorm(rank, port, data, results):
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    bn = torch.nn.BatchNorm2d(3)
+    shard = data[rank]  # [N, 3]: each worker's statistics of its own shard
+    bn.running_mean.copy_(shard.mean(0))
+    bn.running_var.copy_(shard.var(0, unbiased=False))
+    pool_batchnorm_statistics(bn)
+    torch.save((bn.running_mean, bn.running_var), results / f"bn{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_the_adabn_start_pools_the_workers_statistics(tmp_path):
+    """The pooled variance holds the spread between the shards' means too."""
+    import socket
+
+    torch.manual_seed(0)
+    data = [torch.randn(100, 3), torch.randn(100, 3) * 2 + 5]  # shards that differ
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_pooled_batchnorm, (port, data, tmp_path), nprocs=2)
+    union = torch.cat(data)
+    for rank in (0, 1):
+        mean, var = torch.load(tmp_path / f"bn{rank}.pt")
+        assert torch.allclose(mean, union.mean(0), atol=1e-5)
+        assert torch.allclose(var, union.var(0, unbiased=False), atol=1e-4)
 
 
 def _divergence(rank, port, results):
