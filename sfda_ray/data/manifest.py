@@ -27,7 +27,6 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("error", pa.string()),  # null when the row is usable
     ]
 )
-_REQUIRED = [f.name for f in MANIFEST_SCHEMA if not f.nullable]
 
 
 def to_manifest_table(
