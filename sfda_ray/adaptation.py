@@ -286,10 +286,13 @@ def check_finite(logs: dict[str, float], iteration: int, lr: float, device: torc
         if anywhere.item() and not diverged:
             diverged = ["another worker's loss"]
     if diverged:
-        raise ValueError(
-            f"adaptation diverged at iteration {iteration}: {', '.join(diverged)} not finite "
-            f"(adapt.lr {lr}; a lower learning rate or loss weight may help)"
-        )
+        raise _diverged(f"at iteration {iteration}: {', '.join(diverged)} not finite", lr)
+
+
+def _diverged(what: str, lr: float) -> ValueError:
+    return ValueError(
+        f"adaptation diverged {what} (adapt.lr {lr}; a lower learning rate or loss weight may help)"
+    )
 
 
 def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
@@ -366,9 +369,10 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
         start = state["iteration"]
         log.info("rank %d resuming from iteration %d", env.rank, start)
         # Fresh crop/flip draws: a resumed run must not replay those of its first steps.
-        torch.manual_seed(a.seed + env.rank + 1_000_003 * start)
+        resumed_seed = a.seed + env.rank + 1_000_003 * start
+        torch.manual_seed(resumed_seed)
         if env.rank > 0:  # the checkpoint holds rank 0's augmentation generator alone
-            adapter.generator.manual_seed(a.seed + env.rank + 1_000_003 * start)
+            adapter.generator.manual_seed(resumed_seed)
 
     iterations = 0 if a.method in ("source_only", "adabn") else a.iterations
     per_round = max(1, -(-iterations // a.st_rounds))
@@ -427,10 +431,7 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
         if checkpoint_now and env.rank == 0:
             # A finite loss can still leave an inf gradient behind: never save such weights.
             if not all(p.isfinite().all() for p in unwrap(adapter.student).parameters()):
-                raise ValueError(
-                    f"adaptation diverged by iteration {done}: the weights are not finite "
-                    f"(adapt.lr {a.lr}; a lower learning rate or loss weight may help)"
-                )
+                raise _diverged(f"by iteration {done}: the weights are not finite", a.lr)
             state_out = {"adapter": adapter.state_dict(), "iteration": done}
         env.report(metrics, state_out)
     if iterations == start:  # nothing trained in this call (baselines, or already done)
