@@ -447,7 +447,7 @@ def test_an_mlflow_failure_in_a_trial_hook_does_not_stop_the_sweep(tmp_path, cap
         f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", str(tmp_path), str(tmp_path)
     )
     tracker.start("sweep", {}, {})
-    logger = TrialLogger(tracker, {}, {}, lambda trial_id: {}, iterations=10)
+    logger = TrialLogger(tracker, {}, lambda trial_id: {}, iterations=10)
     trial = SimpleNamespace(trial_id="t1", config={"adapt.lr": 0.01}, last_result={})
 
     def server_gone(*args, **kwargs):
@@ -490,7 +490,7 @@ def test_a_resumed_driver_does_not_log_a_step_twice(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = SweepTracker(uri, "exp", str(tmp_path), str(tmp_path))
     tracker.start("sweep", {}, {})
-    logger = TrialLogger(tracker, {}, {}, dict, iterations=10)
+    logger = TrialLogger(tracker, {}, dict, iterations=10)
     trial = SimpleNamespace(trial_id="t1", config={}, last_result={})
     for step, miou in ((5, 20.0), (10, 25.0)):
         logger.on_trial_result(0, [], trial, {"iteration": step, "val_miou": miou})

@@ -334,13 +334,13 @@ def _never_stops_the_sweep(hook):
 class TrialLogger(Callback):
     """Tune callback: a child run per trial, curves per reported step, files at the end.
 
-    ``files_of(trial_id)`` returns the trial's report files (name -> bytes).
+    ``files_of(trial_id)`` returns the trial's report files (name -> bytes). The trials'
+    runs carry the sweep's tags, as its started ``tracker`` holds them.
     """
 
-    def __init__(self, tracker: SweepTracker, fixed: dict, tags: dict, files_of, iterations: int):
+    def __init__(self, tracker: SweepTracker, fixed: dict, files_of, iterations: int):
         self.tracker = tracker
         self.fixed = fixed
-        self.tags = tags
         self.files_of = files_of
         self.iterations = iterations
         self.logged_step: dict[str, int] = {}
@@ -354,7 +354,7 @@ class TrialLogger(Callback):
 
     def _run(self, trial) -> str:
         params = {**self.fixed, **trial.config}
-        return self.tracker.child(trial.trial_id, str(trial), params, self.tags)
+        return self.tracker.child(trial.trial_id, str(trial), params, self.tracker.tags)
 
     @_never_stops_the_sweep
     def on_trial_start(self, iteration, trials, trial, **info):

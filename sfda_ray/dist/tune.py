@@ -177,7 +177,7 @@ def run_sweep(
             tuner = tune.Tuner.restore(sweep_path, trainable, resume_errored=True)
         else:
             tuner = _new_tuner(
-                base, space, metric, mode, trainable, storage_path, tracker, tags, fixed, out
+                base, space, metric, mode, trainable, storage_path, tracker, fixed, out
             )
         grid = tuner.fit()
         return _summarise(grid, out, space, metric, mode, sweep_path, tracker), tracker
@@ -345,7 +345,7 @@ def _failure_message(sweep_path: str, trials: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _new_tuner(base, space, metric, mode, trainable, storage_path, tracker, tags, fixed, out):
+def _new_tuner(base, space, metric, mode, trainable, storage_path, tracker, fixed, out):
     t, a = base.tune, base.adapt
     configured = to_dict(base)
     points = []
@@ -371,7 +371,7 @@ def _new_tuner(base, space, metric, mode, trainable, storage_path, tracker, tags
         )
     else:
         scheduler = FIFOScheduler()
-    logger = TrialLogger(tracker, fixed, tags, functools.partial(report_files, out), a.iterations)
+    logger = TrialLogger(tracker, fixed, functools.partial(report_files, out), a.iterations)
     return tune.Tuner(
         trainable,
         param_space={k: tune_domain(kind, args) for k, (kind, args) in space.items()},
