@@ -98,6 +98,15 @@ def test_discriminator_inputs_and_weighted_bce():
         discriminator_input(d_out, "logits")
 
 
+def _virtual_batch() -> dict:
+    """A virtual-source batch of two 32x64 images with pseudo-labels and weights."""
+    return {
+        "image": torch.rand(2, 3, 32, 64),
+        "label": torch.randint(0, C, (2, 32, 64)),
+        "weight": torch.rand(2, 32, 64),
+    }
+
+
 @pytest.mark.parametrize("lambda_v", [1.0, 0.0])
 def test_step_updates_segmentation_net_and_discriminator(lambda_v):
     """Also without L_V (its ablation): V's logits still train the discriminator."""
@@ -110,11 +119,7 @@ def test_step_updates_segmentation_net_and_discriminator(lambda_v):
     adapter.begin_round(0, [images])
     before_net = model.layer1[0].conv1.weight.clone()
     before_d = adapter.disc.conv1.weight.clone()
-    batch_v = {
-        "image": torch.rand(2, 3, 32, 64),
-        "label": torch.randint(0, C, (2, 32, 64)),
-        "weight": torch.rand(2, 32, 64),
-    }
+    batch_v = _virtual_batch()
     logs = adapter.step(batch_v, {"image": images})
     for key in ("loss_st", "loss_prior", "loss_adv", "loss_d"):
         assert math.isfinite(logs[key]), key
@@ -311,11 +316,7 @@ def test_class_mix_loss_is_reported_and_trains_the_net():
     )
     images = torch.rand(2, 3, 32, 64)
     adapter.begin_round(0, [images])
-    batch_v = {
-        "image": torch.rand(2, 3, 32, 64),
-        "label": torch.randint(0, C, (2, 32, 64)),
-        "weight": torch.rand(2, 32, 64),
-    }
+    batch_v = _virtual_batch()
     logs = adapter.step(batch_v, {"image": images})
     assert math.isfinite(logs["loss_mix"]) and logs["loss_mix"] > 0
 
@@ -552,12 +553,7 @@ def test_a_crops_padding_is_marked_and_never_trained_on(tmp_path):
     adapter = Adapter(model, AdaptConfig(), "imagenet", torch.full((C,), 1 / C), None, CPU)
     images = torch.rand(2, 3, 32, 64)
     adapter.begin_round(0, [images])
-    batch_v = {
-        "image": torch.rand(2, 3, 32, 64),
-        "label": torch.randint(0, C, (2, 32, 64)),
-        "weight": torch.rand(2, 32, 64),
-        "valid": torch.ones(2, 32, 64, dtype=torch.bool),
-    }
+    batch_v = {**_virtual_batch(), "valid": torch.ones(2, 32, 64, dtype=torch.bool)}
     padding = {"image": images, "valid": torch.zeros(2, 32, 64, dtype=torch.bool)}
     logs = adapter.step(batch_v, padding)
     assert logs["st_kept_fraction"] == 0.0 and logs["loss_st"] == 0.0
