@@ -14,12 +14,15 @@ from data_fixtures import (
     make_cityscapes,
     make_gta5,
     make_synthia,
+    random_rgb,
     truncate,
+    write_png,
 )
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from sfda_ray.data.dataset import SegmentationDataset, collate_skip_bad
+from sfda_ray.data.loaders import eval_loader, image_loader
 from sfda_ray.data.manifest import write_manifest
 from sfda_ray.data.readers import scan_cityscapes, scan_dataset, scan_gta5
 from sfda_ray.data.transforms import build_transform
@@ -109,6 +112,61 @@ def test_loader_counts_skipped_items(tmp_path):
     assert batches[0]["image"].shape == (1, 3, H, W)
     assert batches[0]["label"].dtype == torch.int64
     assert batches[1]["image_id"] == ["images/00002"]
+
+
+def _gta5_of_two_sizes(root):
+    """6 frames, 2 and 4 of them larger (GTA5 mixes frame sizes)."""
+    labels = make_gta5(root, n=6)
+    for k in (1, 4):
+        write_png(root / "images" / f"{k:05d}.png", random_rgb(k, 24, 40))
+        write_png(root / "labels" / f"{k:05d}.png", all_ids_label(34, 24, 40))
+    return labels
+
+
+def _ids(loader):
+    return [batch["image_id"] for batch in loader]
+
+
+def test_native_size_image_batches_hold_one_size_and_reshuffle(tmp_path):
+    _gta5_of_two_sizes(tmp_path)
+    table = scan_gta5(tmp_path)
+
+    def loader(seed):
+        return image_loader(table, None, "imagenet", batch_size=3, shuffle=True, seed=seed)
+
+    batches = list(loader(0))
+    assert len(batches) == len(loader(0)) == 3  # 4 small frames in 2 batches, 2 large in 1
+    assert sorted(i for b in batches for i in b["image_id"]) == table["image_id"].to_pylist()
+    large = ("images/00001", "images/00004")
+    for b in batches:
+        (is_large,) = {i in large for i in b["image_id"]}
+        assert b["image"].shape[-2:] == ((24, 40) if is_large else (H, W))
+    orders = [_ids(loader(0)), _ids(loader(0)), _ids(loader(1))]
+    assert orders[0] == orders[1] != orders[2]  # seeded, and the seed matters
+    passes = loader(0)
+    assert _ids(passes) != _ids(passes)  # a fresh order on the next pass
+    # Unshuffled: table order within each size.
+    assert _ids(image_loader(table, None, "imagenet", batch_size=3, num_workers=0)) == [
+        ["images/00000", "images/00002", "images/00003"],
+        ["images/00005"],
+        ["images/00001", "images/00004"],
+    ]
+
+
+def test_a_frame_that_changed_since_the_scan_is_skipped_not_a_collate_error(tmp_path, caplog):
+    make_gta5(tmp_path, n=3)
+    table = scan_gta5(tmp_path)
+    write_png(tmp_path / "images" / "00001.png", random_rgb(1, 24, 40))  # replaced after it
+    write_png(tmp_path / "labels" / "00002.png", all_ids_label(34, 24, 40))
+    with caplog.at_level(logging.WARNING):
+        images = list(image_loader(table, None, "imagenet", batch_size=3, num_workers=0))
+        evaluated = list(eval_loader(table, None, "imagenet", batch_size=3, num_workers=0))
+    assert [b["image_id"] for b in images] == [["images/00000", "images/00002"]]
+    assert [b["image_id"] for b in evaluated] == [["images/00000"]]
+    assert images[0]["num_skipped"] == 1 and evaluated[0]["num_skipped"] == 2
+    image = tmp_path / "images" / "00001.png"
+    assert f"skipping {image}: image size 40x24 differs from the manifest's {W}x{H}" in caplog.text
+    assert f"{tmp_path / 'labels' / '00002.png'}: label size 40x24 differs" in caplog.text
 
 
 def test_all_bad_batch_has_no_image():

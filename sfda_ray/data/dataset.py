@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from torch.utils.data import Dataset, default_collate
@@ -34,8 +35,9 @@ class SegmentationDataset(Dataset):
             manifest = read_manifest(manifest)
         # Rows already flagged at scan time can never load.
         manifest = manifest.filter(pc.is_null(manifest["error"]))
-        columns = ["image_id", "image_path", "label_path", "label_format"]
+        columns = ["image_id", "image_path", "label_path", "label_format", "height", "width"]
         self.rows = manifest.select(columns).to_pylist()
+        self.sizes = [(r["height"], r["width"]) for r in self.rows]
         self.transform = transform
         self.with_labels = with_labels
 
@@ -48,10 +50,7 @@ class SegmentationDataset(Dataset):
         try:
             image = load_image(row["image_path"])
             label = load_label(row["label_path"], row["label_format"]) if use_label else None
-            if label is not None and label.shape != image.shape[:2]:
-                (lh, lw), (ih, iw) = label.shape, image.shape[:2]
-                reason = f"label size {lw}x{lh} differs from image size {iw}x{ih}"
-                raise BadInputError(row["label_path"], reason)
+            check_sizes(row, image, label)
         except BadInputError as e:
             log.warning("skipping %s: %s", e.path, e.reason)
             return None
@@ -60,6 +59,22 @@ class SegmentationDataset(Dataset):
         if label is not None:
             item["label"] = label
         return item
+
+
+def check_sizes(row: dict[str, Any], image: np.ndarray, label: np.ndarray | None) -> None:
+    """The decoded image has the size its manifest row records (batches of native-size
+    frames are grouped by that size) and its label, if any, the image's size."""
+    ih, iw = image.shape[:2]
+    if (ih, iw) != (row["height"], row["width"]):
+        reason = (
+            f"image size {iw}x{ih} differs from the manifest's {row['width']}x{row['height']} "
+            "(the file changed since the dataset was scanned; rescan it)"
+        )
+        raise BadInputError(row["image_path"], reason)
+    if label is not None and label.shape != (ih, iw):
+        lh, lw = label.shape
+        reason = f"label size {lw}x{lh} differs from image size {iw}x{ih}"
+        raise BadInputError(row["label_path"], reason)
 
 
 def collate_skip_bad(batch: list[dict[str, Any] | None]) -> dict[str, Any]:

@@ -9,10 +9,10 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sfda_ray.config import DataConfig
-from sfda_ray.data.dataset import SegmentationDataset, collate_skip_bad
+from sfda_ray.data.dataset import SegmentationDataset, check_sizes, collate_skip_bad
 from sfda_ray.data.io import BadInputError, load_image, load_label
 from sfda_ray.data.transforms import build_transform
 
@@ -88,16 +88,59 @@ def image_loader(
     shuffle: bool = False,
     seed: int = 0,
 ) -> DataLoader:
-    """Unaugmented images only (labels are not read even where they exist)."""
-    transform = build_transform(train=False, size=size, normalization=normalization)
+    """Unaugmented images only (labels are not read even where they exist). At native size
+    (``size=None``) each batch holds one frame size."""
+    dataset = SegmentationDataset(
+        table,
+        build_transform(train=False, size=size, normalization=normalization),
+        with_labels=False,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    if size is None:
+        batches = SizeBatches(dataset.sizes, batch_size, generator if shuffle else None)
+        batching = {"batch_sampler": batches}
+    else:
+        batching = {"batch_size": batch_size, "shuffle": shuffle}
     return DataLoader(
-        SegmentationDataset(table, transform, with_labels=False),
-        batch_size=batch_size,
-        shuffle=shuffle,
+        dataset,
+        **batching,
         num_workers=num_workers,
         collate_fn=collate_skip_bad,
-        generator=torch.Generator().manual_seed(seed),
+        generator=generator,
     )
+
+
+class SizeBatches(Sampler[list[int]]):
+    """Batches of indices whose frames share one size, for loaders that keep frames at
+    their native size: datasets such as GTA5 mix sizes, and a batch needs one. Without a
+    generator, in index order within each size; with one, shuffled afresh on every pass."""
+
+    def __init__(
+        self,
+        sizes: list[tuple[int, int]],
+        batch_size: int,
+        generator: torch.Generator | None = None,
+    ):
+        self.sizes, self.batch_size, self.generator = sizes, batch_size, generator
+
+    def _batches(self, order: Iterable[int]) -> list[list[int]]:
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for index in order:
+            by_size.setdefault(self.sizes[index], []).append(index)
+        return [
+            group[i : i + self.batch_size]
+            for group in by_size.values()
+            for i in range(0, len(group), self.batch_size)
+        ]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.generator is None:
+            return iter(self._batches(range(len(self.sizes))))
+        batches = self._batches(torch.randperm(len(self.sizes), generator=self.generator).tolist())
+        return iter([batches[i] for i in torch.randperm(len(batches), generator=self.generator)])
+
+    def __len__(self) -> int:
+        return len(self._batches(range(len(self.sizes))))
 
 
 def images_of(loader: DataLoader):
@@ -112,8 +155,8 @@ class EvalDataset(Dataset):
     """
 
     def __init__(self, table: pa.Table, size: tuple[int, int] | None, normalization: str):
-        self.rows = table.select(["image_id", "image_path", "label_path", "label_format"])
-        self.rows = self.rows.to_pylist()
+        columns = ["image_id", "image_path", "label_path", "label_format", "height", "width"]
+        self.rows = table.select(columns).to_pylist()
         self.transform = build_transform(train=False, size=size, normalization=normalization)
 
     def __len__(self) -> int:
@@ -122,11 +165,13 @@ class EvalDataset(Dataset):
     def __getitem__(self, index: int) -> dict | None:
         row = self.rows[index]
         try:
-            image, _ = self.transform(load_image(row["image_path"]), None)
+            image = load_image(row["image_path"])
             label = load_label(row["label_path"], row["label_format"])
+            check_sizes(row, image, label)
         except BadInputError as e:
             log.warning("skipping %s", e)
             return None
+        image, _ = self.transform(image, None)
         return {
             "image": image,
             "label": torch.from_numpy(label.astype(np.int64)),
@@ -151,20 +196,11 @@ def eval_loader(
         raise ValueError(
             f"{len(missing)} image(s) have no label (first: {missing[0]}); evaluation needs labels"
         )
-    # Labels stay at full resolution, so a batch holds one label size: datasets such as
-    # GTA5 mix frame sizes. In table order within each size.
-    by_size: dict[tuple[int, int], list[int]] = {}
-    sizes = zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True)
-    for index, hw in enumerate(sizes):
-        by_size.setdefault(hw, []).append(index)
-    batches = [
-        group[i : i + batch_size]
-        for group in by_size.values()
-        for i in range(0, len(group), batch_size)
-    ]
+    # Labels stay at full resolution, so a batch holds one label size.
+    sizes = list(zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True))
     return DataLoader(
         EvalDataset(table, size, normalization),
-        batch_sampler=batches,
+        batch_sampler=SizeBatches(sizes, batch_size),
         num_workers=num_workers,
         collate_fn=collate_skip_bad,
         # Its own generator: a loader without one draws its base seed from torch's global
