@@ -133,16 +133,20 @@ def test_switching_sizes_back_and_forth_never_reuses_the_other_sizes_maps(
 def test_bad_images_are_recorded_and_skipped(
     ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path
 ):
+    """Bad images, and a partly labelled split, in blocks that Ray Data splits and joins
+    into the scorers' batches (9 rows in 2 blocks, batches of 4): every batch's columns
+    must join whatever its rows hold."""
     table = pq.read_table(tiny_benchmark / "target" / "manifest.parquet")
-    table = table.filter(pa.compute.equal(table["split"], "train")).slice(0, 6)
+    table = table.filter(pa.compute.equal(table["split"], "train")).slice(0, 7)
     good = table.to_pylist()
+    good[1].update(label_path=None, label_format=None)  # an image without its label file
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(open(good[0]["image_path"], "rb").read()[:300])
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     bad = [dict(good[0], image_id=f"bad/{p.stem}", image_path=str(p)) for p in (truncated, empty)]
     manifest = tmp_path / "manifest.parquet"
-    write_manifest(good + bad, manifest)
+    write_manifest(good[:5] + bad[:1] + good[5:] + bad[1:], manifest)
     out = tmp_path / "scores"
     summary = score_dataset(
         str(tiny_source_ckpt),
@@ -150,14 +154,17 @@ def test_bad_images_are_recorded_and_skipped(
         f"file://{out}",
         ScoringOptions(batch_size=4, actors=1, adabn=False),
     )
-    assert summary["scored"] == 6 and summary["skipped"] == 2
+    assert summary["scored"] == 7 and summary["skipped"] == 2
     assert summary["checkpoint"] == summary["source_checkpoint"]  # AdaBN off: source as is
     assert summary["skipped_reasons"] == {"unreadable image": 2}
     rows = {r["image_id"]: r for r in pq.read_table(out / "scores.parquet").to_pylist()}
-    assert len(rows) == 8
+    assert len(rows) == 9
     assert "truncated.png" in rows["bad/truncated"]["error"]
     assert "empty file" in rows["bad/empty"]["error"]
     assert rows["bad/empty"]["score"] is None
+    # Pseudo-labels are evaluated where a label exists, and only there.
+    evaluated = {i for i, r in rows.items() if r["eval_miou"] is not None}
+    assert evaluated == {r["image_id"] for r in good} - {good[1]["image_id"]}
 
 
 def test_an_unlabelled_target_is_scored(ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path):

@@ -11,18 +11,24 @@ from PIL import Image
 
 from sfda_ray.data.io import BadInputError, load_image, load_label
 
+NO_IMAGE = np.zeros((0, 0, 3), np.uint8)
+NO_LABEL = np.zeros((0, 0), np.uint8)
+
 
 def decode_batch(batch: dict[str, np.ndarray], size: tuple[int, int] | None) -> dict:
     """Ray Data task: read and resize images; read labels where present (evaluation only).
 
     An unreadable image marks its row with an error (the row is skipped, not dropped); an
-    unreadable label only leaves that image out of the evaluation numbers.
+    unreadable label only leaves that image out of the evaluation numbers. Every row gets
+    an array of its column's rank and dtype, empty where there is nothing (``NO_IMAGE``,
+    ``NO_LABEL``): Ray Data joins blocks into batches, and a column that is a tensor in one
+    block cannot join one of Python objects or nulls in another.
     """
     images, labels, errors, eval_errors = [], [], [], []
     for path, label_path, label_format in zip(
         batch["image_path"], batch["label_path"], batch["label_format"], strict=True
     ):
-        image, label, error, eval_error = np.zeros((1, 1, 3), np.uint8), None, None, None
+        image, label, error, eval_error = NO_IMAGE, NO_LABEL, None, None
         try:
             image = load_image(path)
             if size is not None and image.shape[:2] != tuple(size):
@@ -47,11 +53,11 @@ def decode_batch(batch: dict[str, np.ndarray], size: tuple[int, int] | None) -> 
     return out
 
 
-def _column(arrays: list) -> np.ndarray:
-    """One (B, ...) array when every row's array has the same shape (moved between
-    processes as a tensor block, no per-row pickling); else ragged, one array per row."""
-    shapes = {a.shape if isinstance(a, np.ndarray) else None for a in arrays}
-    if len(shapes) == 1 and None not in shapes:
+def _column(arrays: list[np.ndarray]) -> np.ndarray:
+    """One (B, ...) array when every row's array has the same shape; else one array per
+    row. Either way a tensor column to Ray (fixed or variable shape), moved between
+    processes without per-row pickling."""
+    if len({a.shape for a in arrays}) == 1:
         return np.stack(arrays)
     return _objects(arrays)
 

@@ -207,7 +207,7 @@ class Scorer:
                 scores = score_images(self.model, x, self.mc_passes)
             for j, i in enumerate(idx):
                 gt = batch["label"][i]
-                gt = gt if isinstance(gt, np.ndarray) and gt.ndim == 2 else None
+                gt = gt if gt.size else None  # an empty map: no label to evaluate against
                 rows[i].update(image_row(scores, j, self.num_classes, gt))
         # An explicit schema: Ray's type inference would turn missing values into NaN.
         return pa.Table.from_pylist(rows, schema=ACTOR_SCHEMA)
