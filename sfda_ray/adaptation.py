@@ -242,8 +242,12 @@ def evaluate_adapted(
         loader = image_loader(table, size, normalization, batch_size=8, num_workers=0)
     cm, _ = confusion_on(model, loader, len(CLASS_NAMES), execution, observe=observe)
     entropy, mean_pred, n = totals["entropy"], totals["mean_pred"], totals["n"]
-    if n == 0:  # every image failed to decode (each was logged and skipped)
-        return {}
+    if n == 0:  # an evaluation of nothing would leave a sweep nothing to rank trials on
+        raise ValueError(
+            f"none of the {len(rows)} target images evaluated could be read (each was logged "
+            "with its reason): the target's val split (or, unlabelled, its proxy images) "
+            "needs mending"
+        )
     prior = torch.tensor(plan.prior_target)
     mean_pred = (mean_pred / n).clamp_min(1e-8)
     kl = torch.where(prior > 0, prior * (prior.clamp_min(1e-12).log() - mean_pred.log()), 0.0)
@@ -319,7 +323,9 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
 
     skipped = Counter()  # bad V/T inputs met since this loop (re)started, each logged
 
-    def loader(dataset: Dataset, batch_size: int, seed: int, weights=None, start: int = 0):
+    def loader(
+        dataset: Dataset, batch_size: int, seed: int, weights=None, start: int = 0, count=True
+    ):
         return batch_stream(
             lambda e, skip: make_loader(
                 dataset,
@@ -333,18 +339,21 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
                 skip,
             ),
             start,
-            skipped,
+            skipped if count else None,
         )
 
     def plain_images(n_batches: int, seed: int) -> Iterator[torch.Tensor]:
-        """Unaugmented-geometry target images for AdaBN and round thresholds."""
+        """Unaugmented-geometry target images for AdaBN and round thresholds (a bad image
+        met here is logged, and counted when training meets it)."""
         plain = AdaptationDataset(t_rows, size, None, (1.0, 1.0), hflip=False)
-        batches = loader(plain, a.batch_size * 2, seed)
+        batches = loader(plain, a.batch_size * 2, seed, count=False)
         for _ in range(n_batches):
             yield exe.to_device(next(batches)["image"])
 
     state = env.load_state()
-    if state is None and a.adabn_init and not plan.bn_adapted and a.method != "source_only":
+    # The adabn baseline is this re-estimation alone, whatever adabn_init says.
+    adabn = a.adabn_init or a.method == "adabn"
+    if state is None and adabn and not plan.bn_adapted and a.method != "source_only":
         n_batches = max(1, len(t_rows) // (a.batch_size * 2))
         with exe.autocast():
             adapt_batchnorm(
@@ -375,7 +384,6 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
             adapter.generator.manual_seed(resumed_seed)
 
     iterations = 0 if a.method in ("source_only", "adabn") else a.iterations
-    per_round = max(1, -(-iterations // a.st_rounds))
     # A resumed run reads on from where its streams were at iteration `start`.
     t_batches = loader(target_set, a.batch_size, a.seed, start=start)
     v_batches = None
@@ -388,7 +396,7 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
     final: dict = {}
     t0 = time.perf_counter()
     for it in range(start, iterations):
-        round_index = it // per_round
+        round_index = it * a.st_rounds // iterations  # st_rounds rounds of equal length
         if round_index != adapter.round:
             adapter.begin_round(round_index, plain_images(8, a.seed + round_index))
         adapter.set_lr(it, iterations)
@@ -428,11 +436,14 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
                 miou = "" if miou is None else f"val_miou {miou:.2f} "
                 log.info("iter %d: %sproxy %.4f", done, miou, metrics["proxy"])
         state_out = None
-        if checkpoint_now and env.rank == 0:
-            # A finite loss can still leave an inf gradient behind: never save such weights.
+        # A finite loss can still leave an inf gradient behind: never save such weights.
+        # Checked on every worker (DDP keeps their weights equal), so all of them stop
+        # here rather than rank 0 alone while the others wait in the next collective.
+        if checkpoint_now:
             if not all(p.isfinite().all() for p in unwrap(adapter.student).parameters()):
                 raise _diverged(f"by iteration {done}: the weights are not finite", a.lr)
-            state_out = {"adapter": adapter.state_dict(), "iteration": done}
+            if env.rank == 0:
+                state_out = {"adapter": adapter.state_dict(), "iteration": done}
         env.report(metrics, state_out)
     if iterations == start:  # nothing trained in this call (baselines, or already done)
         if env.rank == 0:

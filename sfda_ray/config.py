@@ -181,7 +181,8 @@ class AdaptConfig:
     st_portion: float = _field(0.5, lo=0.0, lo_open=True, hi=1.0)
     # Pseudo-labels from the plain view, losses on a photometrically perturbed view.
     strong_aug: bool = True
-    # Re-estimate BatchNorm statistics on target images before training.
+    # Re-estimate BatchNorm statistics on target images before training (method adabn
+    # always does: it is that alone).
     adabn_init: bool = True
     # Draw virtual-source images in proportion to their rare-class content.
     rare_class_sampling: bool = True

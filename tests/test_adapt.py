@@ -426,6 +426,22 @@ def test_unlabelled_target_reports_the_proxy(
     assert len(plan.proxy_rows) == TINY.target_train  # fewer than PROXY_IMAGES: all of them
 
 
+def test_an_evaluation_with_nothing_readable_is_an_error(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    """Not an empty report: a sweep ranks trials on what each evaluation reports."""
+    from sfda_ray.adaptation import evaluate_adapted
+
+    scores, _ = tiny_scores
+    plan = make_plan(_adapt_cfg(), str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(b"not a PNG")
+    plan.eval_rows = [{**row, "image_path": str(damaged)} for row in plan.eval_rows]
+    model, _ = load_model(str(tiny_source_ckpt), num_classes=19)
+    with pytest.raises(ValueError, match=r"none of the 8 target images evaluated could be read"):
+        evaluate_adapted(model, plan, "imagenet", (TINY.height, TINY.width))
+
+
 def test_a_damaged_input_is_skipped_and_counted(
     tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
 ):
@@ -486,6 +502,72 @@ def test_a_diverged_run_stops_before_checkpointing_its_weights(
     with pytest.raises(ValueError, match="diverged by iteration 2: the weights are not finite"):
         run_adaptation(plan, cfg, env)
     assert env.reports == []
+    # Every worker checks (its weights are rank 0's): none goes on into the next collective.
+    calls.clear()
+    env = LocalEnv()
+    env.rank = 1
+    with pytest.raises(ValueError, match="diverged by iteration 2: the weights are not finite"):
+        run_adaptation(plan, cfg, env)
+    assert env.reports == []
+
+
+def test_the_adabn_baseline_reestimates_whatever_adabn_init_says(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores
+):
+    scores, _ = tiny_scores
+    cfg = _adapt_cfg(**{"adapt.method": "adabn", "adapt.adabn_init": False})
+    plan = make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+    plan.checkpoint, plan.bn_adapted = str(tiny_source_ckpt), False  # scored without AdaBN
+    adapted = run_adaptation(plan, cfg, LocalEnv())["model"]
+    source, _ = load_model(str(tiny_source_ckpt), num_classes=19)
+    pairs = [
+        (a.running_mean, s.running_mean)
+        for a, s in zip(adapted.modules(), source.modules(), strict=True)
+        if isinstance(a, torch.nn.BatchNorm2d)
+    ]
+    assert pairs and not any(torch.equal(a, s) for a, s in pairs)
+
+
+def test_self_training_runs_every_round_asked_for(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores, monkeypatch
+):
+    scores, _ = tiny_scores
+    cfg = _adapt_cfg(**{"adapt.st_rounds": 3})  # over 4 iterations
+    plan = make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+    begin, rounds = Adapter.begin_round, []
+
+    def recorded(self, index, images):
+        rounds.append(index)
+        return begin(self, index, images)
+
+    monkeypatch.setattr(Adapter, "begin_round", recorded)
+    env = LocalEnv()
+    run_adaptation(plan, cfg, env)
+    assert rounds == [0, 1, 2]
+    assert [r["round"] for r in env.reports] == [0, 2]  # iterations 1-2, 3 and 4
+
+
+def test_skipped_inputs_count_training_alone(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    """A damaged target image met by the AdaBN start or a round's threshold pass is not
+    counted again: the count is the same with and without those passes."""
+    scores, _ = tiny_scores
+    damaged = tmp_path / "damaged.png"
+    damaged.write_bytes(b"not a PNG")
+    counts = []
+    for adabn in (True, False):
+        cfg = _adapt_cfg(**{"adapt.adabn_init": adabn})
+        plan = make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+        plan.bn_adapted = False
+        plan.target_rows = [
+            {**row, "image_path": str(damaged)} if k % 4 == 0 else row
+            for k, row in enumerate(plan.target_rows)
+        ]
+        env = LocalEnv()
+        run_adaptation(plan, cfg, env)
+        counts.append(env.reports[-1]["skipped_inputs"])
+    assert counts[0] == counts[1] > 0
 
 
 def test_a_selection_without_virtual_source_or_target_is_refused(

@@ -1,6 +1,7 @@
 """The sweep's pieces that need no running sweep: search spaces and MLflow bookkeeping."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -431,9 +432,19 @@ def test_a_diverged_trial_never_ranks_best():
         trial("c", 0.1, False),
     ]
     assert best_trial(nan_first, "proxy", "min")["trial_id"] == "b"
-    assert nan_first[0]["error"] == "proxy is nan: the run diverged"
+    assert nan_first[0]["error"].startswith("proxy is nan: the run diverged, or its evaluation")
     assert best_trial(nan_first, "proxy", "max")["trial_id"] == "a"
     assert best_trial([trial("inf", float("inf"))], "proxy", "min") is None
+
+
+def test_a_report_always_carries_its_metric():
+    """Tune stops the whole sweep at a result without its metric: an evaluation without a
+    pixel of the evaluated classes reports val_miou as NaN, which ranks no trial."""
+    from sfda_ray.dist.train import reportable
+
+    got = reportable({"val_miou": None, "proxy": 0.5, "iteration": 4, "per_class": {}})
+    assert set(got) == {"val_miou", "proxy", "iteration"}
+    assert math.isnan(got["val_miou"]) and got["proxy"] == 0.5 and got["iteration"] == 4
 
 
 def test_an_mlflow_failure_in_a_trial_hook_does_not_stop_the_sweep(tmp_path, caplog):

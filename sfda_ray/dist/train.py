@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from dataclasses import asdict
@@ -100,6 +101,17 @@ def _check_same_run(out: str, storage_path: str, identity: dict) -> None:
     storage.atomic_write_bytes(path, (json.dumps(identity, indent=2) + "\n").encode())
 
 
+def reportable(metrics: dict) -> dict[str, float]:
+    """The numbers of a report, a missing one (``val_miou`` of an evaluation without a
+    pixel of the evaluated classes) as NaN: Tune stops the whole sweep at a result
+    without the metric it ranks on, and ranks no trial on NaN."""
+    return {
+        k: math.nan if v is None else v
+        for k, v in metrics.items()
+        if v is None or isinstance(v, (int, float))
+    }
+
+
 class RayTrainEnv:
     """``TrainEnv`` of a Ray Train worker."""
 
@@ -122,7 +134,7 @@ class RayTrainEnv:
         return ray.train.torch.prepare_model(model)
 
     def report(self, metrics: dict, state: dict | None) -> None:
-        flat = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        flat = reportable(metrics)
         flat.update(metrics_over_workers(flat, self.device))
         flat["train_workers"], flat["train_nodes"] = self.world_size, self.nodes
         if state is None:

@@ -223,7 +223,10 @@ def best_trial(trials: list[dict], metric: str, mode: str) -> dict | None:
         if math.isfinite(value):
             ranked.append(tr)
         elif tr["error"] is None:
-            tr["error"] = f"{metric} is {value}: the run diverged"
+            tr["error"] = (
+                f"{metric} is {value}: the run diverged, or its evaluation had no pixel of "
+                "the evaluated classes"
+            )
     return (max if mode == "max" else min)(ranked, key=lambda tr: tr[metric], default=None)
 
 
