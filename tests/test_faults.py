@@ -53,7 +53,7 @@ def _bad_input_corpus(root):
     img.write_bytes(buf.getvalue())
     _pair(root, "train", "sizemismatch_000000_000019", label=all_ids_label(34, H // 2, W))
     _pair(root, "train", "badids_000000_000019", label=np.full((H, W), 250, np.uint8))
-    _pair(root, "val", "valcity_000000_000019")  # the scan expects both splits
+    _pair(root, "val", "valcity_000000_000019")
     yaml_path = root / "dataset.yaml"
     yaml_path.write_text(f"data: {{kind: cityscapes, root: {root}}}\n")
     return yaml_path

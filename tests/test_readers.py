@@ -1,3 +1,4 @@
+import logging
 import re
 from pathlib import Path
 
@@ -153,9 +154,15 @@ def test_missing_or_empty_image_folder_names_the_folder(tmp_path):
     write_png(tmp_path / "RGB" / "0000000.png", random_rgb(0))
     with pytest.raises(FileNotFoundError, match=f"directory not found: {tmp_path}/GT/LABELS"):
         scan_synthia(tmp_path)
-    make_cityscapes(tmp_path, {"train": ["a/a_1"]})
-    with pytest.raises(FileNotFoundError, match=f"{tmp_path}/leftImg8bit/val .*expected layout"):
-        scan_cityscapes(tmp_path)
+    cs = tmp_path / "cs"
+    cs.mkdir()
+    with pytest.raises(
+        FileNotFoundError,
+        match=f"not found: {cs}/leftImg8bit/train or {cs}/leftImg8bit/val .*expected layout",
+    ):
+        scan_cityscapes(cs)
+    make_cityscapes(cs, {"val": ["a/a_1"]})  # a copy of the val split alone: it is scanned
+    assert scan_cityscapes(cs)["split"].to_pylist() == ["val"]
 
 
 def test_read_manifest_errors_name_the_path(tmp_path):
@@ -175,8 +182,10 @@ def test_write_manifest_validates(tmp_path):
     row = {"image_id": None, "image_path": "/a.png", "split": "train", "dataset": "gta5"}
     with pytest.raises(ValueError, match="'image_id' has 1 null"):
         write_manifest([row], tmp_path / "m.parquet")
-    write_manifest([{**row, "image_id": "a"}], tmp_path / "m.parquet")
-    assert read_manifest(tmp_path / "m.parquet").to_pylist()[0]["height"] is None
+    with pytest.raises(ValueError, match=r"needs its image's height and width; 1 have none"):
+        write_manifest([{**row, "image_id": "a"}], tmp_path / "m.parquet")
+    write_manifest([{**row, "image_id": "a", "height": 4, "width": 8}], tmp_path / "m.parquet")
+    assert read_manifest(tmp_path / "m.parquet").to_pylist()[0]["height"] == 4
     assert not list(tmp_path.glob("*.tmp-*"))  # the temporary file was renamed away
 
 
@@ -199,6 +208,11 @@ def test_a_hand_made_manifest_is_checked_row_by_row(tmp_path):
         ),
         "no_format": ([{**row, "label_format": None}], r"label_format None \(of /a_label.png\)"),
         "height": ([{**row, "height": "big"}], r"column 'height' is not int32"),
+        "unsized": (
+            [{**row, "width": None}, {**row, "image_id": "b", "height": 0}],
+            r"a usable row \(error null\) needs its image's height and width; 2 have none, "
+            r"e.g. \['a', 'b'\]",
+        ),
     }
     for name, (rows, message) in cases.items():
         path = tmp_path / f"{name}.parquet"
@@ -211,6 +225,13 @@ def test_a_hand_made_manifest_is_checked_row_by_row(tmp_path):
         tmp_path / "ok.parquet",
     )
     assert read_manifest(tmp_path / "ok.parquet").num_rows == 0
+    # Empty text, as CSV exports write a missing value, is no value: not an error message.
+    pq.write_table(
+        pa.Table.from_pylist([{**row, "label_path": "", "label_format": "", "error": ""}]),
+        tmp_path / "empty.parquet",
+    )
+    (read,) = read_manifest(tmp_path / "empty.parquet").to_pylist()
+    assert (read["label_path"], read["label_format"], read["error"]) == (None, None, None)
 
 
 def test_dataset_yaml_sets_evaluation_classes(tmp_path):
@@ -254,7 +275,7 @@ def test_dataset_yaml_relative_root_is_relative_to_the_yaml(tmp_path, monkeypatc
     assert image.is_absolute() and image.is_file()
 
 
-def test_dataset_yaml_mistakes_are_named(tmp_path):
+def test_dataset_yaml_mistakes_are_named(tmp_path, caplog):
     from sfda_ray.data.catalog import open_dataset
 
     make_cityscapes(tmp_path / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19"]})
@@ -271,11 +292,14 @@ def test_dataset_yaml_mistakes_are_named(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=re.escape(message)):
             open_dataset(tmp_path / name)
-    # A whole config (its data: section has the config's other keys too) serves as one.
+    # A whole config (its data: section has the config's other keys too) serves as one;
+    # those other keys do not apply to --data, and the log says so.
     (tmp_path / "config.yaml").write_text(
         "data: {kind: cityscapes, root: cs, size: [16, 32], num_workers: 4}\nmodel: {}\n"
     )
-    assert open_dataset(tmp_path / "config.yaml").manifest.num_rows == 2
+    with caplog.at_level(logging.WARNING):
+        assert open_dataset(tmp_path / "config.yaml").manifest.num_rows == 2
+    assert "config.yaml: data: num_workers, size not applied" in caplog.text
 
 
 def test_only_a_synthetic_benchmark_has_two_domains(tiny_benchmark, tmp_path):

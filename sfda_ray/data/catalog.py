@@ -86,8 +86,10 @@ def _ref(name: str, table: pa.Table, subsets: dict[str, tuple[int, ...]]) -> Dat
 
 
 # A dataset YAML's `data:` section holds keys of the config's (so a whole config may
-# serve as one); a key of neither is a typo to report, not to ignore.
+# serve as one); a key of neither is a typo to report, not to ignore. Of those, only the
+# keys that say where the data is and what to score apply.
 DATASET_KEYS = {f.name for f in fields(DataConfig)}
+LOCATING_KEYS = ("kind", "root", "manifest", "eval_classes")
 
 
 def _relative_to(config: str, location: str) -> str:
@@ -127,6 +129,16 @@ def read_dataset_yaml(data: str | Path) -> dict:
         raise ValueError(
             f"{where}: data.kind {spec['kind']!r} is not allowed; allowed: {', '.join(DATA_KINDS)}"
         )
+    ignored = sorted(set(spec) - set(LOCATING_KEYS))
+    if ignored:
+        log.warning(
+            "%s: data: %s not applied: a dataset YAML given as --data says where the data is "
+            "(%s); set the others in the --config YAML or with --set data.KEY=VALUE",
+            where,
+            ", ".join(ignored),
+            ", ".join(LOCATING_KEYS),
+        )
+    spec = {k: v for k, v in spec.items() if k in LOCATING_KEYS}
     located = {k: _relative_to(where, str(spec[k])) for k in ("root", "manifest") if spec.get(k)}
     return {**spec, **located, "where": where}
 

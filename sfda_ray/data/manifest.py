@@ -49,8 +49,19 @@ def to_manifest_table(
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
             raise ValueError(f"{where}: column {field.name!r} is not {field.type}: {e}") from None
     table = pa.Table.from_arrays(columns, schema=MANIFEST_SCHEMA)
+    for name in _OPTIONAL_TEXT:  # "" as CSV exports write a missing value: no value
+        column = table[name]
+        no_value = pa.scalar(None, pa.string())
+        table = table.set_column(
+            table.schema.get_field_index(name),
+            name,
+            pc.if_else(pc.equal(column, ""), no_value, column),
+        )
     _check_rows(table, where)
     return table
+
+
+_OPTIONAL_TEXT = ("label_path", "label_format", "error")
 
 
 def _check_rows(table: pa.Table, where: str) -> None:
@@ -68,6 +79,21 @@ def _check_rows(table: pa.Table, where: str) -> None:
             f"{where}: image_id must be a relative name without '..', e.g. {unsafe[:3]}"
         )
     usable = table.filter(pc.is_null(table["error"]))
+    unsized = [
+        i
+        for i, h, w in zip(
+            usable["image_id"].to_pylist(),
+            usable["height"].to_pylist(),
+            usable["width"].to_pylist(),
+            strict=True,
+        )
+        if not (h and w and h > 0 and w > 0)
+    ]
+    if unsized:
+        raise ValueError(
+            f"{where}: a usable row (error null) needs its image's height and width; "
+            f"{len(unsized)} have none, e.g. {unsized[:3]}"
+        )
     for path, fmt in zip(
         usable["label_path"].to_pylist(), usable["label_format"].to_pylist(), strict=True
     ):

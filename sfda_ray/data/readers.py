@@ -126,11 +126,18 @@ def scan_synthia(root: str | os.PathLike) -> pa.Table:
 def scan_cityscapes(
     root: str | os.PathLike, splits: tuple[str, ...] = ("train", "val")
 ) -> pa.Table:
-    """Cityscapes images of the given splits; labels are optional (unlabelled target data)."""
+    """Cityscapes images of those of the given splits that the root has (a copy of the val
+    split alone serves evaluation); labels are optional (unlabelled target data)."""
     root = str(root)
     _check_root(root, CITYSCAPES_LAYOUT)
+    present = [sp for sp in splits if storage.exists(storage.join(root, "leftImg8bit", sp))]
+    if not present:
+        wanted = " or ".join(storage.join(root, "leftImg8bit", sp) for sp in splits)
+        raise FileNotFoundError(
+            f"directory not found: {wanted} (expected layout: {CITYSCAPES_LAYOUT})"
+        )
     rows = []
-    for split in splits:
+    for split in present:
         image_dir = storage.join(root, "leftImg8bit", split)
         images = _list_images(image_dir, "_leftImg8bit.png", CITYSCAPES_LAYOUT, recursive=True)
         label_dir = storage.join(root, "gtFine", split)
