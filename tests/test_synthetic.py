@@ -55,6 +55,18 @@ def test_same_seed_gives_identical_files(tmp_path):
     assert a != digests(tmp_path / "c", "*_labelIds.png")
 
 
+def test_rewriting_a_benchmark_leaves_none_of_the_earlier_images(tmp_path):
+    out = str(tmp_path / "bench")
+    assert main(["synth", "--out", out, *SMALL, "--target-train", "6"]) == 0
+    (tmp_path / "bench" / "notes.txt").write_text("mine")  # not the benchmark's: kept
+    assert main(["synth", "--out", out, *SMALL, "--target-train", "2", "--height", "40"]) == 0
+    target = open_dataset(out, "target").manifest
+    assert target.num_rows == 2 + 3  # train and val
+    assert set(target["height"].to_pylist()) == {40}
+    assert len(list((tmp_path / "bench" / "target").rglob("*.png"))) == 2 * (2 + 3)
+    assert (tmp_path / "bench" / "notes.txt").read_text() == "mine"
+
+
 def test_relative_out_gives_a_benchmark_usable_from_anywhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["synth", "--out", "bench", "--seed", "0", *SMALL]) == 0

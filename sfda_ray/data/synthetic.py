@@ -294,6 +294,7 @@ def generate(root: str | Path, spec: BenchmarkSpec) -> dict:
         to_label_id[t] = trainId2label[t].id
     summary = {}
     for domain in DOMAINS:
+        written = set()
         for split in SPLITS:
             for i in range(spec.count(domain, split)):
                 image, label = render_sample(
@@ -304,6 +305,12 @@ def generate(root: str | Path, spec: BenchmarkSpec) -> dict:
                 label_path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(image).save(image_path)
                 Image.fromarray(to_label_id[label]).save(label_path)
+                written |= {image_path, label_path}
+        # Images of an earlier benchmark written here (more of them, say) would join the
+        # manifest: only this spec's images stay in the benchmark's folders.
+        for folder in ("leftImg8bit", "gtFine"):
+            for stale in set((root / domain / folder).rglob("*.png")) - written:
+                stale.unlink()
         table = scan_cityscapes(root / domain, splits=SPLITS)
         table = table.set_column(
             table.schema.get_field_index("dataset"),
