@@ -202,7 +202,8 @@ class AdaptConfig:
 class SweepConfig:
     """The Ray Tune search over selection thresholds and loss weights (`sfda-ray tune`)."""
 
-    # Search-space YAML (see sfda_ray/dist/tune_space.yaml); null: that default.
+    # Search-space YAML (see sfda_ray/dist/tune_space.yaml); null: that default. In a
+    # config YAML a relative path is relative to that YAML (a space ships beside it).
     space: str | None = None
     num_samples: int = _field(4, lo=1)
     # Trials running at once; null: as many as the cluster has workers' resources for.
@@ -408,6 +409,11 @@ def load_config(
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {data!r}")
+        space = (
+            (data.get("tune") or {}).get("space") if isinstance(data.get("tune"), dict) else None
+        )
+        if isinstance(space, str) and not Path(space).expanduser().is_absolute():
+            data["tune"] = {**data["tune"], "space": str(path.parent / space)}
     merged: dict[str, Any] = {}
     for dotted, value in (preset or {}).items():
         section, key = dotted.split(".")

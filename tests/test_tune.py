@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sfda_ray.config import ConfigError, apply_overrides, load_config, load_search_space
+from sfda_ray.config import (
+    ConfigError,
+    apply_overrides,
+    load_config,
+    load_search_space,
+    to_dict,
+)
 from sfda_ray.dist.job import DEFAULT_SPACE
 from sfda_ray.dist.tracking import ERROR_TAG, PARENT_TAG, SweepTracker, git_commit
 
@@ -28,6 +34,23 @@ def test_shipped_search_space_is_valid():
     space = load_search_space(DEFAULT_SPACE, load_config())
     assert space["select.tau"] == ("choice", [0.8, 0.85, 0.9, 0.95])
     assert {"select.ratio", "adapt.lambda_adv", "adapt.lambda_st", "adapt.lr"} <= set(space)
+
+
+@pytest.mark.parametrize("config", [None, "gta5_cityscapes.yaml", "synthia_cityscapes.yaml"])
+def test_each_shipped_config_searches_around_its_own_settings(config, monkeypatch, tmp_path):
+    """A sweep samples near what its config sets: ResNet-101 at batch size 1 wants a
+    learning rate some 20 times lower than the synthetic model, so it has its own space."""
+    monkeypatch.chdir(tmp_path)  # the space beside a config is found from anywhere
+    cfg = load_config(config and ROOT / "experiments" / "configs" / config)
+    space = load_search_space(cfg.tune.space or DEFAULT_SPACE, cfg)
+    configured = to_dict(cfg)
+    for key, (kind, args) in space.items():
+        section, name = key.split(".")
+        value = configured[section][name]
+        if kind in ("uniform", "loguniform"):
+            assert args[0] <= value <= args[1], (config, key, value, args)
+        else:
+            assert value in args, (config, key, value, args)
 
 
 @pytest.mark.parametrize(
