@@ -13,7 +13,7 @@ from PIL import Image
 from sfda_ray.cli import main
 from sfda_ray.config import SelectConfig
 from sfda_ray.data.catalog import open_dataset
-from sfda_ray.data.io import load_image
+from sfda_ray.data.io import load_image, load_label
 from sfda_ray.data.manifest import write_manifest
 from sfda_ray.data.transforms import normalize_batch
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
@@ -59,8 +59,13 @@ def test_ray_pipeline_equals_plain_core(scored, tiny_benchmark, tiny_source_ckpt
         expected_hist = class_confidence_histogram(plain.label[0], plain.confidence[0], 19)
         assert np.abs(np.array(row["class_conf_hist"]) - expected_hist.numpy()).sum() <= 4
         assert sum(row["class_hist"]) == 48 * 96
-        # Target labels exist on the benchmark: evaluation columns are filled.
+        # Target labels exist on the benchmark: evaluation columns are filled, and
+        # accuracy is taken over the labelled (not void) pixels.
         assert 0.0 <= row["eval_miou"] <= 100.0
+        gt = load_label(row["label_path"], row["label_format"])
+        assert sum(row["eval_labelled_hist"]) == (gt != 255).sum()
+        correct, labelled = np.array(row["eval_correct_hist"]), np.array(row["eval_labelled_hist"])
+        assert (correct <= labelled).all() and labelled.sum() <= sum(row["class_hist"])
         assert row["node_id"] and row["error"] is None
     # Quality figures describe the configured selection (class-balanced by default).
     configured = selection_quality(table, select_by_config(table, SelectConfig()))

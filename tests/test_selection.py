@@ -99,15 +99,24 @@ def test_class_balanced_thresholds_keep_the_top_portion_of_each_class():
 def test_selection_quality_and_rank_correlation():
     assert spearman(np.array([1.0, 2, 3]), np.array([10.0, 30, 20])) == pytest.approx(0.5)
     rows = [("a", 0.9, hist_row({(0, 19): 8, (0, 2): 2})), ("b", 0.4, hist_row({(1, 19): 10}))]
+    # Of a's 8 confident pixels 2 are void (no label), of b's 10 pixels 5.
+    labelled = [hist_row({(0, 19): 6, (0, 2): 2}), hist_row({(1, 19): 5})]
+    correct = [hist_row({(0, 19): 6, (0, 2): 1}), hist_row({})]
     table = (
         scores_table(rows)
-        .append_column(
-            "eval_correct_hist", pa.array([hist_row({(0, 19): 6, (0, 2): 1}), hist_row({})])
-        )
+        .append_column("eval_correct_hist", pa.array(correct))
+        .append_column("eval_labelled_hist", pa.array(labelled))
         .append_column("eval_miou", pa.array([80.0, 10.0], pa.float32()))
     )
     q = selection_quality(table, select(table, ratio=0.5, tau=0.9))
-    assert q["kept_pixel_accuracy"] == pytest.approx(6 / 8)
+    assert q["kept_pixel_accuracy"] == pytest.approx(6 / 6)  # void pixels are not wrong
     assert q["kept_pixel_fraction"] == pytest.approx(8 / 10)
-    assert q["all_pixel_accuracy"] == pytest.approx(7 / 20)
+    assert q["all_pixel_accuracy"] == pytest.approx(7 / 13)
     assert q["score_miou_spearman"] == pytest.approx(1.0)
+    # Scored before labelled pixels were counted: no accuracy rather than a wrong one.
+    older = table.set_column(
+        table.schema.get_field_index("eval_labelled_hist"),
+        "eval_labelled_hist",
+        pa.nulls(2, pa.list_(pa.int64())),
+    )
+    assert selection_quality(older, select(older, ratio=0.5, tau=0.9)) == {}

@@ -79,6 +79,7 @@ SCORES_SCHEMA = pa.schema(
         # Evaluation only (target labels, when present); never read by adaptation.
         ("eval_miou", pa.float32()),
         ("eval_correct_hist", pa.list_(pa.int64())),
+        ("eval_labelled_hist", pa.list_(pa.int64())),  # pixels with a label (not void)
         ("eval_error", pa.string()),
         ("node_id", pa.string()),
         ("error", pa.string()),
@@ -253,7 +254,8 @@ def image_row(scores, j: int, num_classes: int, gt: np.ndarray | None) -> dict:
 def evaluate_pseudo_label(
     label: torch.Tensor, conf: torch.Tensor, gt: np.ndarray, num_classes: int
 ) -> dict:
-    """Per-image mIoU of the pseudo-label and its correct pixels per (class, confidence bin)."""
+    """Per-image mIoU of the pseudo-label, and its correct and its labelled (not void)
+    pixels per (class, confidence bin): accuracy is correct over labelled pixels."""
     gt_t = torch.from_numpy(gt.copy())  # Ray hands over read-only arrays
     if gt_t.shape != label.shape:  # maps are at model resolution; compare at that size
         gt_t = torch.nn.functional.interpolate(
@@ -267,6 +269,9 @@ def evaluate_pseudo_label(
         "eval_miou": float(np.nanmean(iou) * 100) if np.isfinite(iou).any() else None,
         "eval_correct_hist": class_confidence_histogram(
             label, conf, num_classes, mask=correct
+        ).tolist(),
+        "eval_labelled_hist": class_confidence_histogram(
+            label, conf, num_classes, mask=valid
         ).tolist(),
     }
 

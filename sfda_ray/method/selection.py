@@ -162,23 +162,31 @@ def selection_quality(table: pa.Table, selection: Selection, num_classes: int = 
 
     ``kept_pixel_accuracy``: share of V's kept pseudo-label pixels that are correct;
     ``all_pixel_accuracy``: the same over every pixel of every image;
+    ``kept_pixel_fraction``: share of V's pixels kept;
     ``score_miou_spearman``: rank correlation of image score and per-image mIoU.
+    Accuracies count labelled pixels only: a void one (ego vehicle, say) is neither right
+    nor wrong. A table scored before labelled pixels were counted gives none of these.
     """
-    table = table.filter(pc.invert(pc.is_null(table["eval_correct_hist"])))
+    table = table.filter(pc.invert(pc.is_null(table["eval_labelled_hist"])))
     if table.num_rows == 0:
         return {}
     shape = (-1, num_classes, CONFIDENCE_BINS)
-    hist = np.stack(table["class_conf_hist"].to_numpy(zero_copy_only=False)).reshape(shape)
-    correct = np.stack(table["eval_correct_hist"].to_numpy(zero_copy_only=False)).reshape(shape)
+
+    def histograms(column: str) -> np.ndarray:
+        return np.stack(table[column].to_numpy(zero_copy_only=False)).reshape(shape)
+
+    hist, correct = histograms("class_conf_hist"), histograms("eval_correct_hist")
+    labelled = histograms("eval_labelled_hist")
     in_v = np.isin(np.array(table["image_id"].to_pylist()), selection.virtual)
     kept = kept_counts(hist[in_v].sum(0), selection.class_thresholds).sum()
+    kept_labelled = kept_counts(labelled[in_v].sum(0), selection.class_thresholds).sum()
     kept_ok = kept_counts(correct[in_v].sum(0), selection.class_thresholds).sum()
     miou = table["eval_miou"].to_numpy(zero_copy_only=False).astype(np.float64)
     score = table["score"].to_numpy(zero_copy_only=False).astype(np.float64)
     finite = np.isfinite(miou)
     return {
-        "kept_pixel_accuracy": float(kept_ok / kept) if kept else None,
+        "kept_pixel_accuracy": float(kept_ok / kept_labelled) if kept_labelled else None,
         "kept_pixel_fraction": float(kept / hist[in_v].sum()) if in_v.any() else None,
-        "all_pixel_accuracy": float(correct.sum() / hist.sum()),
+        "all_pixel_accuracy": float(correct.sum() / labelled.sum()) if labelled.sum() else None,
         "score_miou_spearman": spearman(score[finite], miou[finite]),
     }
