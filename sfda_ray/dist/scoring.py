@@ -11,9 +11,10 @@ Layout of a scores directory ``OUT`` (local path or ``s3://``/``gs://``/``file:/
 - ``OUT/scores.parquet``  the consolidated table, one row per image, written last;
 - ``OUT/summary.json``  counts, skip reasons, throughput and virtual-source quality.
 
-Every file is written by the driver: actors return PNG bytes, so a multi-node run with a
-plain local path still puts everything on the driver's disk (use shared storage to read
-the maps from other nodes later).
+The table, parts and maps are written by the driver (actors return PNG bytes). The
+checkpoint, and ``OUT/source_adabn.pt`` (made in a GPU task when scoring uses GPUs), are
+read by path on every node: on a multi-node cluster ``OUT`` and the checkpoint live on
+shared storage (a bucket or a shared mount), as adaptation's reads of the maps need too.
 """
 
 from __future__ import annotations
