@@ -20,7 +20,6 @@ from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
@@ -32,6 +31,7 @@ from sfda_ray.data.catalog import DatasetRef, open_dataset
 from sfda_ray.data.dataset import collate_skip_bad
 from sfda_ray.data.labels import CLASS_NAMES
 from sfda_ray.data.loaders import eval_loader, forever, image_loader
+from sfda_ray.data.scores import ADABN_FILE, scored_rows
 from sfda_ray.evaluate import confusion_on
 from sfda_ray.method.adapt import (
     Adapter,
@@ -104,14 +104,12 @@ def first_map_size(paths: list[str], tries: int = 10) -> tuple[int, int] | None:
 
 def scored_map_size(scores: str) -> tuple[int, int] | None:
     """(H, W) of the maps of a scores directory (``first_map_size`` of its scored rows)."""
-    table = storage.read_parquet(storage.join(scores, "scores.parquet"))
-    return first_map_size(table.filter(pc.is_null(table["error"]))["pseudo_label_path"].to_pylist())
+    return first_map_size(scored_rows(scores)["pseudo_label_path"].to_pylist())
 
 
 def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan:
     """Select the virtual source from a scores table and gather the target splits."""
-    table = storage.read_parquet(storage.join(scores, "scores.parquet"))
-    table = table.filter(pc.is_null(table["error"]))
+    table = scored_rows(scores)
     if table.num_rows == 0:
         raise ValueError(f"{scores}/scores.parquet has no scored images")
     selection = select_by_config(table, cfg.select, cfg.model.num_classes)
@@ -151,18 +149,19 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
         )
         weights = rare_class_sampling_weights(hists, alpha).tolist()
 
-    # Start from the model that made the pseudo-labels when it is the AdaBN'd source model.
+    # Start from the model that made the pseudo-labels when it is the AdaBN'd source model
+    # (kept in the scores directory, read from where the directory is now).
     start_checkpoint, bn_adapted = str(checkpoint), False
     summary_path = storage.join(scores, "summary.json")
-    if storage.exists(summary_path):
+    adabn = storage.join(scores, ADABN_FILE)
+    if storage.exists(summary_path) and storage.exists(adabn):
         scored_with = json.loads(storage.read_bytes(summary_path))
         if (
             scored_with.get("checkpoint") != scored_with.get("source_checkpoint")
-            and scored_with.get("checkpoint_fingerprint")
-            and load_checkpoint(scored_with["checkpoint"])["meta"].get("adabn_of")
-            == file_fingerprint(checkpoint)
+            and scored_with.get("checkpoint_fingerprint") == file_fingerprint(adabn)
+            and load_checkpoint(adabn)["meta"].get("adabn_of") == file_fingerprint(checkpoint)
         ):
-            start_checkpoint, bn_adapted = scored_with["checkpoint"], True
+            start_checkpoint, bn_adapted = adabn, True
 
     ref = open_dataset(data, "target")
     val = ref.labelled("val")

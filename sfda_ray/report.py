@@ -10,16 +10,15 @@ import json
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from sfda_ray import storage
 from sfda_ray.config import Config
 from sfda_ray.data.catalog import open_dataset
 from sfda_ray.data.io import load_image, load_label
 from sfda_ray.data.labels import CLASS_NAMES
 from sfda_ray.data.loaders import image_loader
+from sfda_ray.data.scores import scored_rows
 from sfda_ray.evaluate import evaluate_model
 from sfda_ray.method.selection import select_by_config
 from sfda_ray.models.checkpoint import load_model
@@ -35,8 +34,7 @@ from sfda_ray.pictures import (
 
 def selection_files(scores: str, cfg: Config) -> dict[str, bytes]:
     """The score histogram with this configuration's selection cut."""
-    table = storage.read_parquet(storage.join(scores, "scores.parquet"))
-    table = table.filter(pc.is_null(table["error"]))
+    table = scored_rows(scores)
     selection = select_by_config(table, cfg.select, cfg.model.num_classes)
     return {"score_histogram.png": score_histogram(table, selection)}
 

@@ -21,6 +21,7 @@ from sfda_ray.adaptation import (
     run_adaptation,
 )
 from sfda_ray.config import AdaptConfig, apply_overrides, load_config, load_search_space
+from sfda_ray.data.scores import map_name
 from sfda_ray.data.synthetic import generate
 from sfda_ray.dist.job import DEFAULT_SPACE
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
@@ -393,7 +394,6 @@ def test_unlabelled_target_reports_the_proxy(
 ):
     """Without target labels the sweep ranks on the proxy, so every evaluation reports it,
     computed as it is with labels."""
-    import pyarrow as pa
     import pyarrow.compute as pc
 
     from sfda_ray.adaptation import evaluate_adapted
@@ -650,14 +650,22 @@ def test_maps_too_small_for_the_discriminator_are_refused(
     small = tmp_path / "scores"
     small.mkdir()
     shutil.copy(scores / "summary.json", small / "summary.json")
-    table = pq.read_table(scores / "scores.parquet")
-    tiny_map = tmp_path / "map.png"
-    Image.fromarray(np.zeros((16, 32), np.uint8)).save(tiny_map)  # scored at 16x32
-    column = pa.array([str(tiny_map)] * table.num_rows)
-    table = table.set_column(
-        table.schema.get_field_index("pseudo_label_path"), "pseudo_label_path", column
-    )
-    pq.write_table(table, small / "scores.parquet")
+    shutil.copy(scores / "scores.parquet", small / "scores.parquet")
+    rows = pq.read_table(scores / "scores.parquet").to_pylist()
+    tiny_map = np.zeros((16, 32), np.uint8)  # scored at 16x32
+    damaged_bytes = b"\x89PNG\r\n\x1a\n damaged"
+
+    def write_label_maps(damaged_ids=()):
+        """Each row's pseudo-label map where the table's readers look for it."""
+        for row in rows:
+            path = small / "maps" / map_name(row["image_id"], row["fingerprint"], "label")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if row["image_id"] in damaged_ids:
+                path.write_bytes(damaged_bytes)
+            else:
+                Image.fromarray(tiny_map).save(path)
+
+    write_label_maps()
     args = (str(tiny_source_ckpt), str(small), str(tiny_benchmark))
     with pytest.raises(ValueError, match=r"scored at 16x32 pixels.*at least 32 pixels a side"):
         make_plan(_adapt_cfg(), *args)
@@ -666,30 +674,14 @@ def test_maps_too_small_for_the_discriminator_are_refused(
 
     # The size comes from the first map that reads: a damaged first one is passed over.
     first = make_plan(_adapt_cfg(**{"adapt.lambda_adv": 0.0}), *args).virtual_rows[0]
-    damaged = tmp_path / "damaged.png"
-    damaged.write_bytes(tiny_map.read_bytes()[:40])
-    paths = [
-        str(damaged) if image_id == first["image_id"] else str(tiny_map)
-        for image_id in table["image_id"].to_pylist()
-    ]
-    table = table.set_column(
-        table.schema.get_field_index("pseudo_label_path"), "pseudo_label_path", pa.array(paths)
-    )
-    pq.write_table(table, small / "scores.parquet")
+    write_label_maps({first["image_id"]})
     plan = make_plan(_adapt_cfg(**{"adapt.lambda_adv": 0.0}), *args)
-    assert plan.virtual_rows[0]["pseudo_label_path"] == str(damaged)
+    assert plan.virtual_rows[0]["image_id"] == first["image_id"]
     assert plan.map_size == (16, 32)
-    pq.write_table(
-        table.set_column(
-            table.schema.get_field_index("pseudo_label_path"),
-            "pseudo_label_path",
-            pa.array([str(damaged)] * table.num_rows),
-        ),
-        small / "scores.parquet",
-    )
+    write_label_maps({row["image_id"] for row in rows})
     with pytest.raises(ValueError, match=r"none of the first virtual-source maps .* reads"):
         make_plan(_adapt_cfg(**{"adapt.lambda_adv": 0.0}), *args)
-    pq.write_table(table, small / "scores.parquet")
+    write_label_maps()
 
     # A sweep whose every trial would train the discriminator (the shipped space samples
     # lambda_adv > 0) is refused once, before any trial or MLflow run.
@@ -741,7 +733,8 @@ def test_evaluating_mid_run_leaves_training_unchanged(
 @pytest.mark.slow
 def test_adapt_needs_no_source_data(ray_session, tmp_path):
     """Generate, train the source model, then delete every source image and label: the
-    rest of the pipeline (score, adapt, evaluate) runs on target data alone."""
+    rest of the pipeline (score, adapt, evaluate) runs on target data alone, from a
+    scores directory moved after scoring."""
     bench = tmp_path / "bench"
     generate(bench, TINY)
     ckpt = tmp_path / "source.pt"
@@ -750,8 +743,11 @@ def test_adapt_needs_no_source_data(ray_session, tmp_path):
     assert not list(tmp_path.rglob("*game*"))  # no source file left anywhere under tmp
     scores = tmp_path / "scores"
     score_dataset(str(ckpt), str(bench), str(scores), ScoringOptions(batch_size=8, actors=1))
+    # A scores directory moved after scoring (synced to a bucket, say) reads where it is.
+    moved = shutil.move(scores, tmp_path / "moved")
     # The plain loop (its Ray Train run is tested in test_faults.py).
-    plan = make_plan(_adapt_cfg(), str(ckpt), str(scores), str(bench))
+    plan = make_plan(_adapt_cfg(), str(ckpt), str(moved), str(bench))
+    assert all(r["pseudo_label_path"].startswith(str(moved)) for r in plan.virtual_rows)
     metrics = run_adaptation(plan, _adapt_cfg(), LocalEnv())["metrics"]
     assert metrics["iteration"] == 4 and np.isfinite(metrics["val_miou"])
 

@@ -42,6 +42,7 @@ from sfda_ray.data.catalog import open_dataset
 from sfda_ray.data.decode import decode_batch
 from sfda_ray.data.labels import CLASS_NAMES, IGNORE_INDEX
 from sfda_ray.data.manifest import error_reason
+from sfda_ray.data.scores import ADABN_FILE, MAP_SUFFIXES, map_name, scored_rows
 from sfda_ray.data.transforms import normalize_batch
 from sfda_ray.dist.runtime import on_gpus
 from sfda_ray.evaluate import adabn_on_split
@@ -101,11 +102,11 @@ MANIFEST_COLUMNS = (
 )
 # PNG bytes an actor returns -> the scores column holding the written file, its suffix.
 MAP_COLUMNS = {
-    "label_png": ("pseudo_label_path", "label"),
-    "conf_png": ("confidence_path", "conf"),
-    "unc_png": ("uncertainty_path", "unc"),
+    "label_png": ("pseudo_label_path", MAP_SUFFIXES["pseudo_label_path"]),
+    "conf_png": ("confidence_path", MAP_SUFFIXES["confidence_path"]),
+    "unc_png": ("uncertainty_path", MAP_SUFFIXES["uncertainty_path"]),
 }
-MAP_PATHS = [column for column, _ in MAP_COLUMNS.values()]
+MAP_PATHS = list(MAP_SUFFIXES)
 # What a scoring actor returns per image: ids, numbers and the maps as PNG bytes.
 ACTOR_SCHEMA = pa.schema(
     [
@@ -280,9 +281,6 @@ def evaluate_pseudo_label(
 # --- driver -----------------------------------------------------------------------------
 
 
-ADABN_FILE = "source_adabn.pt"
-
-
 def adabn_checkpoint(
     checkpoint: str,
     manifest: pa.Table,
@@ -426,12 +424,6 @@ def score_dataset(
         storage.join(out, "summary.json"), (json.dumps(summary, indent=2) + "\n").encode()
     )
     return summary
-
-
-def map_name(image_id: str, fingerprint: str, suffix: str) -> str:
-    """A map's path under ``OUT/maps``: named by fingerprint too, so a rerun with other
-    settings never overwrites the maps of rows it has not replaced yet."""
-    return f"{image_id}_{fingerprint[:12]}_{suffix}.png"
 
 
 def _map_names(table: pa.Table) -> set[str]:
@@ -626,8 +618,7 @@ def write_pictures(out: str, select_cfg: SelectConfig, num_classes: int = 19) ->
     """Score histogram with the selection cut and a selected/rejected grid, as PNGs."""
     from sfda_ray.pictures import score_histogram, selection_grid
 
-    table = storage.read_parquet(storage.join(out, "scores.parquet"))
-    ok = table.filter(pc.is_null(table["error"]))
+    ok = scored_rows(out)
     if ok.num_rows == 0:
         return []
     selection = select_by_config(ok, select_cfg, num_classes)
