@@ -179,7 +179,8 @@ class AdaptConfig:
     ema_momentum: float = _field(0.99, lo=0.0, hi=1.0)
     st_tau: float = _field(0.9, lo=0.0, hi=1.0)
     st_portion: float = _field(0.5, lo=0.0, lo_open=True, hi=1.0)
-    # Pseudo-labels from the plain view, losses on a photometrically perturbed view.
+    # Pseudo-labels from the plain view, losses on a photometrically perturbed view (the
+    # self-training methods; tent and minent take the plain view's entropy).
     strong_aug: bool = True
     # Re-estimate BatchNorm statistics on target images before training (method adabn
     # always does: it is that alone).

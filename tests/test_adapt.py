@@ -338,6 +338,23 @@ def test_tent_trains_only_normalisation_parameters():
     assert not torch.equal(bn, model.layer1[0].bn1.weight)
 
 
+@pytest.mark.parametrize("method", ["tent", "minent"])
+def test_entropy_baselines_take_the_plain_view(method):
+    """As TENT and ADVENT's MinEnt were published: strong augmentation changes nothing."""
+    images = torch.rand(2, 3, 32, 64)
+    models = []
+    for strong_aug in (True, False):
+        torch.manual_seed(0)
+        model = build_model("deeplabv2_resnet18", C, output_stride=16)
+        cfg = AdaptConfig(method=method, strong_aug=strong_aug)
+        Adapter(model, cfg, "imagenet", torch.full((C,), 1 / C), None, CPU).step(
+            None, {"image": images.clone()}
+        )
+        models.append(model.state_dict())
+    for key, value in models[0].items():
+        assert torch.equal(value, models[1][key]), key
+
+
 def test_tent_normalises_with_target_batches_on_a_frozen_bn_model():
     """The ResNet-101 checkpoints freeze BN; TENT's point is the target batch statistics."""
     model = build_model("deeplabv2_resnet18", C, output_stride=16, freeze_bn=True)

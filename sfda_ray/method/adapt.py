@@ -260,7 +260,8 @@ class Adapter:
         valid_t = self._valid(batch_t)
         logs: dict[str, float] = {}
         if cfg.method in ("tent", "minent"):
-            loss = cfg.lambda_entropy * entropy_loss(self._logits(self._view(xt)), valid_t)
+            # The plain view, as both were published: strong augmentation is self-training's.
+            loss = cfg.lambda_entropy * entropy_loss(self._logits(self._normalize(xt)), valid_t)
             logs["loss_entropy"] = loss.item()
             self._update(loss)
             return logs
