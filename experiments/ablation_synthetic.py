@@ -23,7 +23,7 @@ import numpy as np
 from sfda_ray.adaptation import LocalEnv, make_plan, run_adaptation
 from sfda_ray.config import load_config, result_identity
 from sfda_ray.data.catalog import open_dataset
-from sfda_ray.data.synthetic import BenchmarkSpec, generate
+from sfda_ray.data.synthetic import BenchmarkSpec, ensure_benchmark
 from sfda_ray.dist.runtime import init_ray
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
 from sfda_ray.evaluate import evaluate_model
@@ -53,8 +53,7 @@ ROWS = {
 
 def run_seed(out: Path, seed: int, config: str | None, rows: list[str]) -> dict:
     bench = out / f"synthetic_seed{seed}"
-    if not (bench / "benchmark.json").is_file():
-        generate(bench, BenchmarkSpec(seed=seed))
+    ensure_benchmark(bench, BenchmarkSpec(seed=seed))
     base = load_config(config, {"source.seed": seed})
     source, oracle = out / f"source_seed{seed}.pt", out / f"oracle_seed{seed}.pt"
     train_source(base, str(bench), str(source))

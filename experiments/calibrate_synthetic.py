@@ -24,7 +24,7 @@ import torch
 
 from sfda_ray.config import load_config
 from sfda_ray.data.catalog import open_dataset
-from sfda_ray.data.synthetic import BenchmarkSpec, generate
+from sfda_ray.data.synthetic import BenchmarkSpec, ensure_benchmark
 from sfda_ray.evaluate import adabn_on_split, evaluate_model
 from sfda_ray.models.checkpoint import load_model
 from sfda_ray.train_source import train_source
@@ -32,8 +32,7 @@ from sfda_ray.train_source import train_source
 
 def calibrate_seed(out: Path, seed: int, shift: float, config: str | None) -> dict:
     bench = out / f"synthetic_seed{seed}"
-    if not (bench / "benchmark.json").is_file():
-        generate(bench, BenchmarkSpec(seed=seed, shift=shift))
+    ensure_benchmark(bench, BenchmarkSpec(seed=seed, shift=shift))
     cfg = load_config(config, {"source.seed": seed})
     timings = {}
     for name, domain in (("source", "source"), ("oracle", "target")):

@@ -21,6 +21,13 @@ def is_uri(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
+def absolute(path: str | os.PathLike) -> str:
+    """A local path made absolute, a URI as it is: what is handed to a Ray Tune trial or
+    a Ray Train worker, each of which runs in a working directory of its own."""
+    path = str(path)
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
 def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """Filesystem and in-filesystem path for a local path or URI."""
     path = str(path)

@@ -771,10 +771,13 @@ def test_adapt_needs_no_source_data(ray_session, tmp_path):
 
 @pytest.mark.slow
 def test_one_ray_train_worker_retraces_the_plain_loop(
-    ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+    ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path, monkeypatch
 ):
     """The Ray layer adds no computation: one Ray Train worker with the same config and
-    seeds ends with the plain loop's weights, bit for bit, and reports its losses."""
+    seeds ends with the plain loop's weights, bit for bit, and reports its losses. Its
+    paths are given relative to the working directory, which the worker does not share."""
+    import os
+
     from sfda_ray.dist.train import run_adapt
 
     scores, _ = tiny_scores
@@ -782,7 +785,9 @@ def test_one_ray_train_worker_retraces_the_plain_loop(
     args = (str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
     env = LocalEnv()
     plain = run_adaptation(make_plan(cfg, *args), cfg, env)["model"].state_dict()
-    metrics = run_adapt(cfg, *args, str(tmp_path / "run"), workers=1)
+    monkeypatch.chdir(tmp_path)
+    relative = [os.path.relpath(p) for p in args]
+    metrics = run_adapt(cfg, *relative, "run", workers=1)
     on_ray = load_model(str(tmp_path / "run" / "final.pt"))[0].state_dict()
     source = load_model(str(tiny_source_ckpt))[0].state_dict()
     assert any(not torch.equal(plain[k], source[k]) for k in plain)  # it did train

@@ -20,8 +20,11 @@ PNGS = {"score_histogram.png", "per_class_iou.png", "confusion_matrix.png", "ove
 
 
 def _job(out: Path, env: dict) -> subprocess.Popen:
+    """As the README runs it: ``--out`` relative to the working directory (each trial and
+    Ray Train worker runs in a working directory of its own)."""
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "experiments" / "tune_gta.py"), "--smoke", "--out", str(out)],
+        [sys.executable, str(ROOT / "experiments" / "tune_gta.py"), "--smoke", "--out", out.name],
+        cwd=out.parent,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

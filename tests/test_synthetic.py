@@ -1,4 +1,5 @@
 import hashlib
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,19 @@ def test_rewriting_a_benchmark_leaves_none_of_the_earlier_images(tmp_path):
     assert set(target["height"].to_pylist()) == {40}
     assert len(list((tmp_path / "bench" / "target").rglob("*.png"))) == 2 * (2 + 3)
     assert (tmp_path / "bench" / "notes.txt").read_text() == "mine"
+
+
+def test_a_benchmark_is_reused_only_for_its_own_settings(tmp_path):
+    from sfda_ray.data.synthetic import ensure_benchmark
+
+    spec = BenchmarkSpec(seed=0, height=48, width=96, source_train=2, source_val=1,
+                         target_train=2, target_val=1)  # fmt: skip
+    ensure_benchmark(tmp_path, spec)
+    stamp = (tmp_path / "benchmark.json").stat().st_mtime_ns
+    assert ensure_benchmark(tmp_path, spec)["images"] == {"source": 3, "target": 3}
+    assert (tmp_path / "benchmark.json").stat().st_mtime_ns == stamp  # not written again
+    with pytest.raises(ValueError, match=r"other settings: shift 1.0 \(asked: 0.5\)"):
+        ensure_benchmark(tmp_path, BenchmarkSpec(**{**asdict(spec), "shift": 0.5}))
 
 
 def test_relative_out_gives_a_benchmark_usable_from_anywhere(tmp_path, monkeypatch):

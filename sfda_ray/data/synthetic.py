@@ -332,6 +332,22 @@ def generate(root: str | Path, spec: BenchmarkSpec) -> dict:
     return info
 
 
+def ensure_benchmark(root: str | Path, spec: BenchmarkSpec) -> dict:
+    """The benchmark of ``spec`` under ``root``: generated once, then reused; one written
+    there with other settings is refused, not passed off as this one."""
+    if not (Path(root) / "benchmark.json").is_file():
+        return generate(root, spec)
+    info = load_benchmark_info(root)
+    asked = asdict(spec)
+    differ = [f"{k} {info.get(k)!r} (asked: {v!r})" for k, v in asked.items() if info.get(k) != v]
+    if differ:
+        raise ValueError(
+            f"{root} holds a synthetic benchmark with other settings: {', '.join(differ)}; "
+            "use another output directory"
+        )
+    return info
+
+
 def write_preview(path: Path, spec: BenchmarkSpec, rows: int = 4) -> None:
     """Contact sheet: per row, source image | source labels | target image | target labels."""
     from sfda_ray.data.labels import colorize

@@ -30,7 +30,7 @@ from sfda_ray.config import (
 )
 from sfda_ray.data.catalog import is_synthetic, open_dataset, read_dataset_yaml
 from sfda_ray.data.readers import build_manifest
-from sfda_ray.data.synthetic import BenchmarkSpec, generate
+from sfda_ray.data.synthetic import BenchmarkSpec, ensure_benchmark
 from sfda_ray.dist.runtime import init_ray, on_gpus
 from sfda_ray.dist.scoring import ScoringOptions, adabn_checkpoint, score_dataset, write_pictures
 from sfda_ray.dist.tracking import SweepTracker, check_tracking_store, default_tracking_uri
@@ -181,7 +181,10 @@ def baseline_mious(checkpoint: str, scored: dict, data: str, scores: str, cfg: C
 def run_job(args: argparse.Namespace, task: str) -> dict:
     """Run the job for ``task`` (e.g. ``gta5_cityscapes``); returns ``summary.json``'s data."""
     cfg = job_config(args)
-    out = str(args.out)
+    # Every trial runs in a working directory of its own: no relative path reaches one.
+    out = storage.absolute(args.out)
+    args.checkpoint = args.checkpoint and storage.absolute(args.checkpoint)
+    args.data = args.data and storage.absolute(args.data)
     if storage.is_uri(out) and not (args.data or cfg.data.root or cfg.data.manifest):
         raise ValueError(
             f"--out {out}: the synthetic run generates its benchmark and trains its source "
@@ -208,8 +211,7 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
         data, checkpoint = args.data, args.checkpoint
     else:
         bench = Path(out) / ("synthetic_smoke" if args.smoke else f"synthetic_seed{args.seed}")
-        if not (bench / "benchmark.json").is_file():
-            generate(bench, SMOKE_BENCH if args.smoke else BenchmarkSpec(seed=args.seed))
+        ensure_benchmark(bench, SMOKE_BENCH if args.smoke else BenchmarkSpec(seed=args.seed))
         data, checkpoint = str(bench), str(Path(out) / "source.pt")
         train_source(cfg, data, checkpoint)  # a no-op once complete
 

@@ -176,6 +176,7 @@ def run_adapt(
     ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``);
     ``placement_strategy`` SPREAD puts one worker per node, PACK fills a node first.
     """
+    checkpoint, scores, data, out = map(storage.absolute, (checkpoint, scores, data, out))
     # A Ray Train checkpoint holds student, teacher, discriminator and optimizer state
     # (about 3-4 model sizes); 2 are kept and a third is written before the oldest goes,
     # then final.pt: about ten model files in all (baselines: one checkpoint and final.pt),
@@ -184,11 +185,7 @@ def run_adapt(
     needs = models * storage.file_size(checkpoint) - storage.tree_size(out)
     storage.prepare_output(out, needs, "the adaptation's checkpoints")
     plan = make_plan(cfg, checkpoint, scores, data)
-    storage_path = (
-        storage.join(out, "ray")
-        if storage.is_uri(out)
-        else os.path.abspath(os.path.join(str(out), "ray"))
-    )
+    storage_path = storage.join(out, "ray")
     _check_same_run(out, storage_path, run_identity(cfg, plan))
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker:
