@@ -73,12 +73,23 @@ def selection_grid(table: pa.Table, selection: Selection, per_side: int = 4) -> 
 
 
 def tile_grid(tiles: Sequence[Sequence[np.ndarray]]) -> bytes:
-    """PNG of equally sized RGB tiles in rows; short rows are padded with black."""
-    h, w = tiles[0][0].shape[:2]
+    """PNG of RGB tiles in rows, each at the first tile's size (frames may differ in
+    size); short or empty rows (no virtual-source image, say) are padded with black."""
+    h, w = next(t for row in tiles for t in row).shape[:2]
+
+    def fitted(tile: np.ndarray) -> np.ndarray:
+        if tile.shape[:2] == (h, w):
+            return tile
+        return np.asarray(Image.fromarray(tile).resize((w, h), Image.BILINEAR))
+
     columns = max(len(r) for r in tiles)
     blank = np.zeros((h, w, 3), np.uint8)
     grid = np.concatenate(
-        [np.concatenate(list(r) + [blank] * (columns - len(r)), axis=1) for r in tiles], axis=0
+        [
+            np.concatenate([fitted(t) for t in r] + [blank] * (columns - len(r)), axis=1)
+            for r in tiles
+        ],
+        axis=0,
     )
     buf = io.BytesIO()
     Image.fromarray(grid).save(buf, format="PNG")

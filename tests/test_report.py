@@ -57,3 +57,16 @@ def test_a_val_split_without_pixels_of_the_classes_still_gets_its_files(tiny_sou
     )
     assert json.loads(files["evaluation.json"])["miou"] is None
     assert files["per_class_iou.png"].startswith(PNG)
+
+
+def test_tile_grid_fits_tiles_of_other_sizes_and_pads_empty_rows():
+    """An empty virtual source leaves its row of the selection grid empty; frames of
+    another size are fitted to the first tile's."""
+    import numpy as np
+
+    from sfda_ray.pictures import tile_grid
+
+    light, small = np.full((8, 16, 3), 200, np.uint8), np.zeros((4, 4, 3), np.uint8)
+    grid = np.asarray(Image.open(io.BytesIO(tile_grid([[], [light, small]]))))
+    assert grid.shape == (16, 32, 3)
+    assert (grid[:8] == 0).all() and (grid[8:, :16] == 200).all()
