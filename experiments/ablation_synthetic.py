@@ -4,8 +4,8 @@ Per seed: the benchmark and its source model and oracle (cached; the calibration
 script's --out is reused when given the same directory), one scoring pass on Ray Data,
 then every row below adapted with the plain single-process loop (the same code Ray
 Train runs per worker) and evaluated on target val. Each finished row is kept in
-OUT/ablation_seed<N>.json with its resolved config, so a rerun after an interruption
-skips the rows already done with the same config.
+OUT/ablation_seed<N>.json with its resolved config and scoring model, so a rerun after
+an interruption skips the rows already done with the same config and source model.
 
     python experiments/ablation_synthetic.py --seeds 0 1 --json ablation.json
 """
@@ -65,12 +65,16 @@ def run_seed(out: Path, seed: int, config: str | None, rows: list[str]) -> dict:
     result["scoring"] = score_dataset(
         str(source), str(bench), str(scores), ScoringOptions(batch_size=16)
     )
+    # A kept row is this source model's (its scoring model names it): one trained again
+    # (after deleting source_seedN.pt, say) runs every row again.
+    scored_with = result["scoring"]["checkpoint_fingerprint"]
     done_path = out / f"ablation_seed{seed}.json"
     done = json.loads(done_path.read_text()) if done_path.is_file() else {}
     for name in rows:
         cfg = load_config(config, {"source.seed": seed, "adapt.seed": seed, **ROWS[name]})
         resolved = result_identity(cfg)
-        if name in done and done[name]["config"] == resolved:
+        kept = done.get(name, {})
+        if kept.get("config") == resolved and kept.get("scored_with") == scored_with:
             result[name] = done[name]
             logging.info(
                 "seed %d %-24s mIoU %.2f (kept from %s)", seed, name, done[name]["miou"], done_path
@@ -85,6 +89,7 @@ def run_seed(out: Path, seed: int, config: str | None, rows: list[str]) -> dict:
             "per_class": metrics["per_class"],
             "seconds": round(time.perf_counter() - t0, 1),
             "config": resolved,
+            "scored_with": scored_with,
         }
         done[name] = result[name]
         done_path.write_text(json.dumps(done, indent=1) + "\n")
