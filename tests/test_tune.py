@@ -145,6 +145,12 @@ def test_git_commit_tag_says_when_the_code_was_edited(tmp_path, monkeypatch):
     assert git_commit(repo) == f"{sha}-dirty"
     (repo / ".git" / "index").write_bytes(b"not an index")  # git cannot compare any more
     assert git_commit(repo) == f"{sha}-unverified"
+    (repo / ".git" / "index").unlink()
+    git("reset", "-q")  # the index rebuilt from the commit
+    # A package installed into an environment that the checkout ignores is not its code.
+    (repo / ".gitignore").write_text("venv/\n")
+    (repo / "venv" / "site-packages" / "pkg").mkdir(parents=True)
+    assert git_commit(repo / "venv" / "site-packages" / "pkg") == "unknown"
 
 
 def test_config_data_section_names_the_target(tmp_path):

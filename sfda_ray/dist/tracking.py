@@ -147,7 +147,7 @@ def check_tracking_store(tracking_uri: str, experiment: str) -> None:
 def git_commit(path: str | Path | None = None) -> str:
     """The commit of the checkout holding ``path`` (this project's by default): with
     ``-dirty`` when tracked files differ from it, ``-unverified`` when git could not tell;
-    ``unknown`` outside git."""
+    ``unknown`` outside git, or where git tracks no file of ``path``."""
     # The checkout's own repository, whatever a calling git hook set; and no index lock
     # taken, so a git command the user runs meanwhile does not fail.
     env = {
@@ -175,6 +175,15 @@ def git_commit(path: str | Path | None = None) -> str:
         log.warning("no git commit to tag the runs with: %s", head.stderr.strip())
         return "unknown"
     sha = head.stdout.strip()
+    # Installed into a virtual environment that another checkout ignores: its files are
+    # not that checkout's, nor is its commit.
+    try:
+        tracked = git("ls-files", "--", ".")
+    except (OSError, subprocess.SubprocessError):
+        return f"{sha}-unverified"
+    if tracked.returncode == 0 and not tracked.stdout.strip():
+        log.warning("no git commit to tag the runs with: the code is not tracked by git")
+        return "unknown"
     # A run from edited code is not the commit's run: say so rather than let the tag
     # claim the commit reproduces it.
     try:
