@@ -568,6 +568,13 @@ def test_the_summary_is_saved_whatever_mlflow_does_at_the_end(tmp_path, caplog):
     best = run.data.tags["sfda.best_run_id"]
     assert [a.path for a in client.list_artifacts(best, "model")] == ["model/final.pt"]
     assert client.get_run(best).data.tags["git_commit"] == "abc"
+    # The same command again after the sweep finished: nothing is recorded twice.
+    assert tracker.start("sweep", {}, {"git_commit": "abc"}) == parent
+    save_and_record(str(tmp_path), summary, {"hist.png": b"png"}, sweep, tracker)
+    for key in ("best_val_miou", "best_miou", "source_only_miou"):
+        assert len(client.get_metric_history(parent, key)) == 1, key
+    model = client.list_artifacts(best, "model")[0]
+    assert model.path == "model/final.pt" and model.file_size == len(b"weights")
 
     # The tracking server gone at the very end: the summary is on disk all the same.
     (tmp_path / "summary.json").unlink()

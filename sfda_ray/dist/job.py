@@ -270,7 +270,7 @@ def save_and_record(
     }
     try:
         record_best(tracker, sweep)
-        tracker.log_metrics(tracker.parent_id, baselines, 0)
+        tracker.log_results(tracker.parent_id, baselines)
         tracker.log_files(tracker.parent_id, files)
         tracker.finish()
     except MlflowException as e:

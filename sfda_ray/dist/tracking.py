@@ -298,6 +298,14 @@ class SweepTracker:
                 run_id, metrics=batch[i : i + 500], tags=run_tags if i == 0 else []
             )
 
+    def log_results(self, run_id: str, metrics: dict[str, float]) -> None:
+        """A run's result metrics (step 0), each value logged once: a rerun of a finished
+        sweep records only what changed, not a second point of every result."""
+        logged = self.client.get_run(run_id).data.metrics
+        changed = {k: v for k, v in metrics.items() if logged.get(k) != float(v)}
+        if changed:
+            self.log_metrics(run_id, changed, 0)
+
     def log_files(self, run_id: str, files: dict[str, bytes], artifact_path: str | None = None):
         if not files:
             return

@@ -302,13 +302,18 @@ def record_best(tracker: SweepTracker, sweep: dict) -> None:
     tags and metrics pointing at it."""
     parent, best_id, metric = tracker.parent_id, sweep["best_trial"], sweep["metric"]
     best_run = tracker.child(best_id, best_id, {}, tracker.tags, reopen=False)
-    tracker.log_files(best_run, {"final.pt": storage.read_bytes(sweep["best_checkpoint"])}, "model")
+    # Uploaded once: a rerun of the finished sweep finds the model in place.
+    if not any(
+        a.path == "model/final.pt" for a in tracker.client.list_artifacts(best_run, "model")
+    ):
+        model = storage.read_bytes(sweep["best_checkpoint"])
+        tracker.log_files(best_run, {"final.pt": model}, "model")
     tracker.client.set_tag(parent, "sfda.best_trial", best_id)
     tracker.client.set_tag(parent, "sfda.best_run_id", best_run)
     metrics = {"best_" + metric: sweep["best_metric"]}
     if sweep["proxy_miou_spearman"] is not None:
         metrics["proxy_miou_spearman"] = sweep["proxy_miou_spearman"]
-    tracker.log_metrics(parent, metrics, 0)
+    tracker.log_results(parent, metrics)
 
 
 def _every_trial_adversarial(base: Config, space: dict[str, tuple[str, list]]) -> bool:
