@@ -7,6 +7,7 @@ a ``data:`` section (``kind``, ``root``, optional ``manifest`` and ``eval_classe
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from dataclasses import dataclass, fields, replace
@@ -129,18 +130,24 @@ def read_dataset_yaml(data: str | Path) -> dict:
         raise ValueError(
             f"{where}: data.kind {spec['kind']!r} is not allowed; allowed: {', '.join(DATA_KINDS)}"
         )
-    ignored = sorted(set(spec) - set(LOCATING_KEYS))
+    ignored = tuple(sorted(set(spec) - set(LOCATING_KEYS)))
     if ignored:
-        log.warning(
-            "%s: data: %s not applied: a dataset YAML given as --data says where the data is "
-            "(%s); set the others in the --config YAML or with --set data.KEY=VALUE",
-            where,
-            ", ".join(ignored),
-            ", ".join(LOCATING_KEYS),
-        )
+        _warn_not_applied(where, ignored)
     spec = {k: v for k, v in spec.items() if k in LOCATING_KEYS}
     located = {k: _relative_to(where, str(spec[k])) for k in ("root", "manifest") if spec.get(k)}
     return {**spec, **located, "where": where}
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_not_applied(where: str, keys: tuple[str, ...]) -> None:
+    """Once per file and process: a job reads its dataset YAML more than once."""
+    log.warning(
+        "%s: data: %s not applied: a dataset YAML given as --data says where the data is "
+        "(%s); set the others in the --config YAML or with --set data.KEY=VALUE",
+        where,
+        ", ".join(keys),
+        ", ".join(LOCATING_KEYS),
+    )
 
 
 def _location(spec: dict) -> str:
