@@ -466,6 +466,21 @@ def test_a_diverged_trial_never_ranks_best():
     assert best_trial([trial("inf", float("inf"))], "proxy", "min") is None
 
 
+def test_the_proxy_is_ranked_against_miou_where_both_are_numbers():
+    from sfda_ray.dist.tune import proxy_rank_correlation
+
+    def trial(miou, proxy):
+        return {"val_miou": miou, "proxy": proxy}
+
+    agree = [trial(10.0, 0.9), trial(20.0, 0.5), trial(30.0, 0.1)]
+    assert proxy_rank_correlation(agree) == pytest.approx(1.0)
+    # A trial evaluated on nothing (NaN) or without labels (None) is left out.
+    assert proxy_rank_correlation([*agree, trial(math.nan, 2.0), trial(None, 0.0)]) == (
+        pytest.approx(1.0)
+    )
+    assert proxy_rank_correlation(agree[:2] + [trial(math.nan, 0.2)]) is None
+
+
 def test_a_report_always_carries_its_metric():
     """Tune stops the whole sweep at a result without its metric: an evaluation without a
     pixel of the evaluated classes reports val_miou as NaN, which ranks no trial."""

@@ -273,13 +273,6 @@ def _summarise(
         message = _failure_message(sweep_path, trials)
         tracker.finish("FAILED", error=message)
         raise SweepFailed(message)
-    paired = [tr for tr in trials if tr["val_miou"] is not None and tr["proxy"] is not None]
-    rho = None
-    if len(paired) >= 3:
-        rho = spearman(
-            -np.array([tr["proxy"] for tr in paired]), np.array([tr["val_miou"] for tr in paired])
-        )
-        rho = None if math.isnan(rho) else rho
     summary = {
         "metric": metric,
         "mode": mode,
@@ -288,13 +281,27 @@ def _summarise(
         "best_checkpoint": best["checkpoint"],
         "best_metric": best[metric],
         "trials": trials,
-        # Rank correlation of (lower) proxy and mIoU across trials: does the label-free
-        # proxy pick the same trial as the labels would?
-        "proxy_miou_spearman": rho,
+        "proxy_miou_spearman": proxy_rank_correlation(trials),
         "sweep_path": sweep_path,
         "mlflow_parent_run_id": parent,
     }
     return summary
+
+
+def proxy_rank_correlation(trials: list[dict]) -> float | None:
+    """Rank correlation of (lower) proxy and mIoU across the trials that report both as
+    numbers: does the label-free proxy pick the trial the labels would? None under 3."""
+    paired = [
+        tr
+        for tr in trials
+        if all(tr[k] is not None and math.isfinite(tr[k]) for k in ("val_miou", "proxy"))
+    ]
+    if len(paired) < 3:
+        return None
+    rho = spearman(
+        -np.array([tr["proxy"] for tr in paired]), np.array([tr["val_miou"] for tr in paired])
+    )
+    return None if math.isnan(rho) else rho
 
 
 def record_best(tracker: SweepTracker, sweep: dict) -> None:
