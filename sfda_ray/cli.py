@@ -235,7 +235,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 def add_tune_args(parser: argparse.ArgumentParser, default_out: str = "outputs/tune") -> None:
     """Arguments of the main job (`sfda-ray tune`, `experiments/tune_*.py`)."""
-    parser.add_argument("--out", default=default_out, help="output directory")
+    parser.add_argument(
+        "--out",
+        help=f"output directory (default: {default_out}; on the synthetic benchmark, "
+        f"{default_out}_smoke with --smoke and {default_out}_seedN with --seed N > 0)",
+    )
+    parser.set_defaults(default_out=default_out)
     parser.add_argument(
         "--data", help="target data: manifest .parquet or dataset .yaml (default: synthetic)"
     )

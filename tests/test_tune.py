@@ -481,6 +481,28 @@ def test_the_proxy_is_ranked_against_miou_where_both_are_numbers():
     assert proxy_rank_correlation(agree[:2] + [trial(math.nan, 0.2)]) is None
 
 
+def test_each_synthetic_benchmark_has_its_own_default_out():
+    """A smoke run first and then the full run (as the README suggests) do not meet each
+    other's source model, scores and sweep; a real dataset keeps the task's directory."""
+    import argparse
+
+    from sfda_ray.cli import add_tune_args
+    from sfda_ray.dist.job import default_out, job_config
+
+    parser = argparse.ArgumentParser()
+    add_tune_args(parser, "outputs/tune_gta")
+
+    def out(*argv: str) -> str:
+        args = parser.parse_args(list(argv))
+        return default_out(args, job_config(args))
+
+    assert out() == "outputs/tune_gta"
+    assert out("--smoke") == "outputs/tune_gta_smoke"
+    assert out("--seed", "2") == "outputs/tune_gta_seed2"
+    gta = str(ROOT / "experiments" / "configs" / "gta5_cityscapes.yaml")
+    assert out("--config", gta, "--checkpoint", "gta5.pt", "--seed", "2") == "outputs/tune_gta"
+
+
 def test_a_report_always_carries_its_metric():
     """Tune stops the whole sweep at a result without its metric: an evaluation without a
     pixel of the evaluated classes reports val_miou as NaN, which ranks no trial."""

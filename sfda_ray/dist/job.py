@@ -178,11 +178,22 @@ def baseline_mious(checkpoint: str, scored: dict, data: str, scores: str, cfg: C
     return miou
 
 
+def default_out(args: argparse.Namespace, cfg: Config) -> str:
+    """The task's output directory; on the synthetic benchmark, one per benchmark, since
+    the source model, scores and sweep under it belong to that benchmark (a smoke run
+    first and then the full run must not meet each other's files)."""
+    if args.data or cfg.data.root or cfg.data.manifest:
+        return args.default_out
+    if args.smoke:
+        return f"{args.default_out}_smoke"
+    return args.default_out + (f"_seed{args.seed}" if args.seed else "")
+
+
 def run_job(args: argparse.Namespace, task: str) -> dict:
     """Run the job for ``task`` (e.g. ``gta5_cityscapes``); returns ``summary.json``'s data."""
     cfg = job_config(args)
     # Every trial runs in a working directory of its own: no relative path reaches one.
-    out = storage.absolute(args.out)
+    out = storage.absolute(args.out or default_out(args, cfg))
     args.checkpoint = args.checkpoint and storage.absolute(args.checkpoint)
     args.data = args.data and storage.absolute(args.data)
     if storage.is_uri(out) and not (args.data or cfg.data.root or cfg.data.manifest):
