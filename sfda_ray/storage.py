@@ -60,7 +60,7 @@ def join(base: str | os.PathLike, *parts: str) -> str:
     if is_uri(base):  # parts go before the options (s3://b/x?endpoint_override=...)
         location, sep, query = base.partition("?")
         return "/".join([location.rstrip("/"), *[p.strip("/") for p in parts]]) + sep + query
-    return str(Path(os.path.abspath(Path(base).expanduser()), *parts))
+    return str(Path(absolute(base), *parts))
 
 
 def beside(path: str | os.PathLike, relative: str) -> str:
