@@ -410,11 +410,10 @@ def load_config(
             raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {data!r}")
-        space = (
-            (data.get("tune") or {}).get("space") if isinstance(data.get("tune"), dict) else None
-        )
+        tune = data.get("tune")
+        space = tune.get("space") if isinstance(tune, dict) else None
         if isinstance(space, str) and not Path(space).expanduser().is_absolute():
-            data["tune"] = {**data["tune"], "space": str(path.parent / space)}
+            data["tune"] = {**tune, "space": str(path.parent / space)}
     merged: dict[str, Any] = {}
     for dotted, value in (preset or {}).items():
         section, key = dotted.split(".")
