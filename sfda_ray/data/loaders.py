@@ -140,7 +140,7 @@ class SizeBatches(Sampler[list[int]]):
         return iter([batches[i] for i in torch.randperm(len(batches), generator=self.generator)])
 
     def __len__(self) -> int:
-        return len(self._batches(range(len(self.sizes))))
+        return sum(-(-n // self.batch_size) for n in Counter(self.sizes).values())
 
 
 def images_of(loader: DataLoader):
@@ -157,6 +157,7 @@ class EvalDataset(Dataset):
     def __init__(self, table: pa.Table, size: tuple[int, int] | None, normalization: str):
         columns = ["image_id", "image_path", "label_path", "label_format", "height", "width"]
         self.rows = table.select(columns).to_pylist()
+        self.sizes = [(r["height"], r["width"]) for r in self.rows]
         self.transform = build_transform(train=False, size=size, normalization=normalization)
 
     def __len__(self) -> int:
@@ -196,11 +197,11 @@ def eval_loader(
         raise ValueError(
             f"{len(missing)} image(s) have no label (first: {missing[0]}); evaluation needs labels"
         )
-    # Labels stay at full resolution, so a batch holds one label size.
-    sizes = list(zip(table["height"].to_pylist(), table["width"].to_pylist(), strict=True))
+    dataset = EvalDataset(table, size, normalization)
     return DataLoader(
-        EvalDataset(table, size, normalization),
-        batch_sampler=SizeBatches(sizes, batch_size),
+        dataset,
+        # Labels stay at full resolution, so a batch holds one label size.
+        batch_sampler=SizeBatches(dataset.sizes, batch_size),
         num_workers=num_workers,
         collate_fn=collate_skip_bad,
         # Its own generator: a loader without one draws its base seed from torch's global
