@@ -90,7 +90,7 @@ def job_config(args: argparse.Namespace) -> Config:
         **{k: v for k, v in flags.items() if v is not None},
     }
     cfg = load_config(args.config, overrides)
-    if args.smoke or args.data or cfg.data.root or cfg.data.manifest:
+    if args.smoke or has_target_data(args, cfg):
         return cfg
     return load_config(args.config, overrides, preset=SYNTHETIC)
 
@@ -178,11 +178,17 @@ def baseline_mious(checkpoint: str, scored: dict, data: str, scores: str, cfg: C
     return miou
 
 
+def has_target_data(args: argparse.Namespace, cfg: Config) -> bool:
+    """Whether the job runs on a real target (``--data``, or ``data.root`` or
+    ``data.manifest`` in the config), not on the synthetic benchmark."""
+    return bool(args.data or cfg.data.root or cfg.data.manifest)
+
+
 def default_out(args: argparse.Namespace, cfg: Config) -> str:
     """The task's output directory; on the synthetic benchmark, one per benchmark, since
     the source model, scores and sweep under it belong to that benchmark (a smoke run
     first and then the full run must not meet each other's files)."""
-    if args.data or cfg.data.root or cfg.data.manifest:
+    if has_target_data(args, cfg):
         return args.default_out
     if args.smoke:
         return f"{args.default_out}_smoke"
@@ -196,7 +202,7 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
     out = storage.absolute(args.out or default_out(args, cfg))
     args.checkpoint = args.checkpoint and storage.absolute(args.checkpoint)
     args.data = args.data and storage.absolute(args.data)
-    if storage.is_uri(out) and not (args.data or cfg.data.root or cfg.data.manifest):
+    if storage.is_uri(out) and not has_target_data(args, cfg):
         raise ValueError(
             f"--out {out}: the synthetic run generates its benchmark and trains its source "
             "model under --out, which must be a local directory"
