@@ -414,6 +414,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_transient(error: BaseException) -> bool:
+    """A lost connection or a timeout (a Ray ``GetTimeoutError``, an MLflow server that
+    stopped answering): not bad input, and a rerun may not meet it."""
+    import requests
+
+    return isinstance(
+        error,
+        (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout),
+    )
+
+
+def error_exit(prog: str, error: BaseException) -> int:
+    """Print ``error`` in one line and return the exit code: 1 for a transient error,
+    which a rerun of the same command resumes past, else 2 (bad input)."""
+    if is_transient(error):
+        print(f"{prog}: error: {error} (rerun the same command to resume)", file=sys.stderr)
+        return 1
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -423,8 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ConfigError, ValueError, OSError) as e:
-        print(f"sfda-ray: error: {e}", file=sys.stderr)
-        return 2
+        return error_exit("sfda-ray", e)
 
 
 if __name__ == "__main__":

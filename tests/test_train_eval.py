@@ -231,6 +231,26 @@ def test_eval_errors_name_the_problem(tiny_benchmark, tiny_source_ckpt, tmp_path
         assert "device 'cuda': no CUDA GPU" in capsys.readouterr().err
 
 
+def test_exit_code_tells_bad_input_from_a_lost_connection(capsys):
+    """2 asks the user to fix the input; 1 says a rerun may get past it (a Ray get that
+    timed out, an MLflow server that stopped answering)."""
+    import requests
+    from ray.exceptions import GetTimeoutError
+
+    from sfda_ray.cli import error_exit
+
+    assert error_exit("p", FileNotFoundError("manifest not found: m.parquet")) == 2
+    assert capsys.readouterr().err == "p: error: manifest not found: m.parquet\n"
+    assert error_exit("p", OSError("output location o is not writable")) == 2
+    for transient in (
+        GetTimeoutError("get timed out"),
+        requests.ConnectionError("connection refused"),
+        ConnectionResetError("reset by peer"),
+    ):
+        assert error_exit("p", transient) == 1
+        assert "rerun the same command to resume" in capsys.readouterr().err
+
+
 def test_eval_over_synthia_subsets_of_a_cityscapes_tree(tiny_source_ckpt, tmp_path, capsys):
     """SYNTHIA -> Cityscapes: the target is Cityscapes, scored over SYNTHIA's classes."""
     from data_fixtures import make_cityscapes
