@@ -466,19 +466,39 @@ def test_a_diverged_trial_never_ranks_best():
     assert best_trial([trial("inf", float("inf"))], "proxy", "min") is None
 
 
-def test_the_proxy_is_ranked_against_miou_where_both_are_numbers():
-    from sfda_ray.dist.tune import proxy_rank_correlation
+def test_the_proxy_is_ranked_against_miou_at_one_iteration(ray_session, tmp_path):
+    """Trials are compared at the last iteration at least 3 reached, read back from real
+    Tune results: a trial ASHA stopped early (d, whose proxy disagrees) does not enter."""
+    from ray import tune
 
-    def trial(miou, proxy):
-        return {"val_miou": miou, "proxy": proxy}
+    from sfda_ray.dist.tune import _reports, proxy_rank_correlation
 
-    agree = [trial(10.0, 0.9), trial(20.0, 0.5), trial(30.0, 0.1)]
-    assert proxy_rank_correlation(agree) == pytest.approx(1.0)
-    # A trial evaluated on nothing (NaN) or without labels (None) is left out.
-    assert proxy_rank_correlation([*agree, trial(math.nan, 2.0), trial(None, 0.0)]) == (
-        pytest.approx(1.0)
-    )
-    assert proxy_rank_correlation(agree[:2] + [trial(math.nan, 0.2)]) is None
+    trials = {  # name: (mIoU, proxy, last iteration)
+        "a": (10.0, 0.9, 4),
+        "b": (20.0, 0.5, 4),
+        "c": (30.0, 0.1, 4),
+        "d": (90.0, 5.0, 2),
+        "e": (math.nan, 0.2, 4),  # evaluated on nothing: left out
+    }
+
+    def trainable(config):
+        miou, proxy, last = trials[config["name"]]
+        for iteration in range(2, last + 1, 2):
+            tune.report({"iteration": iteration, "val_miou": miou, "proxy": proxy})
+
+    grid = tune.Tuner(
+        trainable,
+        param_space={"name": tune.grid_search(sorted(trials))},
+        run_config=tune.RunConfig(storage_path=str(tmp_path), name="sweep", verbose=0),
+    ).fit()
+    histories = [_reports(result) for result in grid]
+    assert sorted(len(h) for h in histories) == [1, 2, 2, 2, 2]
+    assert proxy_rank_correlation(histories) == (pytest.approx(1.0), 4)
+    # At iteration 2 alone, d's disagreeing proxy enters the ranking.
+    at_2 = [[r for r in h if r["iteration"] == 2] for h in histories]
+    rho, iteration = proxy_rank_correlation(at_2)
+    assert iteration == 2 and rho < 0.5
+    assert proxy_rank_correlation(histories[:2]) == (None, None)
 
 
 def test_each_synthetic_benchmark_has_its_own_default_out():

@@ -252,6 +252,7 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
                 "best_trial": sweep["best_trial"],
                 "metric": sweep["metric"],
                 "proxy_miou_spearman": sweep["proxy_miou_spearman"],
+                "proxy_miou_iteration": sweep["proxy_miou_iteration"],
                 "trials": sweep["trials"],
                 "mlflow_tracking_uri": tracking_uri,
                 "mlflow_experiment": experiment,
@@ -304,7 +305,10 @@ def _print_summary(summary: dict, out: str) -> None:
             if summary.get(key) is not None:
                 print(f"  {key[:-5]:<12} {summary[key]:6.2f}")
     if summary.get("proxy_miou_spearman") is not None:
-        print(f"proxy vs mIoU rank correlation across trials: {summary['proxy_miou_spearman']:.2f}")
+        print(
+            "proxy vs mIoU rank correlation across trials at iteration "
+            f"{summary['proxy_miou_iteration']}: {summary['proxy_miou_spearman']:.2f}"
+        )
     print(f"best adapted model: {summary['best_checkpoint']}")
     print(f"summary: {storage.join(out, 'summary.json')} ({summary['seconds']} s)")
     uri = summary["mlflow_tracking_uri"]

@@ -246,7 +246,7 @@ def _summarise(
 ) -> dict:
     """The sweep's summary from Tune's results (a failed sweep closes its parent run)."""
     parent = tracker.parent_id
-    trials = []
+    trials, histories = [], []
     for result in grid:
         if result.metrics is None or "trial_id" not in result.metrics:
             continue
@@ -268,11 +268,13 @@ def _summarise(
                 "error": describe_error(result.error),
             }
         )
+        histories.append(_reports(result))
     best = best_trial(trials, metric, mode)
     if best is None:
         message = _failure_message(sweep_path, trials)
         tracker.finish("FAILED", error=message)
         raise SweepFailed(message)
+    rho, rho_iteration = proxy_rank_correlation(histories)
     summary = {
         "metric": metric,
         "mode": mode,
@@ -281,27 +283,43 @@ def _summarise(
         "best_checkpoint": best["checkpoint"],
         "best_metric": best[metric],
         "trials": trials,
-        "proxy_miou_spearman": proxy_rank_correlation(trials),
+        "proxy_miou_spearman": rho,
+        "proxy_miou_iteration": rho_iteration,
         "sweep_path": sweep_path,
         "mlflow_parent_run_id": parent,
     }
     return summary
 
 
-def proxy_rank_correlation(trials: list[dict]) -> float | None:
-    """Rank correlation of (lower) proxy and mIoU across the trials that report both as
-    numbers: does the label-free proxy pick the trial the labels would? None under 3."""
-    paired = [
-        tr
-        for tr in trials
-        if all(tr[k] is not None and math.isfinite(tr[k]) for k in ("val_miou", "proxy"))
-    ]
-    if len(paired) < 3:
-        return None
-    rho = spearman(
-        -np.array([tr["proxy"] for tr in paired]), np.array([tr["val_miou"] for tr in paired])
-    )
-    return None if math.isnan(rho) else rho
+def proxy_rank_correlation(histories: list[list[dict]]) -> tuple[float | None, int | None]:
+    """Rank correlation of (lower) proxy and mIoU across trials, and the iteration it is
+    taken at: does the label-free proxy pick the trial the labels would? ``histories``
+    holds each trial's reports (``iteration``, ``val_miou``, ``proxy``). The trials are
+    compared at one iteration, the last at which at least 3 reported both as numbers: ASHA
+    stops trials at different iterations, and a stopped trial's early mIoU is not
+    comparable with a finished one's. (None, None) when no iteration has 3."""
+    at: dict[int, list[tuple[float, float]]] = {}
+    for history in histories:
+        for report in history:
+            miou, proxy = report.get("val_miou"), report.get("proxy")
+            if all(v is not None and math.isfinite(v) for v in (miou, proxy)):
+                at.setdefault(int(report["iteration"]), []).append((miou, proxy))
+    common = [it for it, pairs in at.items() if len(pairs) >= 3]
+    if not common:
+        return None, None
+    iteration = max(common)
+    miou, proxy = np.array(at[iteration]).T
+    rho = spearman(-proxy, miou)
+    return (None, None) if math.isnan(rho) else (rho, iteration)
+
+
+def _reports(result) -> list[dict]:
+    """A trial's reports (iteration, val_miou, proxy), read back from Tune's results."""
+    frame = result.metrics_dataframe
+    if frame is None or "iteration" not in frame:
+        return []
+    columns = [c for c in ("iteration", "val_miou", "proxy") if c in frame]
+    return frame[columns].to_dict("records")
 
 
 def record_best(tracker: SweepTracker, sweep: dict) -> None:
@@ -320,6 +338,7 @@ def record_best(tracker: SweepTracker, sweep: dict) -> None:
     metrics = {"best_" + metric: sweep["best_metric"]}
     if sweep["proxy_miou_spearman"] is not None:
         metrics["proxy_miou_spearman"] = sweep["proxy_miou_spearman"]
+        metrics["proxy_miou_iteration"] = sweep["proxy_miou_iteration"]
     tracker.log_results(parent, metrics)
 
 
