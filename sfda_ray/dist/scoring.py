@@ -101,11 +101,7 @@ MANIFEST_COLUMNS = (
     "fingerprint",
 )
 # PNG bytes an actor returns -> the scores column holding the written file, its suffix.
-MAP_COLUMNS = {
-    "label_png": ("pseudo_label_path", MAP_SUFFIXES["pseudo_label_path"]),
-    "conf_png": ("confidence_path", MAP_SUFFIXES["confidence_path"]),
-    "unc_png": ("uncertainty_path", MAP_SUFFIXES["uncertainty_path"]),
-}
+MAP_COLUMNS = {f"{suffix}_png": (column, suffix) for column, suffix in MAP_SUFFIXES.items()}
 MAP_PATHS = list(MAP_SUFFIXES)
 # What a scoring actor returns per image: ids, numbers and the maps as PNG bytes.
 ACTOR_SCHEMA = pa.schema(
