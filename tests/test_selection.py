@@ -43,18 +43,32 @@ def test_histogram_bins_pixels_by_class_and_confidence():
     assert class_confidence_histogram(label, conf, C, mask=mask).sum() == 2
 
 
-def test_the_kept_pixels_of_the_priors_are_the_pixels_the_adaptation_keeps():
-    """pi_V is counted from the histogram's bins; the adaptation keeps u8 >= 255 * tau. For
-    any tau (rounded to a bin edge by select) and any confidence they agree pixel for pixel."""
+def test_the_kept_pixels_of_the_priors_are_the_pixels_the_adaptation_keeps(tmp_path):
+    """pi_V is counted from the histogram's bins; the adaptation's dataset keeps a pixel of
+    confidence u8 >= 255 * tau, and masks the rest to 255. For any tau (rounded to a bin
+    edge by select) and any confidence they agree pixel for pixel."""
+    from data_fixtures import random_rgb, write_png
+
+    from sfda_ray.data.adaptation import AdaptationDataset
+
     conf = torch.arange(256, dtype=torch.uint8).repeat(C, 1)  # every 8-bit value per class
     label = torch.arange(C, dtype=torch.uint8)[:, None].expand(C, 256).contiguous()
     hist = class_confidence_histogram(label, conf, C).reshape(C, B).numpy()
+    row = {
+        "image_path": str(write_png(tmp_path / "img.png", random_rgb(0, C, 256))),
+        "pseudo_label_path": str(write_png(tmp_path / "label.png", label.numpy())),
+        "confidence_path": str(write_png(tmp_path / "conf.png", conf.numpy())),
+    }
     for tau in (0.8, 0.87, 0.9, 0.93, 0.95):
         sel = select(scores_table([("a", 0.5, hist.ravel().tolist())]), ratio=1.0, tau=tau)
         thresholds = sel.class_thresholds
         assert thresholds[0] == pytest.approx(np.ceil(tau * B - 1e-9) / B)
-        kept_by_dataset = (conf >= torch.from_numpy(thresholds * 255)[:, None]).sum(1).numpy()
-        np.testing.assert_array_equal(kept_counts(hist, thresholds), kept_by_dataset)
+        item = AdaptationDataset([row], (C, 256), thresholds, (1.0, 1.0), hflip=False)[0]
+        kept = item["label"] != 255
+        assert (item["label"][kept] == label.long()[kept]).all()  # kept pixels keep their class
+        assert item["weight"].equal(conf.float() / 255.0)
+        np.testing.assert_array_equal(kept_counts(hist, thresholds), kept.sum(1).numpy())
+        assert 0 < kept.sum() < kept.numel()
 
 
 def test_ratio_and_threshold_split_images_by_score():
