@@ -18,6 +18,7 @@ from sfda_ray.config import Config, to_dict
 from sfda_ray.data.catalog import open_dataset
 from sfda_ray.data.labels import CLASS_NAMES, IGNORE_INDEX
 from sfda_ray.data.loaders import forever, train_loader
+from sfda_ray.method.adapt import poly_lr
 from sfda_ray.models import build_model
 from sfda_ray.models.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from sfda_ray.models.execution import Execution, resolve_device
@@ -48,10 +49,6 @@ def source_training_config(cfg: Config, domain: str) -> dict:
         for key in keys:
             out[section].pop(key)
     return {**out, "domain": domain}
-
-
-def poly_lr(base: float, it: int, total: int, power: float = 0.9) -> float:
-    return base * (1 - it / total) ** power
 
 
 def train_source(

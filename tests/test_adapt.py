@@ -132,6 +132,41 @@ def test_step_updates_segmentation_net_and_discriminator(lambda_v):
     assert torch.equal(adapter.teacher.layer1[0].conv1.weight, before_net)
 
 
+def test_the_learning_rates_follow_the_poly_schedule():
+    model = build_model("deeplabv2_resnet18", C, output_stride=16)
+    cfg = AdaptConfig(lr=1e-3, lr_discriminator=1e-4)
+    adapter = Adapter(model, cfg, "imagenet", torch.full((C,), 1 / C), None, CPU)
+    for it, factor in ((0, 1.0), (50, 0.5**0.9), (99, 0.01**0.9), (100, 0.0)):
+        adapter.set_lr(it, 100)
+        assert adapter.opt.param_groups[0]["lr"] == pytest.approx(1e-3 * factor, abs=1e-12)
+        assert adapter.opt_d.param_groups[0]["lr"] == pytest.approx(1e-4 * factor, abs=1e-12)
+
+
+def test_an_ema_teacher_follows_the_student_a_round_teacher_does_not():
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 32, 64)
+    teachers = {}
+    for teacher in ("ema", "round"):
+        torch.manual_seed(0)
+        model = build_model("deeplabv2_resnet18", C, output_stride=16)
+        cfg = AdaptConfig(teacher=teacher, ema_momentum=0.9, lambda_adv=0.0)
+        adapter = Adapter(model, cfg, "imagenet", torch.full((C,), 1 / C), None, CPU)
+        adapter.begin_round(0, [images])
+        start = model.layer1[0].conv1.weight.clone()
+        adapter.step(_virtual_batch(), {"image": images})
+        now = model.layer1[0].conv1.weight
+        teachers[teacher] = adapter.teacher.layer1[0].conv1.weight
+        if teacher == "ema":
+            assert torch.allclose(teachers[teacher], 0.9 * start + 0.1 * now, atol=1e-7)
+            # Buffers too: the running statistics move towards the student's.
+            t_bn, s_bn = adapter.teacher.bn1, model.bn1
+            assert not torch.equal(t_bn.running_mean, s_bn.running_mean)
+            assert t_bn.num_batches_tracked == s_bn.num_batches_tracked
+        else:
+            assert torch.equal(teachers[teacher], start)
+    assert not torch.equal(teachers["ema"], teachers["round"])
+
+
 def test_workers_read_disjoint_shards():
     def order(rank, world_size):
         return list(make_loader(list(range(10)), 1, 3, None, rank, world_size).sampler)

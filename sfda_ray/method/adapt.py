@@ -121,6 +121,11 @@ def split_params(model: nn.Module, bn_only: bool) -> list[nn.Parameter]:
     return params
 
 
+def poly_lr(base: float, it: int, total: int, power: float = 0.9) -> float:
+    """DeepLab's poly learning-rate schedule: ``base`` at iteration 0, 0 at ``total``."""
+    return base * (1 - it / max(total, 1)) ** power
+
+
 class Adapter:
     """One adaptation run's trainable state and its step."""
 
@@ -244,12 +249,12 @@ class Adapter:
         return self._normalize(images)
 
     def set_lr(self, it: int, total: int) -> None:
-        factor = (1 - it / max(total, 1)) ** 0.9
+        """The poly schedule of both the net's and the discriminator's rate."""
         for group in self.opt.param_groups:
-            group["lr"] = self.cfg.lr * factor
+            group["lr"] = poly_lr(self.cfg.lr, it, total)
         if self.opt_d is not None:
             for group in self.opt_d.param_groups:
-                group["lr"] = self.cfg.lr_discriminator * factor
+                group["lr"] = poly_lr(self.cfg.lr_discriminator, it, total)
 
     def step(self, batch_v: dict | None, batch_t: dict) -> dict[str, float]:
         """One update of the student (and discriminator); returns each loss as a float."""
