@@ -414,25 +414,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+BAD_INPUT = (ConfigError, ValueError, OSError)
+
+
 def is_transient(error: BaseException) -> bool:
-    """A lost connection or a timeout (a Ray ``GetTimeoutError``, an MLflow server that
-    stopped answering): not bad input, and a rerun may not meet it."""
+    """A lost connection or a timeout (a Ray ``GetTimeoutError``, an MLflow store that
+    stopped answering mid-run): not bad input, and a rerun may not meet it."""
     import requests
 
+    if type(error).__module__.startswith("mlflow."):
+        return True  # MLflow wraps every failed request in an MlflowException
     return isinstance(
-        error,
-        (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout),
+        error, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout)
     )
 
 
+def is_told(error: BaseException) -> bool:
+    """Errors told in one line and an exit code rather than a traceback: bad input, and
+    whatever Ray (a failed task, actor or Train worker) or MLflow raised."""
+    return isinstance(error, BAD_INPUT) or type(error).__module__.startswith(("ray.", "mlflow."))
+
+
 def error_exit(prog: str, error: BaseException) -> int:
-    """Print ``error`` in one line and return the exit code: 1 for a transient error,
-    which a rerun of the same command resumes past, else 2 (bad input)."""
-    if is_transient(error):
-        print(f"{prog}: error: {error} (rerun the same command to resume)", file=sys.stderr)
+    """Print ``error`` in one line and return the exit code: 2 for bad input, else 1; a
+    transient error says that a rerun of the same command resumes past it. An error Ray
+    raised is told by its causes (each failed worker's), without Ray's wrapping."""
+    causes, text = [error], str(error)
+    if type(error).__module__.startswith("ray."):
+        from sfda_ray.dist.tracking import describe_error, root_causes
+
+        causes, text = root_causes(error), describe_error(error)
+    if any(is_transient(c) for c in causes):
+        print(f"{prog}: error: {text} (rerun the same command to resume)", file=sys.stderr)
         return 1
-    print(f"{prog}: error: {error}", file=sys.stderr)
-    return 2
+    print(f"{prog}: error: {text}", file=sys.stderr)
+    return 2 if all(isinstance(c, BAD_INPUT) for c in causes) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -443,7 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ConfigError, ValueError, OSError) as e:
+    except Exception as e:
+        if not is_told(e):
+            raise
         return error_exit("sfda-ray", e)
 
 

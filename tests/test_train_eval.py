@@ -251,6 +251,45 @@ def test_exit_code_tells_bad_input_from_a_lost_connection(capsys):
         assert "rerun the same command to resume" in capsys.readouterr().err
 
 
+def test_an_error_ray_raised_is_told_by_its_causes(ray_session, capsys):
+    """A failed task, or failed Train workers, in one line without Ray's wrapping; bad
+    input in every worker is still bad input, anything else is a failure (1)."""
+    import ray
+    from mlflow.exceptions import MlflowException
+    from ray.train import WorkerGroupError
+
+    from sfda_ray.cli import error_exit, is_told
+
+    @ray.remote
+    def unreadable():
+        raise ValueError("no usable item in a whole pass over the data")
+
+    try:
+        ray.get(unreadable.remote())
+    except Exception as e:  # noqa: BLE001 - what Ray raised, whatever its class
+        task_error = e
+    assert is_told(task_error) and error_exit("p", task_error) == 2
+    err = capsys.readouterr().err
+    assert err == "p: error: ValueError: no usable item in a whole pass over the data\n"
+
+    workers = WorkerGroupError(
+        "2 workers failed",
+        {0: ValueError("adaptation diverged"), 1: RuntimeError("CUDA error: an illegal access")},
+    )
+    assert is_told(workers) and error_exit("p", workers) == 1
+    assert capsys.readouterr().err == (
+        "p: error: Ray Train worker 0: ValueError: adaptation diverged; "
+        "Ray Train worker 1: RuntimeError: CUDA error: an illegal access\n"
+    )
+    lost = WorkerGroupError("lost", {0: ConnectionError("node lost")})
+    assert error_exit("p", lost) == 1
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    store = MlflowException("API request to http://127.0.0.1:5000 failed")
+    assert is_told(store) and error_exit("p", store) == 1
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert not is_told(KeyError("a bug: its traceback is shown"))
+
+
 def test_eval_over_synthia_subsets_of_a_cityscapes_tree(tiny_source_ckpt, tmp_path, capsys):
     """SYNTHIA -> Cityscapes: the target is Cityscapes, scored over SYNTHIA's classes."""
     from data_fixtures import make_cityscapes

@@ -20,10 +20,9 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from sfda_ray import storage
-from sfda_ray.cli import add_tune_args, error_exit
+from sfda_ray.cli import add_tune_args, error_exit, is_told
 from sfda_ray.config import (
     Config,
-    ConfigError,
     load_config,
     load_search_space,
     parse_override,
@@ -330,15 +329,17 @@ def main(task: str, default_out: str, description: str, argv: list[str] | None =
 
 def run_job_command(args: argparse.Namespace, task: str, prog: str) -> int:
     """``run_job`` as a command: exit code 2 for bad input, 1 when no trial completed or
-    on a lost connection or timeout, each with a one-paragraph error instead of a
-    traceback, 130 when interrupted (Ctrl-C)."""
+    for another failure (see ``error_exit``), each with a one-paragraph error instead of
+    a traceback, 130 when interrupted (Ctrl-C)."""
     try:
         run_job(args, task)
-    except (ConfigError, ValueError, OSError) as e:
-        return error_exit(prog, e)
     except SweepFailed as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if not is_told(e):
+            raise
+        return error_exit(prog, e)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -77,6 +77,14 @@ def describe_error(error: BaseException | str | None) -> str | None:
     )
 
 
+def root_causes(error: BaseException) -> list[BaseException]:
+    """The exceptions behind one Ray raised: a task's or actor's cause, or each failed
+    Train worker's; an exception Ray did not wrap is its own cause."""
+    error = _unwrapped(error)
+    failures = getattr(error, "worker_failures", None)  # ray.train.WorkerGroupError
+    return [_unwrapped(exc) for _, exc in sorted(failures.items())] if failures else [error]
+
+
 def _latest_failure(error_txt: str) -> str:
     """The text of the last failure in Tune's ``error.txt``, where each one is written as
     ``Failure # N (occurred at ...)`` and then the error's text."""
