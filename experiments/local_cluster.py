@@ -31,6 +31,7 @@ from sfda_ray.dist.job import run_job
 from sfda_ray.dist.tune import SweepFailed
 
 CLUSTER_SETTINGS = [
+    "score.actors=2",  # one per node
     "tune.num_samples=2",
     "tune.max_concurrent=1",
     "tune.workers_per_trial=2",

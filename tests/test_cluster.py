@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_two_node_cluster_end_to_end(tiny_benchmark, tiny_source_ckpt, tmp_path):
-    out = tmp_path / "run"
+    """Without --out, as the README runs it: the default output directory."""
+    out = tmp_path / "outputs" / "local_cluster"
     proc = subprocess.run(
         [
             sys.executable,
@@ -25,13 +26,9 @@ def test_two_node_cluster_end_to_end(tiny_benchmark, tiny_source_ckpt, tmp_path)
             str(tiny_benchmark),
             "--checkpoint",
             str(tiny_source_ckpt),
-            "--out",
-            str(out),
             # 24 images in batches of 2 for one scorer per node: work for both.
             "--set",
             "score.batch_size=2",
-            "--set",
-            "score.actors=2",
             "--set",
             "adapt.iterations=6",
             "--set",
@@ -42,6 +39,7 @@ def test_two_node_cluster_end_to_end(tiny_benchmark, tiny_source_ckpt, tmp_path)
         capture_output=True,
         text=True,
         timeout=900,
+        cwd=tmp_path,
         env={**os.environ, "RAY_ADDRESS": "", "MLFLOW_TRACKING_URI": ""},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

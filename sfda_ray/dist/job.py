@@ -198,29 +198,31 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
     """Run the job for ``task`` (e.g. ``gta5_cityscapes``); returns ``summary.json``'s data."""
     cfg = job_config(args)
     # Every trial runs in a working directory of its own: no relative path reaches one.
-    out = storage.absolute(args.out or default_out(args, cfg))
+    args.out = out = storage.absolute(args.out or default_out(args, cfg))
     args.checkpoint = args.checkpoint and storage.absolute(args.checkpoint)
     args.data = args.data and storage.absolute(args.data)
-    if storage.is_uri(out) and not has_target_data(args, cfg):
+    real_target = has_target_data(args, cfg)
+    if storage.is_uri(out) and not real_target:
         raise ValueError(
             f"--out {out}: the synthetic run generates its benchmark and trains its source "
             "model under --out, which must be a local directory"
         )
-    storage.prepare_output(out)
-    if not args.data and (cfg.data.root or cfg.data.manifest):
-        args.data = write_dataset_spec(cfg, out)
-    if bool(args.data) != bool(args.checkpoint):
+    if real_target != bool(args.checkpoint):
         raise ValueError(
             "a target dataset (--data, or data.root in --config) and --checkpoint go "
             "together (or neither, for the synthetic run)"
         )
+    # What can be checked without reading the data is, before anything is written.
+    tracking_uri = default_tracking_uri(out)
+    space = load_search_space(cfg.tune.space or DEFAULT_SPACE, cfg)
+    storage.prepare_output(out)
+    experiment = args.experiment or (f"sfda_ray/{task}" if real_target else "sfda_ray/synthetic")
+    check_tracking_store(tracking_uri, experiment)
+    if real_target and not args.data:
+        args.data = write_dataset_spec(cfg, out)
     if args.data:
         args.data = pin_manifest(str(args.data), out)
         sweep_metric(cfg, args.data)  # refused here rather than after scoring
-    space = load_search_space(cfg.tune.space or DEFAULT_SPACE, cfg)
-    tracking_uri = default_tracking_uri(out)
-    experiment = args.experiment or (f"sfda_ray/{task}" if args.data else "sfda_ray/synthetic")
-    check_tracking_store(tracking_uri, experiment)
     t0 = time.perf_counter()
 
     if args.data:
