@@ -2,9 +2,9 @@
 MLflow. The Cityscapes target is scored on SYNTHIA's 16 and 13 classes.
 
 With no dataset given, the pipeline runs on the built-in synthetic benchmark (as
-tune_gta.py does). With real data, give the SYNTHIA-trained source checkpoint (a public
-.pth converted with `sfda-ray import-checkpoint`) and a
-config whose `data:` section names Cityscapes (root, eval_classes):
+tune_gta.py does). With real data, give a SYNTHIA-trained source checkpoint over the 19
+Cityscapes train ids (`sfda-ray train-source` on SYNTHIA; public 16-class checkpoints are
+refused) and a config whose `data:` section names Cityscapes (root, eval_classes):
 
     python experiments/tune_synthia.py --checkpoint synthia_source.pt \
         --config experiments/configs/synthia_cityscapes.yaml

@@ -250,7 +250,10 @@ def add_tune_args(parser: argparse.ArgumentParser, default_out: str = "outputs/t
         "`sfda-ray import-checkpoint`)",
     )
     parser.add_argument("--config", help="YAML config (flags and --set override it)")
-    parser.add_argument("--space", help="search-space YAML (default: the task's)")
+    parser.add_argument(
+        "--space",
+        help="search-space YAML (default: tune.space, else sfda_ray/dist/tune_space.yaml)",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--samples", type=int, help="trials (tune.num_samples)")
     parser.add_argument("--concurrent", type=int, help="trials at once (tune.max_concurrent)")
@@ -340,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_import_checkpoint)
 
-    p = sub.add_parser("eval", help="mIoU, per-class IoU and confusion matrix of a checkpoint")
+    p = sub.add_parser(
+        "eval",
+        help="mIoU and per-class IoU of a checkpoint (with --json also the confusion matrix)",
+    )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     _add_domain_arg(p, "target", "to evaluate")
