@@ -113,7 +113,7 @@ class ScoreConfig:
     """Scoring target images with the source model on Ray Data."""
 
     batch_size: int = _field(16, lo=1)
-    # Scoring actors; null: one per GPU, or one per CPU but one on CPU-only clusters.
+    # Scoring actors; null: one per GPU, else the cluster's CPUs less one (at least one).
     actors: int | None = _field(None, lo=1)
     # GPUs per scoring actor; null: 1 if the cluster has GPUs when scoring starts. Set it
     # (with `actors`) on a cluster whose GPU nodes autoscale from zero: the request is
@@ -137,7 +137,8 @@ class SelectConfig:
     ratio: float | None = _field(0.5, lo=0.0, lo_open=True, hi=1.0)
     # ... or, instead, every image whose score is at least this.
     score_threshold: float | None = _field(None, lo=0.0, hi=1.0)
-    # Pixels of the virtual source below this confidence are ignored.
+    # Pixels of the virtual source below this confidence are ignored (with class_balanced,
+    # each class's threshold is at most this); rounded up to a confidence bin edge (0.05).
     tau: float = _field(0.9, lo=0.0, hi=1.0)
     # CBST-style per-class thresholds: each class keeps its top `cb_portion` of pixels.
     class_balanced: bool = True
@@ -230,7 +231,9 @@ class SweepConfig:
 
 @dataclass
 class PerfConfig:
-    """How models run on their device (scoring, adaptation, evaluation). Every setting is
+    """How models run on their device (source training, scoring, adaptation and its
+    evaluations as it runs; a final evaluation and ``sfda-ray eval`` run in fp32). Every
+    setting is
     safe on a CPU, where ``auto`` means fp32, NCHW and no loader processes."""
 
     # bf16 autocast of forward passes (losses stay fp32); auto: bf16 on a GPU.

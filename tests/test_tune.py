@@ -556,6 +556,32 @@ def test_an_mlflow_failure_in_a_trial_hook_does_not_stop_the_sweep(tmp_path, cap
     logger.on_trial_complete(0, [], trial)  # the rest of the trial is still recorded
     run = tracker.client.get_run(tracker.child("t1", "t1", {}, {}))
     assert run.info.status == "FINISHED" and run.data.params["adapt.lr"] == "0.01"
+    assert run.data.tags["sfda.stopped_early"] == "True"  # its last report: 5 of 10
+
+
+def test_stopped_early_is_judged_against_the_trials_own_iterations(tmp_path):
+    """A baseline trains no iteration; a trial may search adapt.iterations itself."""
+    from types import SimpleNamespace
+
+    from sfda_ray.dist.tracking import TrialLogger
+
+    tracker = SweepTracker(
+        f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", str(tmp_path), str(tmp_path)
+    )
+    tracker.start("sweep", {}, {})
+    logger = TrialLogger(tracker, {"adapt.iterations": 10}, lambda trial_id: {}, iterations=10)
+    trials = {
+        "adabn": ({"adapt.method": "adabn"}, 0, "False"),
+        "short": ({"adapt.iterations": 6}, 6, "False"),
+        "stopped": ({"adapt.method": "sfda"}, 5, "True"),
+        "finished": ({"adapt.method": "sfda"}, 10, "False"),
+    }
+    for name, (config, last, _) in trials.items():
+        trial = SimpleNamespace(trial_id=name, config=config, last_result={"iteration": last})
+        logger.on_trial_complete(0, [], trial)
+    for name, (_, _, expected) in trials.items():
+        run = tracker.client.get_run(tracker.child(name, name, {}, {}))
+        assert run.data.tags["sfda.stopped_early"] == expected, name
 
 
 @pytest.mark.parametrize(

@@ -119,9 +119,9 @@ ACTOR_SCHEMA = pa.schema(
 class ScoringOptions:
     size: tuple[int, int] | None = None  # model input (H, W); None keeps native size
     batch_size: int = 8
-    actors: int | None = None  # None: one per GPU, else one per free CPU
+    actors: int | None = None  # None: one per GPU, else the cluster's CPUs less one
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs
-    threads_per_actor: int | None = None  # None: the node's CPUs shared among the actors
+    threads_per_actor: int | None = None  # None: the cluster's CPUs shared among the actors
     mc_passes: int = 0
     # Score with the source model after AdaBN on the target split (see adabn_checkpoint).
     adabn: bool = True

@@ -381,6 +381,14 @@ class TrialLogger(Callback):
         params = {**self.fixed, **trial.config}
         return self.tracker.child(trial.trial_id, str(trial), params, self.tracker.tags)
 
+    def _planned_iterations(self, trial) -> int:
+        """The iterations the trial's run trains: none for the source-only and AdaBN
+        baselines, which report once, at iteration 0."""
+        params = {**self.fixed, **trial.config}
+        if params.get("adapt.method") in ("source_only", "adabn"):
+            return 0
+        return params.get("adapt.iterations", self.iterations)
+
     @_never_stops_the_sweep
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run(trial)
@@ -406,7 +414,8 @@ class TrialLogger(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         run_id = self._run(trial)
         last = (trial.last_result or {}).get("iteration", 0)
-        self.tracker.client.set_tag(run_id, "sfda.stopped_early", str(last < self.iterations))
+        stopped_early = last < self._planned_iterations(trial)
+        self.tracker.client.set_tag(run_id, "sfda.stopped_early", str(stopped_early))
         self.tracker.log_files(run_id, self.files_of(trial.trial_id))
         self.tracker.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
 
