@@ -233,8 +233,7 @@ class SweepConfig:
 class PerfConfig:
     """How models run on their device (source training, scoring, adaptation and its
     evaluations as it runs; a final evaluation and ``sfda-ray eval`` run in fp32). Every
-    setting is
-    safe on a CPU, where ``auto`` means fp32, NCHW and no loader processes."""
+    setting is safe on a CPU, where ``auto`` means fp32, NCHW and no loader processes."""
 
     # bf16 autocast of forward passes (losses stay fp32); auto: bf16 on a GPU.
     precision: str = _field("auto", choices=("auto", "fp32", "bf16"))
