@@ -138,7 +138,7 @@ def test_load_refuses_pickled_code(tmp_path):
     torch.save({"format": "sfda_ray.checkpoint/v1", "meta": _Malicious(str(victim))}, path)
     with pytest.raises(CheckpointError, match="refusing to load") as err:
         load_checkpoint(path)
-    assert str(path) in str(err.value)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)  # one line, with why
     with pytest.raises(CheckpointError, match="refusing to load"):
         load_model(path)
     assert victim.read_text() == "still here"
@@ -265,3 +265,45 @@ def test_arch_keys_outside_options_are_refused(tmp_path):
     with pytest.raises(CheckpointError, match="must be"):
         save_checkpoint(tmp_path / "x.pt", model, bad)
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_damaged_checkpoint_file_is_named(tmp_path, capsys):
+    """Empty, text or truncated: one error naming the file, from every loader and the CLI."""
+    from sfda_ray.cli import main
+
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, build_model("deeplabv2_resnet18", 19), {"normalization": "imagenet"})
+    damaged = {
+        "empty.pt": b"",
+        "notes.pt": b"not a checkpoint\n",
+        "truncated.pt": good.read_bytes()[: good.stat().st_size // 2],
+    }
+    for name, content in damaged.items():
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(CheckpointError) as err:
+            load_model(path)
+        assert str(path) in str(err.value) and "\n" not in str(err.value)
+        assert "not a readable torch checkpoint" in str(err.value) or (
+            "or it is damaged (Unsupported operand" in str(err.value)
+        )
+        assert main(["eval", "--checkpoint", str(path), "--data", str(tmp_path)]) == 2
+        assert capsys.readouterr().err == f"sfda-ray: error: {err.value}\n"
+
+
+def test_an_sfda_ray_checkpoint_keeps_its_own_architecture(tmp_path):
+    path = tmp_path / "os16.pt"
+    save_checkpoint(path, build_model("deeplabv2_resnet18", 19, output_stride=16), {})
+    with pytest.raises(CheckpointError, match="names its own architecture"):
+        load_model(path, arch={"name": "deeplabv2_resnet18", "options": {}})
+    assert load_model(path)[0].arch["options"]["output_stride"] == 16
+    with pytest.raises(CheckpointError, match=r"os16.pt: cannot build .*unexpected keyword"):
+        load_model(path, no_such_option=1)
+
+
+def test_heads_of_another_shape_point_at_the_layout_options():
+    """ADVENT's multi-level model read as single-level: layer5 is the layer3 head there."""
+    multi = build_model("deeplabv2_resnet18", 19, layout="adaptsegnet", multi_level=True)
+    single = build_model("deeplabv2_resnet18", 19, layout="adaptsegnet")
+    with pytest.raises(CheckpointError, match="shape mismatch: layer5.*check the layout"):
+        load_weights(single, multi.state_dict())

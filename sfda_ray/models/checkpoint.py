@@ -128,6 +128,16 @@ def save_checkpoint(
     storage.atomic_write_bytes(path, buffer.getvalue())
 
 
+def _reason(error: pickle.UnpicklingError) -> str:
+    """The line of torch's safe-unpickler message that says what it refused."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation")
+    for line in str(error).splitlines():
+        line = line.replace("WeightsUnpickler error:", "").strip()
+        if line and not line.startswith(boilerplate):
+            return line
+    return type(error).__name__
+
+
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint (``weights_only=True``, on CPU).
 
@@ -140,10 +150,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it holds pickled objects other than tensors and plain "
-            "containers, whose unpickling could run code (or it is damaged); see the cause below"
+            f"containers, whose unpickling could run code, or it is damaged ({_reason(e)})"
         ) from e
-    except RuntimeError as e:
-        raise CheckpointError(f"{path} is not a readable torch file: {e}") from e
+    except Exception as e:  # noqa: BLE001 - torch.load raises whatever the bytes lead to
+        # An empty or truncated file raises EOFError, a text file KeyError, ...
+        raise CheckpointError(
+            f"{path} is not a readable torch checkpoint ({type(e).__name__}: {e})"
+        ) from e
     if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -172,6 +185,9 @@ def _listed(keys: list[str]) -> str:
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
 
 
+_HEADS_DIFFER = "classifier heads differ: check the layout / multi_level options"
+
+
 def load_weights(
     model: nn.Module, state_dict: dict[str, torch.Tensor], strict: bool = True
 ) -> tuple[list[str], list[str]]:
@@ -193,13 +209,16 @@ def load_weights(
         if k in own and v.shape != own[k].shape
     ]
     if mismatched:
-        raise CheckpointError(f"shape mismatch: {_listed(mismatched)}")
+        message = f"shape mismatch: {_listed(mismatched)}"
+        if any(k.startswith(("layer5.", "layer6.")) for k in mismatched):
+            message += f" ({_HEADS_DIFFER})"
+        raise CheckpointError(message)
     missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in own]
     if strict and (missing or unexpected):
         message = f"missing keys: {_listed(missing)}; unexpected keys: {_listed(unexpected)}"
         if any(k.startswith(("layer5.", "layer6.")) for k in missing + unexpected):
-            message += " (classifier heads differ: check the layout / multi_level options)"
+            message += f" ({_HEADS_DIFFER})"
         raise CheckpointError(message)
     model.load_state_dict(state_dict, strict=False)
     return missing, unexpected
@@ -237,17 +256,23 @@ def load_model(
                 "alone is not a segmentation model"
             )
         meta = _complete_meta({"arch": arch, "num_classes": found, "normalization": "caffe_bgr"})
-    if arch is not None:
-        meta = _complete_meta({**meta, "arch": arch})
+    elif arch is not None:
+        raise CheckpointError(
+            f"{path} is an sfda_ray checkpoint: it names its own architecture, so it takes "
+            "no arch (only a raw state dict does)"
+        )
     if num_classes is not None and meta["num_classes"] != num_classes:
         raise CheckpointError(
             f"{path} predicts {meta['num_classes']} classes, not {num_classes}: every dataset's "
             f"labels are read into Cityscapes' {num_classes} train ids (SYNTHIA's 16 and 13 "
             "classes are scored as subsets of them), and the model must predict those"
         )
-    model = build_model(
-        meta["arch"]["name"], meta["num_classes"], **{**meta["arch"]["options"], **options}
-    )
+    try:
+        model = build_model(
+            meta["arch"]["name"], meta["num_classes"], **{**meta["arch"]["options"], **options}
+        )
+    except TypeError as e:  # a build option this model does not take
+        raise CheckpointError(f"{path}: cannot build {meta['arch']}: {e}") from e
     load_weights(model, ckpt["state_dict"])
     return model, {**meta, "arch": model.arch}
 
