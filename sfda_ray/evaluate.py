@@ -84,7 +84,8 @@ def evaluate_model(
         CLASS_NAMES[c]: report["per_class"][CLASS_NAMES[c]] for c in ref.eval_subsets[first]
     }
     report["images"] = len(loader.dataset) - skipped
-    report["skipped"] = skipped
+    # The split's images left out when the dataset was scanned count as skipped too.
+    report["skipped"] = skipped + ref.skipped_in(split)
     report["dataset"] = ref.name
     report["split"] = split
     return report

@@ -58,7 +58,18 @@ def train_source(
     there is one), run as ``cfg.perf`` says; returns the final checkpoint meta."""
     sc = cfg.source
     ref = open_dataset(data, domain)
-    table = ref.split("train")
+    table = ref.labelled("train")
+    if table is None:
+        labels = ref.split("train")["label_path"]
+        raise ValueError(
+            f"{data}: {labels.null_count} of {len(labels)} train images have no label; "
+            "source training needs every one labelled"
+        )
+    if table.num_rows < sc.batch_size:
+        raise ValueError(
+            f"{data}: {table.num_rows} usable train images, fewer than one batch "
+            f"(source.batch_size {sc.batch_size})"
+        )
     train_config = source_training_config(cfg, domain)
     meta = {
         "arch": model_arch(cfg),
@@ -134,11 +145,16 @@ def train_source(
         loss = F.cross_entropy(
             logits.float(), exe.to_device(batch["label"]), ignore_index=IGNORE_INDEX
         )
+        done = it + 1
+        if not torch.isfinite(loss):  # before the step: no checkpoint holds broken weights
+            raise ValueError(
+                f"source training diverged at iteration {done}: the loss is {loss.item()} "
+                f"(source.lr {sc.lr}; a lower learning rate may help)"
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         seen += batch["image"].shape[0]
-        done = it + 1
         if done % sc.log_every == 0 or done == sc.iterations:
             rate = seen / (time.perf_counter() - t0)
             log.info(
@@ -165,7 +181,7 @@ def train_source(
         "train_seconds": earlier["train_seconds"] + time.perf_counter() - t0,
         "skipped_items": earlier["skipped_items"] + skipped["inputs"],
         "images": table.num_rows,
-        "skipped_images": ref.skipped,
+        "skipped_images": ref.skipped_in("train"),
     }
     save_checkpoint(out, model, final)
     return final

@@ -200,6 +200,37 @@ def test_a_resumed_source_run_counts_its_whole_time_and_skipped_items(tiny_bench
     assert meta["skipped_items"] == 7
 
 
+def test_source_training_refuses_what_it_cannot_train_on(tiny_benchmark, tmp_path):
+    """Unlabelled images, less than a batch, a diverging loss: each a one-line error, and
+    no checkpoint of broken weights."""
+    from data_fixtures import make_cityscapes
+
+    from sfda_ray.data.readers import build_manifest
+
+    names = ["a/a_0_19", "a/a_1_19", "a/a_2_19"]
+    make_cityscapes(tmp_path / "cs", {"train": names}, unlabelled=("a/a_1_19",))
+    build_manifest("cityscapes", tmp_path / "cs", tmp_path / "cs.parquet")
+    data = str(tmp_path / "cs.parquet")
+    with pytest.raises(ValueError, match="1 of 3 train images have no label"):
+        train_source(tiny_config(), data, str(tmp_path / "a.pt"))
+    make_cityscapes(tmp_path / "cs2", {"train": names[:2]})
+    build_manifest("cityscapes", tmp_path / "cs2", tmp_path / "cs2.parquet")
+    data = str(tmp_path / "cs2.parquet")
+    with pytest.raises(ValueError, match=r"2 usable train images, fewer than one batch \("):
+        train_source(tiny_config(), data, str(tmp_path / "b.pt"))
+
+    out = tmp_path / "diverged.pt"
+    cfg = tiny_config(**{"source.lr": 1e12, "source.checkpoint_every": 1})
+    with pytest.raises(ValueError, match=r"diverged at iteration \d: the loss is nan") as err:
+        train_source(cfg, str(tiny_benchmark), str(out))
+    broken_at = int(str(err.value).split("iteration ")[1].split(":")[0])
+    assert broken_at > 1  # a few steps trained, checkpointed while still finite
+    saved = load_checkpoint(out)
+    assert saved["meta"]["iteration"] == broken_at - 1
+    weights = [v for v in saved["state_dict"].values() if v.is_floating_point()]
+    assert all(torch.isfinite(v).all() for v in weights)
+
+
 def test_adabn_replaces_batchnorm_statistics(tiny_benchmark, tiny_source_ckpt):
     model, meta = load_model(str(tiny_source_ckpt))
     target = open_dataset(tiny_benchmark, "target")
@@ -290,20 +321,28 @@ def test_an_error_ray_raised_is_told_by_its_causes(ray_session, capsys):
     assert not is_told(KeyError("a bug: its traceback is shown"))
 
 
-def test_eval_over_synthia_subsets_of_a_cityscapes_tree(tiny_source_ckpt, tmp_path, capsys):
-    """SYNTHIA -> Cityscapes: the target is Cityscapes, scored over SYNTHIA's classes."""
+def test_eval_over_synthia_subsets_of_a_cityscapes_tree(
+    tiny_source_ckpt, tmp_path, capsys, caplog
+):
+    """SYNTHIA -> Cityscapes: the target is Cityscapes, scored over SYNTHIA's classes. An
+    image the scan found unreadable is counted as skipped, not silently left out."""
     from data_fixtures import make_cityscapes
 
     from sfda_ray.data.labels import CLASS_NAMES, EVAL_SUBSETS
     from sfda_ray.data.readers import build_manifest
 
-    make_cityscapes(tmp_path / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19", "c/c_0_19"]})
+    splits = {"train": ["a/a_0_19"], "val": ["b/b_0_19", "c/c_0_19", "d/d_0_19"]}
+    make_cityscapes(tmp_path / "cs", splits)
+    empty = tmp_path / "cs" / "leftImg8bit" / "val" / "d" / "d_0_19_leftImg8bit.png"
+    empty.write_bytes(b"")
     build_manifest("cityscapes", tmp_path / "cs", tmp_path / "cs.parquet")
     args = ["eval", "--checkpoint", str(tiny_source_ckpt), "--data", str(tmp_path / "cs.parquet")]
     assert main([*args, "--classes", "synthia16", "synthia13", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert list(report["subsets"]) == ["synthia16", "synthia13"]
     assert report["eval_classes"] == "synthia16" and report["images"] == 2
+    assert report["skipped"] == 1
+    assert f"1 of val left out, as the manifest records (first: {empty}" in caplog.text
     assert list(report["per_class"]) == [CLASS_NAMES[c] for c in EVAL_SUBSETS["synthia16"]]
     for name in ("synthia16", "synthia13"):  # each subset's mIoU is over its own classes
         ious = [report["per_class"][CLASS_NAMES[c]] for c in EVAL_SUBSETS[name]]

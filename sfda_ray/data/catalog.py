@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+from collections import Counter
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -31,7 +32,15 @@ class DatasetRef:
     name: str
     manifest: pa.Table  # good rows only
     eval_subsets: dict[str, tuple[int, ...]]  # first entry gives the headline mIoU
-    skipped: int  # rows with an error, recorded in the manifest and left out
+    # Per split, the rows with an error (recorded in the manifest) that were left out.
+    skipped_by_split: dict[str, int]
+
+    @property
+    def skipped(self) -> int:
+        return sum(self.skipped_by_split.values())
+
+    def skipped_in(self, split: str) -> int:
+        return self.skipped_by_split.get(split, 0)
 
     @property
     def fingerprint(self) -> str:
@@ -83,7 +92,21 @@ def _subsets_for(kind: str) -> dict[str, tuple[int, ...]]:
 
 def _ref(name: str, table: pa.Table, subsets: dict[str, tuple[int, ...]]) -> DatasetRef:
     ok = table.filter(pa.compute.is_null(table["error"]))
-    return DatasetRef(name, ok, subsets, table.num_rows - ok.num_rows)
+    bad = table.filter(pa.compute.is_valid(table["error"]))
+    skipped = Counter(bad["split"].to_pylist())
+    if skipped:
+        first = f"{bad['image_path'][0].as_py()}: {bad['error'][0].as_py()}"
+        _warn_left_out(name, tuple(sorted(skipped.items())), first)
+    return DatasetRef(name, ok, subsets, dict(skipped))
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_left_out(name: str, skipped: tuple[tuple[str, int], ...], first: str) -> None:
+    """Once per dataset and process: the manifest's bad rows are left out of every stage."""
+    counts = ", ".join(f"{n} of {split}" for split, n in skipped)
+    log.warning(
+        "dataset %s: %s left out, as the manifest records (first: %s)", name, counts, first
+    )
 
 
 # A dataset YAML's `data:` section holds keys of the config's (so a whole config may

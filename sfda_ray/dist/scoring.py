@@ -411,7 +411,7 @@ def score_dataset(
             "checkpoint_fingerprint": checkpoint_fp,
             "data": str(data),
             "data_fingerprint": ref.fingerprint,
-            "manifest_skipped": ref.skipped,
+            "manifest_skipped": ref.skipped_in(opts.split),
             "split": opts.split,
             "superseded_maps_removed": removed,
         }
