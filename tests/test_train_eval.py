@@ -321,9 +321,7 @@ def test_an_error_ray_raised_is_told_by_its_causes(ray_session, capsys):
     assert not is_told(KeyError("a bug: its traceback is shown"))
 
 
-def test_eval_over_synthia_subsets_of_a_cityscapes_tree(
-    tiny_source_ckpt, tmp_path, capsys, caplog
-):
+def test_eval_over_synthia_subsets_of_a_cityscapes_tree(tiny_source_ckpt, tmp_path, capsys, caplog):
     """SYNTHIA -> Cityscapes: the target is Cityscapes, scored over SYNTHIA's classes. An
     image the scan found unreadable is counted as skipped, not silently left out."""
     from data_fixtures import make_cityscapes

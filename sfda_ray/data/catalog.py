@@ -104,9 +104,7 @@ def _ref(name: str, table: pa.Table, subsets: dict[str, tuple[int, ...]]) -> Dat
 def _warn_left_out(name: str, skipped: tuple[tuple[str, int], ...], first: str) -> None:
     """Once per dataset and process: the manifest's bad rows are left out of every stage."""
     counts = ", ".join(f"{n} of {split}" for split, n in skipped)
-    log.warning(
-        "dataset %s: %s left out, as the manifest records (first: %s)", name, counts, first
-    )
+    log.warning("dataset %s: %s left out, as the manifest records (first: %s)", name, counts, first)
 
 
 # A dataset YAML's `data:` section holds keys of the config's (so a whole config may
