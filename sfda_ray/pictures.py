@@ -97,10 +97,14 @@ def tile_grid(tiles: Sequence[Sequence[np.ndarray]]) -> bytes:
 
 
 def per_class_bars(per_class: dict[str, float | None], title: str) -> bytes:
+    """IoU per class; a class with no pixel anywhere (None) is marked n/a, not drawn as 0."""
     names = list(per_class)
     values = [v if v is not None else 0.0 for v in per_class.values()]
     fig, ax = plt.subplots(figsize=(7, 3.2))
     ax.bar(range(len(names)), values, color="#55a868")
+    for x, v in enumerate(per_class.values()):
+        if v is None:
+            ax.text(x, 1, "n/a", ha="center", va="bottom", rotation=90, fontsize=7, color="0.4")
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)

@@ -7,6 +7,7 @@ decides where they go (a trial's storage, then MLflow).
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 from sfda_ray.config import Config
 from sfda_ray.data.catalog import open_dataset
-from sfda_ray.data.io import load_image, load_label
+from sfda_ray.data.io import BadInputError, load_image, load_label
 from sfda_ray.data.labels import CLASS_NAMES
 from sfda_ray.data.loaders import image_loader
 from sfda_ray.data.scores import scored_rows
@@ -30,6 +31,8 @@ from sfda_ray.pictures import (
     score_histogram,
     tile_grid,
 )
+
+log = logging.getLogger(__name__)
 
 
 def selection_files(scores: str, cfg: Config) -> dict[str, bytes]:
@@ -78,7 +81,9 @@ def evaluation_files(
         .slice(0, overlay_images)
     )
     source, _ = load_model(source_checkpoint, num_classes=len(CLASS_NAMES))
-    files["overlays.png"] = prediction_overlays(source, adapted, shown, norm, size, device)
+    overlays = prediction_overlays(source, adapted, shown, norm, size, device)
+    if overlays is not None:
+        files["overlays.png"] = overlays
     return files
 
 
@@ -107,9 +112,10 @@ def prediction_overlays(
     normalization: str,
     size: tuple[int, int] | None = None,
     device: str = "cpu",
-) -> bytes:
+) -> bytes | None:
     """One row per image: the image, the source model's prediction, the adapted model's
-    prediction (run at ``size``, shown at the image's), and the ground truth if known."""
+    prediction (run at ``size``, shown at the image's), and the ground truth if known and
+    readable. None when no image could be read."""
     tiles = []
     dev = resolve_device(device)
     before = _predict(source, table, normalization, size, dev)
@@ -118,11 +124,16 @@ def prediction_overlays(
         if row["image_id"] not in before:
             continue
         image = load_image(row["image_path"])
-        size = image.shape[:2]
         maps = [before[row["image_id"]], after[row["image_id"]]]
         if row.get("label_path"):
-            maps.append(load_label(row["label_path"], row["label_format"]))
-        tiles.append([image] + [overlay(image, _resize_label(m, size)) for m in maps])
+            try:
+                maps.append(load_label(row["label_path"], row["label_format"]))
+            except BadInputError as e:  # the evaluation has skipped and counted it
+                log.warning("overlays: no ground truth for %s", e)
+        tiles.append([image] + [overlay(image, _resize_label(m, image.shape[:2])) for m in maps])
+    if not tiles:
+        log.warning("overlays: none of the %d images shown could be read", table.num_rows)
+        return None
     return tile_grid(tiles)
 
 

@@ -70,3 +70,44 @@ def test_tile_grid_fits_tiles_of_other_sizes_and_pads_empty_rows():
     grid = np.asarray(Image.open(io.BytesIO(tile_grid([[], [light, small]]))))
     assert grid.shape == (16, 32, 3)
     assert (grid[:8] == 0).all() and (grid[8:, :16] == 200).all()
+
+
+def test_the_report_is_of_the_adapted_model_and_survives_a_bad_label(
+    tiny_source_ckpt, tmp_path, caplog
+):
+    """The evaluation is the adapted checkpoint's, not the source's; a label that fails to
+    decode is skipped and counted by the evaluation and leaves its overlay row without
+    ground truth, rather than failing the trial."""
+    import numpy as np
+    import torch
+    from data_fixtures import make_cityscapes, truncate
+
+    from sfda_ray.evaluate import evaluate_checkpoint
+    from sfda_ray.models import load_model, save_checkpoint
+
+    model, meta = load_model(tiny_source_ckpt)
+    with torch.no_grad():  # an "adapted" model that predicts car everywhere
+        for conv in getattr(model, model.main_head).conv2d_list:
+            conv.weight.zero_()
+            conv.bias.zero_()
+            conv.bias[13] = 10.0
+    adapted = tmp_path / "adapted.pt"
+    save_checkpoint(adapted, model, meta)
+
+    root = tmp_path / "cs"
+    make_cityscapes(root, {"train": ["t/t_0_19"], "val": ["v/v_0_19", "w/w_0_19"]})
+    truncate(root / "gtFine/val/w/w_0_19_gtFine_labelIds.png", 60)  # header intact
+    data = tmp_path / "cs.yaml"
+    data.write_text(f"data: {{kind: cityscapes, root: {root}}}\n")
+    files = evaluation_files(str(tiny_source_ckpt), str(adapted), str(data))
+    report = json.loads(files["evaluation.json"])
+    assert report["images"] == 1 and report["skipped"] == 1
+    cm = report["confusion_matrix"]
+    assert cm == evaluate_checkpoint(str(adapted), str(data))["confusion_matrix"]
+    assert cm != evaluate_checkpoint(str(tiny_source_ckpt), str(data))["confusion_matrix"]
+    assert sum(row[13] for row in cm) == sum(map(sum, cm))  # every pixel predicted car
+    assert "overlays: no ground truth for" in caplog.text
+    grid = np.asarray(Image.open(io.BytesIO(files["overlays.png"])))
+    h, w = grid.shape[0] // 2, grid.shape[1] // 4
+    assert (grid[h:, 3 * w :] == 0).all() and not (grid[:h, 3 * w :] == 0).all()
+    assert not np.array_equal(grid[:, w : 2 * w], grid[:, 2 * w : 3 * w])  # source != adapted
