@@ -669,3 +669,28 @@ def test_the_summary_is_saved_whatever_mlflow_does_at_the_end(tmp_path, caplog):
     save_and_record(str(tmp_path), summary, {}, sweep, tracker)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     assert "the sweep's results are in" in caplog.text and "after 7 retries" in caplog.text
+
+
+def test_an_artifact_store_that_cannot_be_written_leaves_the_summary(tmp_path, caplog):
+    """The artifact store fails with its own error (here an OSError: the location lies
+    under a file), not an MlflowException: still a warning, the summary on disk."""
+    from sfda_ray.dist.job import save_and_record
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    blocker = tmp_path / "not_a_directory"
+    blocker.write_text("a file where the artifact store expects a directory")
+    MlflowClient(uri).create_experiment("exp", artifact_location=f"file://{blocker}/artifacts")
+    tracker = SweepTracker(uri, "exp", str(tmp_path / "sweep"), str(tmp_path))
+    tracker.start("sweep", {}, {"git_commit": "abc"})
+    (tmp_path / "final.pt").write_bytes(b"weights")
+    sweep = {
+        "best_trial": "t1",
+        "best_checkpoint": str(tmp_path / "final.pt"),
+        "metric": "val_miou",
+        "best_metric": 30.0,
+        "proxy_miou_spearman": None,
+    }
+    save_and_record(str(tmp_path), {"best_miou": 30.0}, {}, sweep, tracker)
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"best_miou": 30.0}
+    assert "the sweep's results are in" in caplog.text
+    assert "NotADirectoryError" in caplog.text or "Not a directory" in caplog.text

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import yaml
-from mlflow.exceptions import MlflowException
 
 from sfda_ray import storage
 from sfda_ray.cli import add_tune_args, error_exit, is_told
@@ -292,8 +291,13 @@ def save_and_record(
         tracker.log_results(tracker.parent_id, baselines)
         tracker.log_files(tracker.parent_id, files)
         tracker.finish()
-    except MlflowException as e:
-        log.warning("MLflow: the sweep's results are in %s but not all in MLflow: %s", path, e)
+    except Exception as e:  # noqa: BLE001 - MLflow's, or its artifact store's (HTTP, S3)
+        log.warning(
+            "MLflow: the sweep's results are in %s but not all in MLflow: %s",
+            path,
+            e,
+            exc_info=True,
+        )
 
 
 def _print_summary(summary: dict, out: str) -> None:
