@@ -87,10 +87,17 @@ def test_bad_input_corpus_is_skipped_and_counted(ray_session, tiny_source_ckpt, 
 
 
 def _processes(marker: str) -> list[psutil.Process]:
-    """Ray worker processes whose title (Ray sets it as the command line) has ``marker``."""
-    return [
-        p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])
-    ]
+    """This session's Ray worker processes (descendants of this test process, which
+    started the local cluster) whose title (Ray sets it as the command line) has
+    ``marker``; another Ray session on the same machine is never touched."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if marker in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:  # gone meanwhile
+            continue
+    return found
 
 
 @pytest.mark.slow
