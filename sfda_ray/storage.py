@@ -35,6 +35,12 @@ def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
     location, _, query = path.partition("?")
     scheme, rest = location.split("://", 1)
+    if "@" in rest.split("/", 1)[0]:
+        raise ValueError(
+            f"{scheme}://...@{rest.split('@', 1)[1]}: credentials in a URI would be written "
+            "into manifests, tables and logs; give them the filesystem's usual way (for S3: "
+            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or an instance role)"
+        )
     if scheme in _BUCKET_SCHEMES:  # "bucket/key", as from_uri gives it
         bucket = rest.split("/", 1)[0]
         root = f"{scheme}://{bucket}" + (f"?{query}" if query else "")
@@ -43,6 +49,10 @@ def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
 
 
 _BUCKET_SCHEMES = ("s3", "gs")
+
+
+def _in_bucket(path: str | os.PathLike) -> bool:
+    return is_uri(path) and str(path).split("://", 1)[0] in _BUCKET_SCHEMES
 
 
 @functools.lru_cache(maxsize=32)
@@ -144,13 +154,21 @@ def check_free_space(path: str | os.PathLike, needs_bytes: int, what: str) -> No
 
 def read_bytes(path: str | os.PathLike) -> bytes:
     fs, p = resolve(path)
-    with fs.open_input_stream(p) as f:
+    # A random-access file knows its size and reads it whole in one request; an S3 input
+    # stream reads on in small ranged requests (60x slower for a model file).
+    with fs.open_input_file(p) as f:
         return f.read()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary sibling and a rename."""
+    """Write ``data`` to ``path`` via a temporary sibling and a rename; in a bucket
+    directly, since an object appears only once its upload completes (and a bucket has
+    no folders to create), which saves a copy, a delete and the folder markers."""
     fs, p = resolve(path)
+    if _in_bucket(path):
+        with fs.open_output_stream(p) as f:
+            f.write(data)
+        return
     parent = p.rsplit("/", 1)[0] if "/" in p else ""
     if parent:
         fs.create_dir(parent, recursive=True)

@@ -1,5 +1,7 @@
 """Shared fixtures: one tiny synthetic benchmark and one tiny source model per session."""
 
+import os
+
 import pytest
 
 from sfda_ray.config import load_config
@@ -45,6 +47,15 @@ def ray_session():
     """
     import ray
 
+    # The object-storage tests' S3 server (moto, on 127.0.0.1) takes any credentials;
+    # set before Ray starts, so its workers have them too. Never a real account's.
+    for key, value in (
+        ("AWS_ACCESS_KEY_ID", "sfda-ray-tests"),
+        ("AWS_SECRET_ACCESS_KEY", "sfda-ray-tests"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+    ):
+        os.environ[key] = value
     ray.init(
         address="local",
         num_cpus=4,

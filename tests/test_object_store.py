@@ -1,0 +1,80 @@
+"""Object storage: a scores directory and an adaptation's state in an S3 bucket, served
+on 127.0.0.1 by moto (the S3 protocol through pyarrow, not a local folder)."""
+
+import socket
+
+import pytest
+
+from sfda_ray import storage
+from sfda_ray.adaptation import LocalEnv, make_plan, run_adaptation
+from sfda_ray.dist.scoring import ScoringOptions, score_dataset
+
+BUCKET = "sfda"
+
+
+@pytest.fixture(scope="module")
+def bucket(ray_session):
+    """The bucket's base URI and a boto3 client to look into it (credentials: conftest)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
+    client.create_bucket(Bucket=BUCKET)
+    yield f"s3://{BUCKET}?endpoint_override=127.0.0.1:{port}&scheme=http", client
+    server.stop()
+
+
+def _keys(client, prefix: str) -> set[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
+    return {o["Key"] for page in pages for o in page.get("Contents", [])}
+
+
+def test_files_round_trip_through_a_bucket(bucket):
+    base, client = bucket
+    path = storage.join(base, "unit", "a", "b.bin")
+    storage.prepare_output(storage.join(base, "unit"))
+    storage.atomic_write_bytes(path, b"data")
+    assert storage.read_bytes(path) == b"data" and storage.exists(path)
+    assert storage.list_files(storage.join(base, "unit", "a")) == [path]
+    assert "unit/a/b.bin" in _keys(client, "unit/")
+    assert not any(".tmp-" in k for k in _keys(client, "unit/"))  # renamed into place
+    assert storage.remove(path) and not storage.exists(path) and not storage.remove(path)
+    with pytest.raises(ValueError, match="credentials in a URI would be written"):
+        storage.resolve(f"s3://key:secret@{BUCKET}/x")
+
+
+def test_scores_and_adaptation_state_live_in_a_bucket(
+    bucket, tiny_benchmark, tiny_source_ckpt, tmp_path
+):
+    """Scoring writes its table, maps and AdaBN model into the bucket (the model from a
+    Ray task); a rerun finds every image scored there; the adaptation starts from that
+    model, reads the maps from the bucket and checkpoints its state into it."""
+    from test_adapt import _adapt_cfg
+
+    base, client = bucket
+    scores = storage.join(base, "scores")
+    options = ScoringOptions(batch_size=8, actors=1)
+    summary = score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), scores, options)
+    assert summary["scored"] == 24 and summary["skipped"] == 0
+    keys = _keys(client, "scores/")
+    assert {"scores/scores.parquet", "scores/summary.json", "scores/source_adabn.pt"} <= keys
+    assert sum(k.endswith("_label.png") for k in keys) == 24
+    assert not any(".tmp-" in k for k in keys)
+    again = score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), scores, options)
+    assert again["scored_this_run"] == 0 and again["scored"] == 24  # all found in the bucket
+
+    cfg = _adapt_cfg(**{"adapt.checkpoint_every": 4})
+    plan = make_plan(cfg, str(tiny_source_ckpt), scores, str(tiny_benchmark))
+    assert plan.bn_adapted and plan.checkpoint == storage.join(scores, "source_adabn.pt")
+    maps = [r["pseudo_label_path"] for r in plan.virtual_rows]
+    assert maps and all(p.startswith(f"s3://{BUCKET}/scores/") for p in maps)
+    state = storage.join(base, "run", "state.pt")
+    metrics = run_adaptation(plan, cfg, LocalEnv(state_path=state))["metrics"]
+    assert metrics["iteration"] == 4
+    assert _keys(client, "run/") == {"run/state.pt"}
+    assert LocalEnv(state_path=state).load_state()["iteration"] == 4
