@@ -27,6 +27,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -103,6 +104,7 @@ MANIFEST_COLUMNS = (
 # PNG bytes an actor returns -> the scores column holding the written file, its suffix.
 MAP_COLUMNS = {f"{suffix}_png": (column, suffix) for column, suffix in MAP_SUFFIXES.items()}
 MAP_PATHS = list(MAP_SUFFIXES)
+MAP_WRITERS = 16  # map files the driver writes at once
 # What a scoring actor returns per image: ids, numbers and the maps as PNG bytes.
 ACTOR_SCHEMA = pa.schema(
     [
@@ -547,23 +549,29 @@ class ScoreWriter:
         self.last = time.perf_counter()
         if self.first is None:
             self.first = (self.last, self.rows)
-        for row in scored.to_pylist():
-            self.pending.append(self._store_maps(row))
+        records = [self._record(row) for row in scored.to_pylist()]
+        # Concurrently: in a bucket each map is a request of tens of milliseconds, which
+        # one at a time would make the driver, not the scorers, set the pace.
+        with ThreadPoolExecutor(MAP_WRITERS) as pool:
+            writes = [w for _, maps in records for w in maps]
+            list(pool.map(lambda w: storage.atomic_write_bytes(*w), writes))
+        self.pending.extend(r for r, _ in records)  # a row only once its maps are written
         if len(self.pending) >= self.part_rows:
             self.flush()
 
-    def _store_maps(self, row: dict) -> dict:
+    def _record(self, row: dict) -> tuple[dict, list[tuple[str, bytes]]]:
+        """The scores row of a scored image, and its maps to write (path, PNG bytes)."""
         source = self.by_fp[row["fingerprint"]]
         record = {k: source[k] for k in MANIFEST_COLUMNS}
         record.update({k: v for k, v in row.items() if k not in MAP_COLUMNS})
+        writes = []
         for key, (column, suffix) in MAP_COLUMNS.items():
             record[column] = None
             if row[key] is not None:
                 name = map_name(source["image_id"], source["fingerprint"], suffix)
-                path = storage.join(self.out, "maps", name)
-                storage.atomic_write_bytes(path, row[key])
-                record[column] = path
-        return record
+                record[column] = storage.join(self.out, "maps", name)
+                writes.append((record[column], row[key]))
+        return record, writes
 
     def startup_seconds(self, start: float) -> float | None:
         return round(self.first[0] - start, 2) if self.first else None
