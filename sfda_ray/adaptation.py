@@ -51,6 +51,7 @@ from sfda_ray.models.checkpoint import (
     load_checkpoint,
     load_model,
     save_checkpoint,
+    weights_finite,
 )
 from sfda_ray.models.execution import Execution
 
@@ -439,7 +440,7 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
         # Checked on every worker (DDP keeps their weights equal), so all of them stop
         # here rather than rank 0 alone while the others wait in the next collective.
         if checkpoint_now:
-            if not all(p.isfinite().all() for p in unwrap(adapter.student).parameters()):
+            if not weights_finite(unwrap(adapter.student)):
                 raise _diverged(f"by iteration {done}: the weights are not finite", a.lr)
             if env.rank == 0:
                 state_out = {"adapter": adapter.state_dict(), "iteration": done}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 from typing import Any
 
@@ -423,33 +424,74 @@ def build_parser() -> argparse.ArgumentParser:
 BAD_INPUT = (ConfigError, ValueError, OSError)
 
 
-def is_transient(error: BaseException) -> bool:
-    """A lost connection or a timeout (a Ray ``GetTimeoutError``, an MLflow store that
-    stopped answering mid-run): not bad input, and a rerun may not meet it."""
-    import requests
+# pyarrow's words for an object store that did not answer (its errors are plain OSError).
+_STORE_UNREACHABLE = (
+    "NETWORK_CONNECTION",
+    "SERVICE_UNAVAILABLE",
+    "SLOW_DOWN",
+    "REQUEST_TIMEOUT",
+    "THROTTLING",
+)
+# MLflow's error codes of a store that could not serve the request just now.
+_MLFLOW_UNAVAILABLE = ("TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED")
 
-    if type(error).__module__.startswith("mlflow."):
-        return True  # MLflow wraps every failed request in an MlflowException
-    return isinstance(
+
+def is_transient(error: BaseException) -> bool:
+    """A lost connection or a timeout (a Ray ``GetTimeoutError``, an MLflow server or a
+    bucket that stopped answering): not bad input, and a rerun may not meet it."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(error, MlflowException):  # MLflow wraps a failed request in its own
+        return error.error_code in _MLFLOW_UNAVAILABLE or bool(
+            re.match(r"API request to \S+ failed with (timeout )?exception", error.message)
+        )
+    if isinstance(
         error, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout)
+    ):
+        return True
+    return isinstance(error, OSError) and any(w in str(error) for w in _STORE_UNREACHABLE)
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """What was raised where the work ran: inside Ray, each failed worker's exception."""
+    if type(error).__module__.startswith("ray."):
+        from sfda_ray.dist.tracking import root_causes
+
+        return root_causes(error)
+    return [error]
+
+
+def _reportable(cause: BaseException) -> bool:
+    """Bad input, a transient failure, or an error of Ray's or MLflow's own (a lost actor
+    or node, a store's refusal); not a bug in the code, whose traceback is wanted. Ray
+    Data's ``UserCodeException`` stands for an error in the code it ran, which only its
+    traceback text still names."""
+    if type(cause).__module__.startswith("ray."):
+        from ray.exceptions import UserCodeException
+
+        return not isinstance(cause, UserCodeException)
+    return (
+        isinstance(cause, BAD_INPUT)
+        or is_transient(cause)
+        or type(cause).__module__.startswith("mlflow.")
     )
 
 
 def is_told(error: BaseException) -> bool:
-    """Errors told in one line and an exit code rather than a traceback: bad input, and
-    whatever Ray (a failed task, actor or Train worker) or MLflow raised."""
-    return isinstance(error, BAD_INPUT) or type(error).__module__.startswith(("ray.", "mlflow."))
+    """Whether ``error`` is told in one line and an exit code rather than a traceback."""
+    return all(_reportable(c) for c in _causes(error))
 
 
 def error_exit(prog: str, error: BaseException) -> int:
     """Print ``error`` in one line and return the exit code: 2 for bad input, else 1; a
     transient error says that a rerun of the same command resumes past it. An error Ray
     raised is told by its causes (each failed worker's), without Ray's wrapping."""
-    causes, text = [error], str(error)
+    causes, text = _causes(error), str(error)
     if type(error).__module__.startswith("ray."):
-        from sfda_ray.dist.tracking import describe_error, root_causes
+        from sfda_ray.dist.tracking import describe_error
 
-        causes, text = root_causes(error), describe_error(error)
+        text = describe_error(error)
     if any(is_transient(c) for c in causes):
         print(f"{prog}: error: {text} (rerun the same command to resume)", file=sys.stderr)
         return 1

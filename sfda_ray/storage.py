@@ -1,7 +1,8 @@
 """Paths that may be local or a pyarrow filesystem URI (``file://``, ``s3://``, ``gs://``).
 
-Every write goes to a temporary name first and is renamed into place, so a killed job
-never leaves a file that looks complete.
+A killed job never leaves a file that looks complete: a local write goes to a temporary
+name first and is renamed into place; an object in a bucket appears only once its upload
+completes.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import errno
 import functools
 import os
 import posixpath
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -35,7 +37,7 @@ def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
     location, _, query = path.partition("?")
     scheme, rest = location.split("://", 1)
-    if "@" in rest.split("/", 1)[0]:
+    if scheme in _BUCKET_SCHEMES and re.match(r"[^/@]*:[^@]*@", rest):
         raise ValueError(
             f"{scheme}://...@{rest.split('@', 1)[1]}: credentials in a URI would be written "
             "into manifests, tables and logs; give them the filesystem's usual way (for S3: "

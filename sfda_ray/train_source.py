@@ -20,7 +20,12 @@ from sfda_ray.data.labels import CLASS_NAMES, IGNORE_INDEX
 from sfda_ray.data.loaders import forever, train_loader
 from sfda_ray.method.adapt import poly_lr
 from sfda_ray.models import build_model
-from sfda_ray.models.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from sfda_ray.models.checkpoint import (
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    weights_finite,
+)
 from sfda_ray.models.execution import Execution, resolve_device
 from sfda_ray.storage import exists
 
@@ -49,6 +54,18 @@ def source_training_config(cfg: Config, domain: str) -> dict:
         for key in keys:
             out[section].pop(key)
     return {**out, "domain": domain}
+
+
+def _diverged(what: str, lr: float) -> ValueError:
+    return ValueError(
+        f"source training diverged {what} (source.lr {lr}; a lower learning rate may help)"
+    )
+
+
+def _check_weights(model: torch.nn.Module, done: int, lr: float) -> None:
+    """Before any checkpoint: broken weights stop the run rather than being saved."""
+    if not weights_finite(model):
+        raise _diverged(f"by iteration {done}: the weights are not finite", lr)
 
 
 def train_source(
@@ -146,11 +163,8 @@ def train_source(
             logits.float(), exe.to_device(batch["label"]), ignore_index=IGNORE_INDEX
         )
         done = it + 1
-        if not torch.isfinite(loss):  # before the step: no checkpoint holds broken weights
-            raise ValueError(
-                f"source training diverged at iteration {done}: the loss is {loss.item()} "
-                f"(source.lr {sc.lr}; a lower learning rate may help)"
-            )
+        if not torch.isfinite(loss):
+            raise _diverged(f"at iteration {done}: the loss is {loss.item()}", sc.lr)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -165,6 +179,8 @@ def train_source(
                 optimizer.param_groups[0]["lr"],
                 rate,
             )
+        if done % sc.checkpoint_every == 0 or done == sc.iterations:
+            _check_weights(model, done, sc.lr)
         if done % sc.checkpoint_every == 0 and done < sc.iterations:
             so_far = {
                 "train_seconds": earlier["train_seconds"] + time.perf_counter() - t0,

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 import time
@@ -221,12 +222,12 @@ def test_source_training_refuses_what_it_cannot_train_on(tiny_benchmark, tmp_pat
 
     out = tmp_path / "diverged.pt"
     cfg = tiny_config(**{"source.lr": 1e12, "source.checkpoint_every": 1})
-    with pytest.raises(ValueError, match=r"diverged at iteration \d: the loss is nan") as err:
+    with pytest.raises(ValueError, match=r"source training diverged (at|by) iteration") as err:
         train_source(cfg, str(tiny_benchmark), str(out))
-    broken_at = int(str(err.value).split("iteration ")[1].split(":")[0])
+    broken_at = int(re.search(r"iteration (\d+)", str(err.value))[1])
     assert broken_at > 1  # a few steps trained, checkpointed while still finite
     saved = load_checkpoint(out)
-    assert saved["meta"]["iteration"] == broken_at - 1
+    assert saved["meta"]["iteration"] < broken_at and not saved["meta"]["complete"]
     weights = [v for v in saved["state_dict"].values() if v.is_floating_point()]
     assert all(torch.isfinite(v).all() for v in weights)
 
@@ -283,10 +284,12 @@ def test_exit_code_tells_bad_input_from_a_lost_connection(capsys):
 
 
 def test_an_error_ray_raised_is_told_by_its_causes(ray_session, capsys):
-    """A failed task, or failed Train workers, in one line without Ray's wrapping; bad
-    input in every worker is still bad input, anything else is a failure (1)."""
+    """A failed task, or failed Train workers, in one line without Ray's wrapping: bad
+    input in every worker is still bad input, Ray's or MLflow's own failure is 1, a lost
+    connection says to rerun, and a bug anywhere keeps its traceback."""
     import ray
     from mlflow.exceptions import MlflowException
+    from ray.exceptions import ActorDiedError
     from ray.train import WorkerGroupError
 
     from sfda_ray.cli import error_exit, is_told
@@ -303,22 +306,40 @@ def test_an_error_ray_raised_is_told_by_its_causes(ray_session, capsys):
     err = capsys.readouterr().err
     assert err == "p: error: ValueError: no usable item in a whole pass over the data\n"
 
-    workers = WorkerGroupError(
-        "2 workers failed",
-        {0: ValueError("adaptation diverged"), 1: RuntimeError("CUDA error: an illegal access")},
-    )
-    assert is_told(workers) and error_exit("p", workers) == 1
-    assert capsys.readouterr().err == (
-        "p: error: Ray Train worker 0: ValueError: adaptation diverged; "
-        "Ray Train worker 1: RuntimeError: CUDA error: an illegal access\n"
-    )
-    lost = WorkerGroupError("lost", {0: ConnectionError("node lost")})
-    assert error_exit("p", lost) == 1
+    lost = WorkerGroupError("2 workers failed", {0: ValueError("diverged"), 1: ActorDiedError()})
+    assert is_told(lost) and error_exit("p", lost) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("p: error: Ray Train worker 0: ValueError: diverged; Ray Train worker 1:")
+    assert "rerun" not in err
+    bug = WorkerGroupError("2 workers failed", {0: ValueError("x"), 1: KeyError("a bug")})
+    assert not is_told(bug) and not is_told(KeyError("a bug"))
+
+    class Scorer:  # what Ray Data raises keeps only the text of the error in its code
+        def __call__(self, batch):
+            raise KeyError("a bug")
+
+    pipeline = ray.data.range(2).map_batches(Scorer, compute=ray.data.ActorPoolStrategy(size=1))
+    with pytest.raises(Exception) as raised:  # noqa: PT011 - Ray's wrapper, whatever its class
+        pipeline.materialize()
+    assert not is_told(raised.value) and "KeyError: 'a bug'" in str(raised.value)
+    gone = WorkerGroupError("lost", {0: ConnectionError("node lost")})
+    assert error_exit("p", gone) == 1
     assert "rerun the same command to resume" in capsys.readouterr().err
-    store = MlflowException("API request to http://127.0.0.1:5000 failed")
-    assert is_told(store) and error_exit("p", store) == 1
+
+    # MLflow: a request that got no answer is transient; a refusal is not.
+    down = MlflowException("API request to http://127.0.0.1:5000/api/2.0/x failed with exception")
+    assert is_told(down) and error_exit("p", down) == 1
     assert "rerun the same command to resume" in capsys.readouterr().err
-    assert not is_told(KeyError("a bug: its traceback is shown"))
+    missing = MlflowException("Run 'abc' not found", error_code="RESOURCE_DOES_NOT_EXIST")
+    assert is_told(missing) and error_exit("p", missing) == 1
+    assert "rerun" not in capsys.readouterr().err
+    # pyarrow's words (25.0) for a bucket endpoint that refused the connection.
+    bucket = OSError(
+        "When reading information for key 'x.bin' in bucket 'b': AWS Error "
+        "NETWORK_CONNECTION during HeadObject operation: curlCode: 7, Could not connect"
+    )
+    assert error_exit("p", bucket) == 1
+    assert "rerun the same command to resume" in capsys.readouterr().err
 
 
 def test_eval_over_synthia_subsets_of_a_cityscapes_tree(tiny_source_ckpt, tmp_path, capsys, caplog):

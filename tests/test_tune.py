@@ -499,6 +499,9 @@ def test_the_proxy_is_ranked_against_miou_at_one_iteration(ray_session, tmp_path
     rho, iteration = proxy_rank_correlation(at_2)
     assert iteration == 2 and rho < 0.5
     assert proxy_rank_correlation(histories[:2]) == (None, None)
+    # A resumed trial that reported its last iteration twice still counts once.
+    resumed = [h + h[-1:] for h in histories[:2]]
+    assert proxy_rank_correlation(resumed) == (None, None)
 
 
 def test_each_synthetic_benchmark_has_its_own_default_out():

@@ -35,10 +35,6 @@ class DatasetRef:
     # Per split, the rows with an error (recorded in the manifest) that were left out.
     skipped_by_split: dict[str, int]
 
-    @property
-    def skipped(self) -> int:
-        return sum(self.skipped_by_split.values())
-
     def skipped_in(self, split: str) -> int:
         return self.skipped_by_split.get(split, 0)
 

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import yaml
+from mlflow.exceptions import MlflowException
 
 from sfda_ray import storage
 from sfda_ray.cli import add_tune_args, error_exit, is_told
@@ -272,6 +273,16 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
     return summary
 
 
+_STORE_SDKS = ("botocore", "boto3", "google", "azure")
+
+
+def _store_failure(error: BaseException) -> bool:
+    """A failure of the tracking store or of its artifact store: MLflow's own error, an
+    HTTP client's or a filesystem's (both OSError), or an object-store SDK's."""
+    package = type(error).__module__.split(".")[0]
+    return isinstance(error, (MlflowException, OSError)) or package in _STORE_SDKS
+
+
 def save_and_record(
     out: str, summary: dict, files: dict[str, bytes], sweep: dict, tracker: SweepTracker
 ) -> None:
@@ -291,7 +302,9 @@ def save_and_record(
         tracker.log_results(tracker.parent_id, baselines)
         tracker.log_files(tracker.parent_id, files)
         tracker.finish()
-    except Exception as e:  # noqa: BLE001 - MLflow's, or its artifact store's (HTTP, S3)
+    except Exception as e:  # noqa: BLE001 - sorted below
+        if not _store_failure(e):
+            raise
         log.warning(
             "MLflow: the sweep's results are in %s but not all in MLflow: %s",
             path,

@@ -300,10 +300,12 @@ def proxy_rank_correlation(histories: list[list[dict]]) -> tuple[float | None, i
     comparable with a finished one's. (None, None) when no iteration has 3."""
     at: dict[int, list[tuple[float, float]]] = {}
     for history in histories:
-        for report in history:
+        # A resumed trial may report an iteration again: its latest report counts, once.
+        latest = {int(report["iteration"]): report for report in history}
+        for iteration, report in latest.items():
             miou, proxy = report.get("val_miou"), report.get("proxy")
             if all(v is not None and math.isfinite(v) for v in (miou, proxy)):
-                at.setdefault(int(report["iteration"]), []).append((miou, proxy))
+                at.setdefault(iteration, []).append((miou, proxy))
     common = [it for it, pairs in at.items() if len(pairs) >= 3]
     if not common:
         return None, None

@@ -258,8 +258,8 @@ def load_model(
         meta = _complete_meta({"arch": arch, "num_classes": found, "normalization": "caffe_bgr"})
     elif arch is not None:
         raise CheckpointError(
-            f"{path} is an sfda_ray checkpoint: it names its own architecture, so it takes "
-            "no arch (only a raw state dict does)"
+            f"{path} is already an sfda_ray checkpoint, which names its own architecture: "
+            "use it as it is (import-checkpoint converts raw state dicts only)"
         )
     if num_classes is not None and meta["num_classes"] != num_classes:
         raise CheckpointError(
@@ -271,10 +271,18 @@ def load_model(
         model = build_model(
             meta["arch"]["name"], meta["num_classes"], **{**meta["arch"]["options"], **options}
         )
-    except TypeError as e:  # a build option this model does not take
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
         raise CheckpointError(f"{path}: cannot build {meta['arch']}: {e}") from e
     load_weights(model, ckpt["state_dict"])
     return model, {**meta, "arch": model.arch}
+
+
+def weights_finite(model: nn.Module) -> bool:
+    """Whether every parameter is finite: a finite loss can still leave an inf gradient
+    behind, and weights broken that way are never checkpointed."""
+    return all(p.isfinite().all() for p in model.parameters())
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
