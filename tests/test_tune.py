@@ -425,9 +425,12 @@ def test_a_sweep_where_no_trial_completes_says_why(
     ):
         run_sweep(other, *args, "failing", elsewhere)
     # The path of the space is not part of it, only what the space holds.
+    from sfda_ray.dist.tune import sweep_identity
+
     spelled = apply_overrides(cfg, {"tune.space": "./space.yaml"})
-    with pytest.raises(SweepFailed):
-        run_sweep(spelled, *args, "failing", uri)
+    where = (str(tiny_source_ckpt), str(scores), str(tiny_benchmark), uri, "failing")
+    assert sweep_identity(spelled, space, *where) == sweep_identity(cfg, space, *where)
+    assert sweep_identity(other, space, *where) != sweep_identity(cfg, space, *where)
 
 
 def test_val_miou_on_an_unlabelled_target_is_refused_before_any_work(
@@ -478,7 +481,6 @@ def test_the_proxy_is_ranked_against_miou_at_one_iteration(ray_session, tmp_path
         "b": (20.0, 0.5, 4),
         "c": (30.0, 0.1, 4),
         "d": (90.0, 5.0, 2),
-        "e": (math.nan, 0.2, 4),  # evaluated on nothing: left out
     }
 
     def trainable(config):
@@ -492,8 +494,12 @@ def test_the_proxy_is_ranked_against_miou_at_one_iteration(ray_session, tmp_path
         run_config=tune.RunConfig(storage_path=str(tmp_path), name="sweep", verbose=0),
     ).fit()
     histories = [_reports(result) for result in grid]
-    assert sorted(len(h) for h in histories) == [1, 2, 2, 2, 2]
+    assert sorted(len(h) for h in histories) == [1, 2, 2, 2]
     assert proxy_rank_correlation(histories) == (pytest.approx(1.0), 4)
+    # A trial evaluated on nothing (NaN) is left out.
+    nan = [{"iteration": 4, "val_miou": math.nan, "proxy": 0.2}]
+    assert proxy_rank_correlation([*histories, nan]) == (pytest.approx(1.0), 4)
+    assert proxy_rank_correlation([*histories[:2], nan]) == (None, None)
     # At iteration 2 alone, d's disagreeing proxy enters the ranking.
     at_2 = [[r for r in h if r["iteration"] == 2] for h in histories]
     rho, iteration = proxy_rank_correlation(at_2)

@@ -120,20 +120,7 @@ def run_sweep(
         check_discriminator_fits(map_size)
     storage_path = storage.join(out, "tune")
     sweep_path = storage.join(storage_path, SWEEP_NAME)
-    config = result_identity(base)
-    del config["tune"]["space"]  # the space by content, not by how its path is spelled
-    identity = {
-        "space": {k: [kind, args] for k, (kind, args) in space.items()},
-        "config": config,
-        "checkpoint": file_fingerprint(checkpoint),
-        "scores": json.loads(storage.read_bytes(storage.join(scores, "summary.json"))).get(
-            "checkpoint_fingerprint"
-        ),
-        "data": open_dataset(data, "target").fingerprint,
-        # A resumed sweep logs through the callbacks it was started with (Tune restores
-        # them), so it must log to the same place.
-        "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment},
-    }
+    identity = sweep_identity(base, space, checkpoint, scores, data, tracking_uri, experiment)
     identity_path = storage.join(out, "sweep.json")
     resume = tune.Tuner.can_restore(sweep_path)
     if resume:
@@ -194,6 +181,32 @@ def run_sweep(
             del os.environ["TUNE_DISABLE_SIGINT_HANDLER"]
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = sigint_handler
+
+
+def sweep_identity(
+    base: Config,
+    space: dict[str, tuple[str, list]],
+    checkpoint: str,
+    scores: str,
+    data: str,
+    tracking_uri: str,
+    experiment: str,
+) -> dict:
+    """What a resumed sweep must share with the one it resumes (``OUT/sweep.json``)."""
+    config = result_identity(base)
+    del config["tune"]["space"]  # the space by content, not by how its path is spelled
+    return {
+        "space": {k: [kind, args] for k, (kind, args) in space.items()},
+        "config": config,
+        "checkpoint": file_fingerprint(checkpoint),
+        "scores": json.loads(storage.read_bytes(storage.join(scores, "summary.json"))).get(
+            "checkpoint_fingerprint"
+        ),
+        "data": open_dataset(data, "target").fingerprint,
+        # A resumed sweep logs through the callbacks it was started with (Tune restores
+        # them), so it must log to the same place.
+        "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment},
+    }
 
 
 def sweep_metric(cfg: Config, data: str) -> tuple[str, str]:
