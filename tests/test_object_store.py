@@ -51,6 +51,7 @@ def test_files_round_trip_through_a_bucket(bucket):
         storage.resolve(f"s3://key:secret@{BUCKET}/x")
 
 
+@pytest.mark.slow
 def test_scores_and_adaptation_state_live_in_a_bucket(
     bucket, tiny_benchmark, tiny_source_ckpt, tmp_path
 ):
