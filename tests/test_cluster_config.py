@@ -34,8 +34,11 @@ def test_validates_against_ray_schema(cluster):
 def test_schema_check_rejects_a_broken_config(cluster):
     broken = copy.deepcopy(cluster)
     broken["available_node_types"]["gpu_worker"]["min_workers"] = "zero"
-    with pytest.raises(Exception, match="min_workers|zero"):
+    from jsonschema import ValidationError
+
+    with pytest.raises(ValidationError, match="'zero' is not of type 'integer'") as err:
         validate_config(prepare_config(broken))
+    assert list(err.value.path) == ["available_node_types", "gpu_worker", "min_workers"]
 
 
 def test_gpu_workers_declare_gpus(cluster):
