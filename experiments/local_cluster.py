@@ -26,7 +26,7 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
-from sfda_ray.cli import add_tune_args
+from sfda_ray.cli import add_tune_args, error_exit, is_told
 from sfda_ray.dist.job import run_job
 from sfda_ray.dist.tune import SweepFailed
 
@@ -84,6 +84,10 @@ def main() -> int:
         except SweepFailed as e:
             print(f"local_cluster.py: error: {e}", file=sys.stderr)
             return 1
+        except Exception as e:  # the main job's exit codes: 2 bad input, 1 a failure
+            if not is_told(e):
+                raise
+            return error_exit("local_cluster.py", e)
         # Where the scoring actors ran (the GCS keeps finished actors' records). Which
         # actor scores which batch is Ray Data's choice: a fast scorer may take them all.
         scorer_nodes = sorted(

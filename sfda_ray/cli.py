@@ -511,6 +511,9 @@ def main(argv: list[str] | None = None) -> int:
         if not is_told(e):
             raise
         return error_exit("sfda-ray", e)
+    except KeyboardInterrupt:  # what was written stays: train-source, score, adapt resume
+        print("sfda-ray: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

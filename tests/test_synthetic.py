@@ -141,3 +141,27 @@ def test_bad_spec_and_missing_benchmark(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a synthetic benchmark directory"):
         load_benchmark_info(tmp_path)
     assert main(["synth", "--out", str(tmp_path / "y"), "--shift", "2"]) == 2
+
+
+def test_ctrl_c_ends_a_command_in_one_line_with_code_130(tmp_path):
+    """Ctrl-C, as a terminal sends it, while `sfda-ray synth` writes images."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "bench"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sfda_ray.cli", "synth", "--out", str(out)]
+        + ["--target-train", "100000"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 60
+    while not list(out.rglob("*.png")):  # generating, past the imports
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert stderr.endswith("sfda-ray: interrupted\n") and "Traceback" not in stderr
