@@ -88,6 +88,9 @@ def main() -> int:
             if not is_told(e):
                 raise
             return error_exit("local_cluster.py", e)
+        except KeyboardInterrupt:
+            print("local_cluster.py: interrupted; rerun the same command to resume", file=sys.stderr)
+            return 130
         # Where the scoring actors ran (the GCS keeps finished actors' records). Which
         # actor scores which batch is Ray Data's choice: a fast scorer may take them all.
         scorer_nodes = sorted(
