@@ -89,7 +89,8 @@ def main() -> int:
                 raise
             return error_exit("local_cluster.py", e)
         except KeyboardInterrupt:
-            print("local_cluster.py: interrupted; rerun the same command to resume", file=sys.stderr)
+            message = "interrupted; rerun the same command to resume"
+            print(f"local_cluster.py: {message}", file=sys.stderr)
             return 130
         # Where the scoring actors ran (the GCS keeps finished actors' records). Which
         # actor scores which batch is Ray Data's choice: a fast scorer may take them all.
