@@ -26,9 +26,8 @@ import ray
 from mlflow.tracking import MlflowClient
 from ray.cluster_utils import Cluster
 
-from sfda_ray.cli import add_tune_args, error_exit, is_told
-from sfda_ray.dist.job import run_job
-from sfda_ray.dist.tune import SweepFailed
+from sfda_ray.cli import add_tune_args
+from sfda_ray.dist.job import job_exit_code, run_job
 
 CLUSTER_SETTINGS = [
     "score.actors=2",  # one per node
@@ -81,17 +80,11 @@ def main() -> int:
         wait_until_schedulable(nodes)
         try:
             summary = run_job(args, "local_cluster")
-        except SweepFailed as e:
-            print(f"local_cluster.py: error: {e}", file=sys.stderr)
-            return 1
-        except Exception as e:  # the main job's exit codes: 2 bad input, 1 a failure
-            if not is_told(e):
+        except (Exception, KeyboardInterrupt) as e:  # the main job's exit codes
+            code = job_exit_code("local_cluster.py", e)
+            if code is None:
                 raise
-            return error_exit("local_cluster.py", e)
-        except KeyboardInterrupt:
-            message = "interrupted; rerun the same command to resume"
-            print(f"local_cluster.py: {message}", file=sys.stderr)
-            return 130
+            return code
         # Where the scoring actors ran (the GCS keeps finished actors' records). Which
         # actor scores which batch is Ray Data's choice: a fast scorer may take them all.
         scorer_nodes = sorted(

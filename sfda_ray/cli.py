@@ -499,6 +499,17 @@ def error_exit(prog: str, error: BaseException) -> int:
     return 2 if all(isinstance(c, BAD_INPUT) for c in causes) else 1
 
 
+def exit_code(prog: str, error: BaseException, interrupted: str = "interrupted") -> int | None:
+    """The exit code of a command stopped by ``error``, which is told in one line: 130
+    for Ctrl-C, else ``error_exit``'s; None for an error whose traceback is wanted."""
+    if isinstance(error, KeyboardInterrupt):
+        print(f"{prog}: {interrupted}", file=sys.stderr)
+        return 130
+    if isinstance(error, Exception) and is_told(error):
+        return error_exit(prog, error)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -507,13 +518,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except Exception as e:
-        if not is_told(e):
+    except (Exception, KeyboardInterrupt) as e:  # train-source, score, adapt resume on rerun
+        code = exit_code("sfda-ray", e)
+        if code is None:
             raise
-        return error_exit("sfda-ray", e)
-    except KeyboardInterrupt:  # what was written stays: train-source, score, adapt resume
-        print("sfda-ray: interrupted", file=sys.stderr)
-        return 130
+        return code
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from sfda_ray import storage
-from sfda_ray.cli import add_tune_args, error_exit, is_told
+from sfda_ray.cli import add_tune_args, exit_code
 from sfda_ray.config import (
     Config,
     load_config,
@@ -346,20 +346,24 @@ def main(task: str, default_out: str, description: str, argv: list[str] | None =
     return run_job_command(args, task, parser.prog)
 
 
+def job_exit_code(prog: str, error: BaseException) -> int | None:
+    """``exit_code`` for what the main job raised: also 1, with a one-paragraph error,
+    when no trial completed; an interruption says how to resume."""
+    if isinstance(error, SweepFailed):
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 1
+    return exit_code(prog, error, "interrupted; rerun the same command to resume")
+
+
 def run_job_command(args: argparse.Namespace, task: str, prog: str) -> int:
     """``run_job`` as a command: exit code 2 for bad input, 1 when no trial completed or
-    for another failure (see ``error_exit``), each with a one-paragraph error instead of
-    a traceback, 130 when interrupted (Ctrl-C)."""
+    for another failure, 130 when interrupted (Ctrl-C), each told instead of a traceback
+    (see ``job_exit_code``)."""
     try:
         run_job(args, task)
-    except SweepFailed as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:
-        if not is_told(e):
+    except (Exception, KeyboardInterrupt) as e:
+        code = job_exit_code(prog, e)
+        if code is None:
             raise
-        return error_exit(prog, e)
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+        return code
     return 0
