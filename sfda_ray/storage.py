@@ -37,13 +37,14 @@ def resolve(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), str(Path(path).expanduser().resolve())
     location, _, query = path.partition("?")
     scheme, rest = location.split("://", 1)
-    if scheme in _BUCKET_SCHEMES and re.match(r"[^/@]*:[^@]*@", rest):
-        raise ValueError(
-            f"{scheme}://...@{rest.split('@', 1)[1]}: credentials in a URI would be written "
-            "into manifests, tables and logs; give them the filesystem's usual way (for S3: "
-            "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or an instance role)"
-        )
     if scheme in _BUCKET_SCHEMES:  # "bucket/key", as from_uri gives it
+        if re.match(r"[^/@]*:[^@]*@", rest):
+            raise ValueError(
+                f"{scheme}://...@{rest.split('@', 1)[1]}: credentials in a URI would be "
+                "written into manifests, tables and logs; give them the filesystem's usual "
+                "way (for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, a profile or an "
+                "instance role)"
+            )
         bucket = rest.split("/", 1)[0]
         root = f"{scheme}://{bucket}" + (f"?{query}" if query else "")
         return _bucket_filesystem(root), rest.rstrip("/")
