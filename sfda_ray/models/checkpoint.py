@@ -185,7 +185,11 @@ def _listed(keys: list[str]) -> str:
     return shown + (f" ... ({len(keys)} in all)" if len(keys) > _MAX_LISTED else "")
 
 
-_HEADS_DIFFER = "classifier heads differ: check the layout / multi_level options"
+def _heads_hint(keys: list[str]) -> str:
+    """Where the keys that do not fit are classifier heads, the options that place them."""
+    if any(k.startswith(("layer5.", "layer6.")) for k in keys):
+        return " (classifier heads differ: check the layout / multi_level options)"
+    return ""
 
 
 def load_weights(
@@ -209,17 +213,14 @@ def load_weights(
         if k in own and v.shape != own[k].shape
     ]
     if mismatched:
-        message = f"shape mismatch: {_listed(mismatched)}"
-        if any(k.startswith(("layer5.", "layer6.")) for k in mismatched):
-            message += f" ({_HEADS_DIFFER})"
-        raise CheckpointError(message)
+        raise CheckpointError(f"shape mismatch: {_listed(mismatched)}{_heads_hint(mismatched)}")
     missing = [k for k in own if k not in state_dict and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state_dict if k not in own]
     if strict and (missing or unexpected):
-        message = f"missing keys: {_listed(missing)}; unexpected keys: {_listed(unexpected)}"
-        if any(k.startswith(("layer5.", "layer6.")) for k in missing + unexpected):
-            message += f" ({_HEADS_DIFFER})"
-        raise CheckpointError(message)
+        raise CheckpointError(
+            f"missing keys: {_listed(missing)}; unexpected keys: {_listed(unexpected)}"
+            f"{_heads_hint(missing + unexpected)}"
+        )
     model.load_state_dict(state_dict, strict=False)
     return missing, unexpected
 
