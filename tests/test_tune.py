@@ -634,6 +634,18 @@ def test_a_resumed_driver_does_not_log_a_step_twice(tmp_path):
     assert [(m.step, m.value) for m in history] == [(5, 20.0), (10, 25.0)]
 
 
+def _finished_sweep(tmp_path) -> dict:
+    """A sweep's result as ``save_and_record`` takes it, its best model in ``final.pt``."""
+    (tmp_path / "final.pt").write_bytes(b"weights")
+    return {
+        "best_trial": "t1",
+        "best_checkpoint": str(tmp_path / "final.pt"),
+        "metric": "val_miou",
+        "best_metric": 30.0,
+        "proxy_miou_spearman": None,
+    }
+
+
 def test_the_summary_is_saved_whatever_mlflow_does_at_the_end(tmp_path, caplog):
     from mlflow.exceptions import MlflowException
 
@@ -642,14 +654,7 @@ def test_the_summary_is_saved_whatever_mlflow_does_at_the_end(tmp_path, caplog):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = SweepTracker(uri, "exp", str(tmp_path / "sweep"), str(tmp_path))
     parent = tracker.start("sweep", {}, {"git_commit": "abc"})
-    (tmp_path / "final.pt").write_bytes(b"weights")
-    sweep = {
-        "best_trial": "t1",
-        "best_checkpoint": str(tmp_path / "final.pt"),
-        "metric": "val_miou",
-        "best_metric": 30.0,
-        "proxy_miou_spearman": None,
-    }
+    sweep = _finished_sweep(tmp_path)
     summary = {"best_miou": 30.0, "source_only_miou": 20.0}
     save_and_record(str(tmp_path), summary, {"hist.png": b"png"}, sweep, tracker)
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
@@ -691,14 +696,7 @@ def test_an_artifact_store_that_cannot_be_written_leaves_the_summary(tmp_path, c
     MlflowClient(uri).create_experiment("exp", artifact_location=f"file://{blocker}/artifacts")
     tracker = SweepTracker(uri, "exp", str(tmp_path / "sweep"), str(tmp_path))
     tracker.start("sweep", {}, {"git_commit": "abc"})
-    (tmp_path / "final.pt").write_bytes(b"weights")
-    sweep = {
-        "best_trial": "t1",
-        "best_checkpoint": str(tmp_path / "final.pt"),
-        "metric": "val_miou",
-        "best_metric": 30.0,
-        "proxy_miou_spearman": None,
-    }
+    sweep = _finished_sweep(tmp_path)
     save_and_record(str(tmp_path), {"best_miou": 30.0}, {}, sweep, tracker)
     assert json.loads((tmp_path / "summary.json").read_text()) == {"best_miou": 30.0}
     assert "the sweep's results are in" in caplog.text
