@@ -85,3 +85,26 @@ def test_every_node_needs_a_chosen_image_and_workers_can_reach_s3(cluster):
     for name, node_type in types.items():
         if name != head:
             assert "IamInstanceProfile" in node_type["node_config"], name
+
+
+def test_restarting_mlflow_kills_the_old_server_not_its_own_shell(cluster):
+    from ray.autoscaler._private.command_runner import _with_interactive
+
+    server = next(c for c in cluster["head_start_ray_commands"] if "mlflow server" in c)
+    running = server.removeprefix("nohup ").split(" >")[0]  # the server's command line
+    kills = [c for c in _commands(cluster) if c.startswith("pkill -f")]
+    assert kills
+    for command in kills:
+        pattern = re.match(r'pkill -f "([^"]+)"', command).group(1)
+        # Ray runs a command as `bash --login -c -i '...(COMMAND)'`: a pattern that
+        # matches that shell's command line kills the shell and fails `ray up`.
+        assert not re.search(pattern, " ".join(_with_interactive(command))), command
+        assert re.search(pattern, running), command
+
+
+def test_the_upload_leaves_ignored_files_behind_and_examples_agree(cluster):
+    assert ".gitignore" in cluster["rsync_filter"]
+    header = (ROOT / "cluster.yaml").read_text().split("\ncluster_name:")[0]
+    readme = (ROOT / "README.md").read_text()
+    paths = set(re.findall(r"s3://BUCKET/[\w./-]+", header))
+    assert paths and paths <= set(re.findall(r"s3://BUCKET/[\w./-]+", readme))

@@ -1,6 +1,7 @@
 """The sweep's pieces that need no running sweep: search spaces and MLflow bookkeeping."""
 
 import json
+import logging
 import math
 import os
 import re
@@ -118,6 +119,28 @@ def test_tracker_reuses_runs_and_closes_interrupted_ones(tmp_path):
     assert (tmp_path / "mlartifacts").as_uri() == client.get_experiment(
         again.experiment_id
     ).artifact_location
+
+
+def test_a_resumed_sweep_whose_store_lost_its_runs_logs_to_new_ones(tmp_path, caplog):
+    # The same tracking URI, but a store without the sweep's runs: a new head whose
+    # saved mlflow.db was not restored.
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    lost = "0" * 32
+    state = {"tracking_uri": uri, "parent_run_id": lost}
+    (sweep / "mlflow.json").write_text(json.dumps(state))
+
+    again = SweepTracker(uri, "exp", str(sweep), str(tmp_path))
+    with caplog.at_level(logging.WARNING, logger="sfda_ray.dist.tracking"):
+        parent = again.start("sweep", {"adapt": {"lr": 0.01}}, {"git_commit": "abc"})
+    assert parent != lost
+    assert f"the sweep's MLflow run {lost} is not in" in caplog.text
+    run = again.client.get_run(parent)
+    assert run.info.status == "RUNNING" and run.data.params["adapt.lr"] == "0.01"
+    # ... and the sweep's state now names the new run, for the next resume.
+    assert json.loads((sweep / "mlflow.json").read_text())["parent_run_id"] == parent
+    again.finish()
 
 
 def test_git_commit_tag_says_when_the_code_was_edited(tmp_path, monkeypatch):

@@ -253,16 +253,34 @@ class SweepTracker:
         if storage.exists(self.state_path):
             state = json.loads(storage.read_bytes(self.state_path))
             if state.get("tracking_uri") == self.tracking_uri:
-                self.parent_id = state["parent_run_id"]
-                self._reopen(self.parent_id, self.client.get_run(self.parent_id).data.tags)
-                log.info("resuming MLflow run %s", self.parent_id)
-                return self.parent_id
+                parent = self._find_run(state["parent_run_id"])
+                if parent is not None:
+                    self.parent_id = state["parent_run_id"]
+                    self._reopen(self.parent_id, parent.data.tags)
+                    log.info("resuming MLflow run %s", self.parent_id)
+                    return self.parent_id
+                log.warning(
+                    "the sweep's MLflow run %s is not in %s (a new store, e.g. a new head "
+                    "whose saved mlflow.db was not restored): the resumed sweep logs to a "
+                    "new run",
+                    state["parent_run_id"],
+                    self.tracking_uri,
+                )
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
         self.parent_id = run.info.run_id
         self._log_params(self.parent_id, params)
         state = {"tracking_uri": self.tracking_uri, "parent_run_id": self.parent_id}
         storage.atomic_write_bytes(self.state_path, json.dumps(state).encode())
         return self.parent_id
+
+    def _find_run(self, run_id: str):
+        """The run, or None when the store does not have it."""
+        try:
+            return self.client.get_run(run_id)
+        except MlflowException as e:
+            if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
 
     def child(
         self, trial_id: str, run_name: str, params: dict, tags: dict, reopen: bool = True
