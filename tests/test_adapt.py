@@ -120,8 +120,11 @@ def test_step_updates_segmentation_net_and_discriminator(lambda_v):
     adapter.begin_round(0, [images])
     before_net = model.layer1[0].conv1.weight.clone()
     before_d = adapter.disc.conv1.weight.clone()
+    d_grads = []  # D's weight gradients: from its own step only, none from the generator's
+    adapter.disc.conv1.weight.register_hook(lambda g: d_grads.append(g))
     batch_v = _virtual_batch()
     logs = adapter.step(batch_v, {"image": images})
+    assert len(d_grads) == 1
     for key in ("loss_st", "loss_prior", "loss_adv", "loss_d"):
         assert math.isfinite(logs[key]), key
     assert ("loss_v" in logs) == bool(lambda_v)
@@ -342,6 +345,10 @@ def test_class_mix_pastes_half_of_the_labelled_classes_with_their_labels():
     assert torch.equal(pasted, torch.isin(label_a[0], torch.tensor(sorted(pasted_classes))))
     assert torch.equal(labels[0], torch.where(pasted, label_a[0], 7))
     assert torch.equal(weights[0], torch.where(pasted, 0.9, 0.5))
+    # A batch of V shorter than the target's (a skipped image): one mixed image per pair.
+    b3 = tuple(torch.cat([t] * 3) for t in b)
+    images, labels, weights = class_mix(a, b3, g)
+    assert images.shape == (1, 3, 2, 4) and labels.shape == weights.shape == (1, 2, 4)
 
 
 def test_class_mix_loss_is_reported_and_trains_the_net():
@@ -354,6 +361,11 @@ def test_class_mix_loss_is_reported_and_trains_the_net():
     adapter.begin_round(0, [images])
     batch_v = _virtual_batch()
     logs = adapter.step(batch_v, {"image": images})
+    assert math.isfinite(logs["loss_mix"]) and logs["loss_mix"] > 0
+    # Batches of V and T of different sizes (an image of either skipped) still mix.
+    logs = adapter.step(batch_v, {"image": torch.rand(3, 3, 32, 64)})
+    assert math.isfinite(logs["loss_mix"]) and logs["loss_mix"] > 0
+    logs = adapter.step({k: v[:1] for k, v in batch_v.items()}, {"image": images})
     assert math.isfinite(logs["loss_mix"]) and logs["loss_mix"] > 0
 
 

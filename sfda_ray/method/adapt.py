@@ -68,9 +68,12 @@ def class_mix(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """ClassMix (DACS): paste the pixels of a random half of each ``a`` image's labelled
     classes onto the matching ``b`` image. ``a`` and ``b`` are (images [B, 3, H, W],
-    labels [B, H, W], pixel weights [B, H, W]); labels and weights follow the pixels."""
-    images_a, labels_a, weights_a = a
-    images_b, labels_b, weights_b = b
+    labels [B, H, W], pixel weights [B, H, W]); labels and weights follow the pixels.
+    Batches of different sizes (a skipped image, a worker's short last batch of V) give
+    as many mixed images as the smaller has."""
+    n = min(len(a[0]), len(b[0]))
+    images_a, labels_a, weights_a = (t[:n] for t in a)
+    images_b, labels_b, weights_b = (t[:n] for t in b)
     masks = []
     for label in labels_a:
         classes = label.unique()
@@ -328,8 +331,12 @@ class Adapter:
             w_adv = self._adversarial_weight(logits_t)
             if valid_t is not None:
                 w_adv = valid_t.float() if w_adv is None else w_adv * valid_t
+            # D's own weights stay out of this graph: the generator's backward needs only
+            # the gradient through D, not D's weight gradients (D learns in its own step).
+            disc = unwrap(self.disc).requires_grad_(False)
             with self.exe.autocast():
-                d_out_t = unwrap(self.disc)(d_in_t)
+                d_out_t = disc(d_in_t)
+            disc.requires_grad_(True)
             l_adv = weighted_bce(d_out_t.float(), SOURCE_LABEL, w_adv)
             total = total + cfg.lambda_adv * l_adv
             logs["loss_adv"] = l_adv.item()
@@ -386,7 +393,7 @@ class Adapter:
             weighted_bce(d_out[:n_v], SOURCE_LABEL, valid_v)
             + weighted_bce(d_out[n_v:], TARGET_LABEL, valid_t)
         )
-        self.opt_d.zero_grad(set_to_none=True)  # also drops the generator step's D grads
+        self.opt_d.zero_grad(set_to_none=True)
         loss.backward()
         self.opt_d.step()
         return loss.item()
