@@ -139,7 +139,8 @@ class SelectConfig:
     score_threshold: float | None = _field(None, lo=0.0, hi=1.0)
     # Pixels of the virtual source below this confidence are ignored (with class_balanced,
     # each class's threshold is at most this); rounded up to a confidence bin edge (0.05).
-    tau: float = _field(0.9, lo=0.0, hi=1.0)
+    # At most 0.95, the last bin's lower edge: a higher threshold would keep no pixel.
+    tau: float = _field(0.9, lo=0.0, hi=0.95)
     # CBST-style per-class thresholds: each class keeps its top `cb_portion` of pixels.
     class_balanced: bool = True
     cb_portion: float = _field(0.5, lo=0.0, lo_open=True, hi=1.0)

@@ -3,6 +3,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from sfda_ray.config import ConfigError, load_config
 from sfda_ray.method.scoring import CONFIDENCE_BINS, class_confidence_histogram
 from sfda_ray.method.selection import (
     class_balanced_thresholds,
@@ -69,6 +70,12 @@ def test_the_kept_pixels_of_the_priors_are_the_pixels_the_adaptation_keeps(tmp_p
         assert item["weight"].equal(conf.float() / 255.0)
         np.testing.assert_array_equal(kept_counts(hist, thresholds), kept.sum(1).numpy())
         assert 0 < kept.sum() < kept.numel()
+    # Above the last bin's lower edge no bin would be kept, while the dataset would still
+    # keep confidences of 255: such a tau is refused, by the config as well.
+    with pytest.raises(ValueError, match=r"tau: 0.97 is out of range; allowed: 0 <= tau <= 0.95"):
+        select(scores_table([("a", 0.5, hist.ravel().tolist())]), ratio=1.0, tau=0.97)
+    with pytest.raises(ConfigError, match="select.tau"):
+        load_config(overrides={"select.tau": 0.97})
 
 
 def test_ratio_and_threshold_split_images_by_score():

@@ -95,8 +95,11 @@ def select(
         raise ValueError("give exactly one of ratio and score_threshold")
     if ratio is not None and not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio: {ratio} is out of range; allowed: 0 < ratio <= 1")
-    if not 0.0 <= tau <= 1.0:
-        raise ValueError(f"tau: {tau} is out of range; allowed: 0 <= tau <= 1")
+    top = (CONFIDENCE_BINS - 1) / CONFIDENCE_BINS
+    if not 0.0 <= tau <= top:
+        # Confidences are kept in bins of 1/CONFIDENCE_BINS: above the last bin's lower
+        # edge, no bin, so no pixel, would be kept.
+        raise ValueError(f"tau: {tau} is out of range; allowed: 0 <= tau <= {top}")
     if "error" in table.column_names:
         table = table.filter(pc.is_null(table["error"]))
     if table.num_rows == 0:
