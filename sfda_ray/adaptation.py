@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 import torch
+from torch import distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
@@ -227,21 +228,35 @@ def evaluate_adapted(
     rows = plan.eval_rows or plan.proxy_rows
     if not rows:
         return {}
-    totals = {"entropy": 0.0, "mean_pred": 0.0, "n": 0}
+    exe = execution or Execution(torch.device("cpu"))
+    num_classes = len(CLASS_NAMES)
+    # Under DDP every worker evaluates its own share of the images (the weights are equal
+    # on all of them) and the sums are pooled: no worker waits while another evaluates.
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    shard = rows[rank::world]
+    entropy, mean_pred, n = 0.0, torch.zeros(num_classes, dtype=torch.float64), 0
 
     def observe(logits: torch.Tensor) -> None:
+        nonlocal entropy, mean_pred, n
         prob = logits.softmax(1)
-        totals["entropy"] += normalized_entropy(prob).mean().item() * prob.shape[0]
-        totals["mean_pred"] = totals["mean_pred"] + prob.mean(dim=(2, 3)).sum(0).cpu()
-        totals["n"] += prob.shape[0]
+        entropy += normalized_entropy(prob).mean().item() * prob.shape[0]
+        mean_pred = mean_pred + prob.mean(dim=(2, 3)).sum(0).double().cpu()
+        n += prob.shape[0]
 
-    table = pa.Table.from_pylist(rows)
-    if plan.eval_rows:
-        loader = eval_loader(table, size, normalization, batch_size=8, num_workers=0)
-    else:
-        loader = image_loader(table, size, normalization, batch_size=8, num_workers=0)
-    cm, _ = confusion_on(model, loader, len(CLASS_NAMES), execution, observe=observe)
-    entropy, mean_pred, n = totals["entropy"], totals["mean_pred"], totals["n"]
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    if shard:
+        table = pa.Table.from_pylist(shard)
+        make = eval_loader if plan.eval_rows else image_loader
+        loader = make(table, size, normalization, batch_size=8, num_workers=exe.loader_workers)
+        cm, _ = confusion_on(model, loader, num_classes, exe, observe=observe)
+    # One all-reduce of every sum, on the device (NCCL takes CUDA tensors alone).
+    sums = torch.cat(
+        [torch.from_numpy(cm).double().flatten(), mean_pred, torch.tensor([entropy, n])]
+    )
+    sums = sum_over_workers(sums.to(exe.device)).cpu()
+    cm = sums[: num_classes**2].round().long().reshape(num_classes, num_classes).numpy()
+    mean_pred, (entropy, n) = sums[num_classes**2 : -2], sums[-2:].tolist()
+    n = round(n)
     if n == 0:  # an evaluation of nothing would leave a sweep nothing to rank trials on
         raise ValueError(
             f"none of the {len(rows)} target images evaluated could be read (each was logged "
@@ -249,7 +264,7 @@ def evaluate_adapted(
             "needs mending"
         )
     prior = torch.tensor(plan.prior_target)
-    mean_pred = (mean_pred / n).clamp_min(1e-8)
+    mean_pred = (mean_pred.float() / n).clamp_min(1e-8)
     kl = torch.where(prior > 0, prior * (prior.clamp_min(1e-12).log() - mean_pred.log()), 0.0)
     proxy = {
         "proxy_entropy": entropy / n,
@@ -426,12 +441,12 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
             "skipped_inputs": skipped["inputs"],
         }
         interval, interval_steps = {}, 0
-        if evaluate_now and env.rank == 0:
+        if evaluate_now:  # on every worker, each its share of the images
             final = evaluate_adapted(unwrap(adapter.student), plan, norm, size, exe)
             metrics.update(
                 {k: v for k, v in final.items() if k not in ("per_class", "confusion_matrix")}
             )
-            if "proxy" in metrics:
+            if "proxy" in metrics and env.rank == 0:
                 miou = metrics.get("val_miou")  # None: no pixel of the evaluated classes
                 miou = "" if miou is None else f"val_miou {miou:.2f} "
                 log.info("iter %d: %sproxy %.4f", done, miou, metrics["proxy"])
@@ -446,8 +461,7 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
                 state_out = {"adapter": adapter.state_dict(), "iteration": done}
         env.report(metrics, state_out)
     if iterations == start:  # nothing trained in this call (baselines, or already done)
-        if env.rank == 0:
-            final = evaluate_adapted(unwrap(adapter.student), plan, norm, size, exe)
+        final = evaluate_adapted(unwrap(adapter.student), plan, norm, size, exe)
         env.report(
             {
                 **{k: v for k, v in final.items() if not isinstance(v, (dict, list))},
@@ -563,6 +577,10 @@ def save_state(state: dict, path: str) -> None:
 def load_state(path: str) -> dict:
     import io
 
+    if not storage.is_uri(path):
+        # Mapped, not read: of a state (student, teacher, discriminator, optimisers) the
+        # reader usually takes the student alone, and needs no second copy in memory.
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     return torch.load(io.BytesIO(storage.read_bytes(path)), map_location="cpu", weights_only=True)
 
 

@@ -506,6 +506,72 @@ def test_an_evaluation_with_nothing_readable_is_an_error(
         evaluate_adapted(model, plan, "imagenet", (TINY.height, TINY.width))
 
 
+def _sharded_evaluation(rank, port, checkpoint, plans, results):
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    import sfda_ray.adaptation as adaptation
+
+    read = []  # the images this worker reads, for each evaluation
+    for name in ("eval_loader", "image_loader"):
+        make = getattr(adaptation, name)
+        setattr(
+            adaptation,
+            name,
+            lambda table, *a, make=make, **k: (
+                read.append(table["image_id"].to_pylist()) or make(table, *a, **k)
+            ),
+        )
+    model, _ = load_model(checkpoint, num_classes=19)
+    size = (TINY.height, TINY.width)
+    found = [adaptation.evaluate_adapted(model, plan, "imagenet", size) for plan in plans]
+    torch.save((found, read), results / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_workers_each_evaluate_a_share_and_report_the_whole(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    """Two DDP workers (gloo, real processes) split the val images between them and both
+    report what one process evaluating them all does; also when one worker has none."""
+    import dataclasses
+    import socket
+
+    from sfda_ray.adaptation import evaluate_adapted
+
+    scores, _ = tiny_scores
+    plan = make_plan(_adapt_cfg(), str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+    plans = [plan, dataclasses.replace(plan, eval_rows=plan.eval_rows[:1])]
+    plans.append(dataclasses.replace(plan, eval_rows=[], proxy_rows=plan.eval_rows))  # no labels
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(
+        _sharded_evaluation, (port, str(tiny_source_ckpt), plans, tmp_path), nprocs=2
+    )
+    model, _ = load_model(str(tiny_source_ckpt), num_classes=19)
+    size = (TINY.height, TINY.width)
+    alone = [evaluate_adapted(model, p, "imagenet", size) for p in plans]
+    assert alone[0]["val_miou"] != alone[1]["val_miou"]  # the plans differ
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    (found0, read0), (found1, read1) = results
+    # Each image read once, by one worker or the other; rank 1 has none of the one-image
+    # plan (read0: plans 0, 1, 2; read1: plans 0 and 2).
+    assert len(read0) == 3 and len(read1) == 2
+    for plan, share0, share1 in ((plans[0], read0[0], read1[0]), (plans[2], read0[2], read1[1])):
+        rows = plan.eval_rows or plan.proxy_rows
+        assert sorted(share0 + share1) == sorted(r["image_id"] for r in rows)
+        assert share0 and share1 and abs(len(share0) - len(share1)) <= 1
+    found_by_rank = (found0, found1)
+    for rank in (0, 1):
+        for found, expected in zip(found_by_rank[rank], alone, strict=True):
+            assert found.keys() == expected.keys()
+            for key in ("val_miou", "proxy", "proxy_entropy", "proxy_prior_kl"):
+                if key in expected:
+                    assert found[key] == pytest.approx(expected[key], rel=1e-5), key
+            assert found.get("confusion_matrix") == expected.get("confusion_matrix")
+
+
 def test_a_damaged_input_is_skipped_and_counted(
     tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
 ):
