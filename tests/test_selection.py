@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -119,6 +121,9 @@ def test_class_balanced_thresholds_keep_the_top_portion_of_each_class():
 
 def test_selection_quality_and_rank_correlation():
     assert spearman(np.array([1.0, 2, 3]), np.array([10.0, 30, 20])) == pytest.approx(0.5)
+    # Ties share their mean rank (as scipy.stats.spearmanr): not ordered by position.
+    assert spearman(np.array([1.0, 1, 2]), np.array([1.0, 2, 3])) == pytest.approx(0.75**0.5)
+    assert math.isnan(spearman(np.array([1.0, 1, 1]), np.array([1.0, 2, 3])))
     rows = [("a", 0.9, hist_row({(0, 19): 8, (0, 2): 2})), ("b", 0.4, hist_row({(1, 19): 10}))]
     # Of a's 8 confident pixels 2 are void (no label), of b's 10 pixels 5.
     labelled = [hist_row({(0, 19): 6, (0, 2): 2}), hist_row({(1, 19): 5})]

@@ -151,12 +151,21 @@ def select_by_config(table: pa.Table, cfg, num_classes: int = 19) -> Selection:
     )
 
 
+def _average_ranks(values: np.ndarray) -> np.ndarray:
+    """Ranks from 0, tied values sharing their mean rank."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    first = np.cumsum(counts) - counts
+    return (first + (counts - 1) / 2.0)[inverse]
+
+
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Rank correlation (ties broken by order: the inputs here are continuous)."""
+    """Rank correlation, ties given their mean rank (per-image mIoU ties at 0 or 100);
+    NaN for fewer than two pairs or a constant input."""
     if len(x) < 2:
         return float("nan")
-    rx = np.argsort(np.argsort(x)).astype(np.float64)
-    ry = np.argsort(np.argsort(y)).astype(np.float64)
+    rx, ry = _average_ranks(np.asarray(x)), _average_ranks(np.asarray(y))
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
