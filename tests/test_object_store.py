@@ -51,6 +51,75 @@ def test_files_round_trip_through_a_bucket(bucket):
         storage.resolve(f"s3://key:secret@{BUCKET}/x")
 
 
+class _CountedReads:
+    """A filesystem whose files count the reads made of them (each a request on S3)."""
+
+    def __init__(self, fs, reads: list):
+        self.fs, self.reads = fs, reads
+
+    def open_input_file(self, path):
+        fs, reads = self.fs, self.reads
+
+        class File:
+            def __init__(self):
+                self.f = fs.open_input_file(path)
+
+            def read(self, *n):
+                reads.append(path)
+                return self.f.read(*n)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                self.f.close()
+
+        return File()
+
+
+def test_image_sizes_from_a_bucket(bucket, monkeypatch):
+    """From one ranged read of the file's start, or, for a header longer than that (a
+    JPEG with a large ICC profile), from the whole file; a bad file is named."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    import sfda_ray.data.io as image_io
+    from sfda_ray.data.io import HEADER_BYTES, BadInputError, image_size
+
+    base, _ = bucket
+    files = {}
+    for name, height, width, save in (
+        ("label.png", 5, 7, {"format": "PNG"}),
+        ("photo.jpg", 6, 9, {"format": "JPEG", "icc_profile": bytes(3 * HEADER_BYTES)}),
+    ):
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(buf, **save)
+        files[name] = buf.getvalue(), (height, width)
+    files["bad.png"] = files["label.png"][0][:20], None
+    assert files["photo.jpg"][0].index(b"\xff\xc0") > HEADER_BYTES  # its size lies beyond
+    for name, (data, _) in files.items():
+        storage.atomic_write_bytes(storage.join(base, "sizes", name), data)
+    reads = []
+    resolve = storage.resolve
+    monkeypatch.setattr(
+        image_io.storage, "resolve", lambda p: (_CountedReads(resolve(p)[0], reads), resolve(p)[1])
+    )
+    for name, (_, size) in files.items():
+        path = storage.join(base, "sizes", name)
+        if size is None:
+            with pytest.raises(BadInputError, match=rf"{name}\?.*: unreadable header"):
+                image_size(path)
+        else:
+            assert image_size(path) == size, name
+    counts = {name: sum(p.endswith(name) for p in reads) for name in files}
+    assert counts["label.png"] == 1 and counts["photo.jpg"] > 1, counts
+
+
 @pytest.mark.slow
 def test_scores_and_adaptation_state_live_in_a_bucket(
     bucket, tiny_benchmark, tiny_source_ckpt, tmp_path

@@ -97,10 +97,24 @@ def _decode_synthia(path: str | os.PathLike, data: bytes) -> np.ndarray:
     return arr[:, :, 2]  # cv2 is BGR(A): the class id sits in R
 
 
+HEADER_BYTES = 1 << 16
+
+
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) from the file header only, without decoding pixels."""
     fs, p = storage.resolve(path)
     try:
+        if storage.is_uri(path):
+            # One ranged read of the file's start: from a bucket, each small read PIL
+            # makes while parsing a header would be a request of its own (6 to 9 per PNG).
+            with fs.open_input_file(p) as f:
+                head = f.read(HEADER_BYTES)
+            try:
+                with Image.open(io.BytesIO(head)) as img:
+                    width, height = img.size
+                return height, width
+            except (*_DECODE_ERRORS, Image.UnidentifiedImageError):
+                pass  # a header longer than that (or a bad file): read as a local file is
         with fs.open_input_file(p) as f, Image.open(f) as img:
             width, height = img.size
     except FileNotFoundError:
