@@ -28,6 +28,7 @@ from ray.cluster_utils import Cluster
 
 from sfda_ray.cli import add_tune_args
 from sfda_ray.dist.job import job_exit_code, run_job
+from sfda_ray.dist.runtime import NO_DASHBOARD_RUNTIME_ENV
 
 CLUSTER_SETTINGS = [
     "score.actors=2",  # one per node
@@ -75,7 +76,7 @@ def main() -> int:
     cluster.wait_for_nodes()
     args.address = cluster.address
     try:
-        ray.init(address=cluster.address)
+        ray.init(address=cluster.address, runtime_env=NO_DASHBOARD_RUNTIME_ENV)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         wait_until_schedulable(nodes)
         try:

@@ -29,7 +29,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
-            runtime_env={"worker_process_setup_hook": _without_state_api},
+            runtime_env=NO_DASHBOARD_RUNTIME_ENV,
         )
     log.info("Ray cluster resources: %s", ray.cluster_resources())
 
@@ -50,6 +50,10 @@ def _without_state_api() -> None:
         "ray.train.v2._internal.execution.controller.placement_group_cleaner"
     )
     logger.addFilter(_StateApiDown())
+
+
+# For a driver of a Ray started without its dashboard (a local one, ``local_cluster.py``).
+NO_DASHBOARD_RUNTIME_ENV = {"worker_process_setup_hook": _without_state_api}
 
 
 def on_gpus(fn: Callable[..., Any], num_gpus: float, *args: Any, **kwargs: Any) -> Any:
