@@ -104,7 +104,7 @@ MANIFEST_COLUMNS = (
 # PNG bytes an actor returns -> the scores column holding the written file, its suffix.
 MAP_COLUMNS = {f"{suffix}_png": (column, suffix) for column, suffix in MAP_SUFFIXES.items()}
 MAP_PATHS = list(MAP_SUFFIXES)
-MAP_WRITERS = 16  # map files the driver writes at once
+DRIVER_IO_THREADS = 16  # files the driver reads or writes at once (maps, parts)
 # What a scoring actor returns per image: ids, numbers and the maps as PNG bytes.
 ACTOR_SCHEMA = pa.schema(
     [
@@ -325,7 +325,9 @@ def _read_parts(out: str) -> pa.Table | None:
     paths = storage.list_files(storage.join(out, "parts"), ".parquet")
     if not paths:
         return None
-    return pa.concat_tables(storage.read_parquet(p, SCORES_SCHEMA) for p in paths)
+    # Concurrently (in a bucket each part is a request), kept in the order written.
+    with ThreadPoolExecutor(DRIVER_IO_THREADS) as pool:
+        return pa.concat_tables(pool.map(lambda p: storage.read_parquet(p, SCORES_SCHEMA), paths))
 
 
 def _latest_per_image(table: pa.Table) -> pa.Table:
@@ -442,7 +444,10 @@ def remove_superseded_maps(out: str, parts: pa.Table, latest: pa.Table) -> int:
     Files are matched by name under this ``OUT``, not by the paths in the rows, which
     name where ``OUT`` was when they were written."""
     maps = storage.join(out, "maps")
-    stale = (_map_names(parts) - _map_names(latest)) & set(storage.list_names(maps))
+    superseded = _map_names(parts) - _map_names(latest)
+    if not superseded:  # the usual case: no listing of every map
+        return 0
+    stale = superseded & set(storage.list_names(maps))
     removed = 0
     for name in sorted(stale):
         try:
@@ -552,7 +557,7 @@ class ScoreWriter:
         records = [self._record(row) for row in scored.to_pylist()]
         # Concurrently: in a bucket each map is a request of tens of milliseconds, which
         # one at a time would make the driver, not the scorers, set the pace.
-        with ThreadPoolExecutor(MAP_WRITERS) as pool:
+        with ThreadPoolExecutor(DRIVER_IO_THREADS) as pool:
             writes = [w for _, maps in records for w in maps]
             list(pool.map(lambda w: storage.atomic_write_bytes(*w), writes))
         self.pending.extend(r for r, _ in records)  # a row only once its maps are written
