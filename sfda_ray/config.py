@@ -371,6 +371,18 @@ def _check_cross_fields(obj: Any, prefix: str) -> None:
         raise ConfigError(
             f"{prefix}.alpha_min: {obj.alpha_min} is larger than alpha_max {obj.alpha_max}"
         )
+    if (
+        isinstance(obj, AdaptConfig)
+        and obj.method == "sfda"
+        and obj.lambda_mix > 0
+        and min(obj.lambda_v, obj.lambda_st) == 0
+    ):
+        # ClassMix pastes V's labelled objects into target images the L_ST teacher labels:
+        # without either term there is nothing to mix, and it would be silently off.
+        raise ConfigError(
+            f"{prefix}.lambda_mix: {obj.lambda_mix} needs lambda_v > 0 and lambda_st > 0 "
+            f"(here {obj.lambda_v} and {obj.lambda_st}); set lambda_mix to 0 to turn it off"
+        )
     if isinstance(obj, ScoreConfig) and obj.mc_passes == 1:
         raise ConfigError(
             f"{prefix}.mc_passes: 1 is not allowed; 0 (off) or at least 2 stochastic passes"

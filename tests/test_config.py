@@ -35,6 +35,10 @@ def test_defaults_and_yaml_values(tmp_path):
         ),
         ("model:\n  num_classes: 16\n", "model.num_classes: 16 is not allowed; allowed: 19"),
         ("adapt:\n  alpha_min: 6.0\n", "adapt.alpha_min: 6.0 is larger than alpha_max 5.0"),
+        (
+            "adapt:\n  lambda_mix: 1.0\n  lambda_st: 0.0\n",
+            "adapt.lambda_mix: 1.0 needs lambda_v > 0 and lambda_st > 0 (here 1.0 and 0.0)",
+        ),
         ("perf:\n  channels_last: auto\n", "perf.channels_last: 'auto' has the wrong type"),
         ("score:\n  mc_passes: 1\n", "score.mc_passes: 1 is not allowed; 0 (off) or at least 2"),
         ("model:\n  name: vgg\n", "model.name: 'vgg' is not allowed; allowed: deeplabv2_resnet18"),
