@@ -2,6 +2,7 @@ import math
 import shutil
 from pathlib import Path
 
+import ddp_workers
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -13,11 +14,9 @@ from PIL import Image
 from sfda_ray.adaptation import (
     LocalEnv,
     batch_stream,
-    check_finite,
     make_loader,
     make_plan,
     metrics_over_workers,
-    pool_batchnorm_statistics,
     run_adaptation,
 )
 from sfda_ray.config import AdaptConfig, apply_overrides, load_config, load_search_space
@@ -25,7 +24,7 @@ from sfda_ray.data.scores import map_name
 from sfda_ray.data.synthetic import generate
 from sfda_ray.dist.job import DEFAULT_SPACE
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
-from sfda_ray.method.adapt import Adapter, class_mix, mean_over_workers, unwrap
+from sfda_ray.method.adapt import Adapter, class_mix, unwrap
 from sfda_ray.method.losses import (
     discriminator_input,
     entropy_loss,
@@ -205,39 +204,11 @@ def test_a_resumed_stream_reads_on_where_it_stopped():
     assert list(make_loader(list(range(10)), 2, 3, weights, skip_batches=1).sampler) == drawn[2:]
 
 
-def _reported_metrics(rank, port, results):
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
-    )
-    # Rank 1 alone met damaged inputs; each worker has its own losses on its own shard.
-    metrics = {"loss_v": [1.0, 3.0][rank], "skipped_inputs": [0, 3][rank], "iteration": 5}
-    torch.save(metrics_over_workers(metrics, torch.device("cpu")), results / f"metrics{rank}.pt")
-    torch.distributed.destroy_process_group()
-
-
-def _pooled_batchnorm(rank, port, data, results):
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
-    )
-    bn = torch.nn.BatchNorm2d(3)
-    shard = data[rank]  # [N, 3]: each worker's statistics of its own shard
-    bn.running_mean.copy_(shard.mean(0))
-    bn.running_var.copy_(shard.var(0, unbiased=False))
-    pool_batchnorm_statistics(bn)
-    torch.save((bn.running_mean, bn.running_var), results / f"bn{rank}.pt")
-    torch.distributed.destroy_process_group()
-
-
 def test_the_adabn_start_pools_the_workers_statistics(tmp_path):
     """The pooled variance holds the spread between the shards' means too."""
-    import socket
-
     torch.manual_seed(0)
     data = [torch.randn(100, 3), torch.randn(100, 3) * 2 + 5]  # shards that differ
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_pooled_batchnorm, (port, data, tmp_path), nprocs=2)
+    ddp_workers.run_pair(ddp_workers.pooled_batchnorm, data, tmp_path)
     union = torch.cat(data)
     for rank in (0, 1):
         mean, var = torch.load(tmp_path / f"bn{rank}.pt")
@@ -245,28 +216,8 @@ def test_the_adabn_start_pools_the_workers_statistics(tmp_path):
         assert torch.allclose(var, union.var(0, unbiased=False), atol=1e-4)
 
 
-def _divergence(rank, port, results):
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
-    )
-    logs = {"loss_total": [1.0, math.nan][rank]}  # rank 1 alone blew up
-    try:
-        check_finite(logs, 7, 0.01, torch.device("cpu"))
-        outcome = "went on"
-    except ValueError as e:
-        outcome = str(e)
-    check_finite({"loss_total": 1.0}, 8, 0.01, torch.device("cpu"))  # all finite: no stop
-    (results / f"rank{rank}.txt").write_text(outcome)
-    torch.distributed.destroy_process_group()
-
-
 def test_every_worker_stops_when_one_diverges(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_divergence, (port, tmp_path), nprocs=2)
+    ddp_workers.run_pair(ddp_workers.divergence, tmp_path)
     assert (
         (tmp_path / "rank0.txt")
         .read_text()
@@ -282,43 +233,19 @@ def test_every_worker_stops_when_one_diverges(tmp_path):
 def test_reported_metrics_cover_every_workers_shard(tmp_path):
     """What rank 0 reports for the run: losses averaged and skipped inputs summed over
     both workers (gloo, real processes); a single process reports its own."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_reported_metrics, (port, tmp_path), nprocs=2)
+    ddp_workers.run_pair(ddp_workers.reported_metrics, tmp_path)
     for rank in (0, 1):
         assert torch.load(tmp_path / f"metrics{rank}.pt") == {"loss_v": 2.0, "skipped_inputs": 3}
     assert metrics_over_workers({"loss_v": 1.0, "skipped_inputs": 0}, torch.device("cpu")) == {}
-
-
-def _round_thresholds(rank, port, images, results):
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
-    )
-    torch.manual_seed(0)
-    model = build_model("deeplabv2_resnet18", C, output_stride=16)
-    adapter = Adapter(model, AdaptConfig(), "imagenet", torch.full((C,), 1 / C), None, CPU)
-    adapter.begin_round(0, [images[rank]])
-    mean = mean_over_workers(torch.tensor([float(rank)]))  # as the AdaBN start averages
-    draw = torch.rand(4, generator=adapter.generator)
-    torch.save((adapter.st_thresholds, mean, draw), results / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
 
 
 def test_workers_share_round_thresholds_but_not_augmentation_draws(tmp_path):
     """Two DDP workers (gloo, real processes) each see their own target images; the
     class-balanced thresholds come from all of them, the same on both workers, while
     each draws its own strong augmentation and ClassMix parameters."""
-    import socket
-
     torch.manual_seed(1)
     images = [torch.rand(2, 3, 32, 64), torch.rand(2, 3, 32, 64) * 0.2]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_round_thresholds, (port, images, tmp_path), nprocs=2)
+    ddp_workers.run_pair(ddp_workers.round_thresholds, images, tmp_path)
     ranks, means, draws = zip(*(torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)), strict=True)
     assert [m.item() for m in means] == [0.5, 0.5]
     torch.manual_seed(0)
@@ -506,36 +433,12 @@ def test_an_evaluation_with_nothing_readable_is_an_error(
         evaluate_adapted(model, plan, "imagenet", (TINY.height, TINY.width))
 
 
-def _sharded_evaluation(rank, port, checkpoint, plans, results):
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
-    )
-    import sfda_ray.adaptation as adaptation
-
-    read = []  # the images this worker reads, for each evaluation
-    for name in ("eval_loader", "image_loader"):
-        make = getattr(adaptation, name)
-        setattr(
-            adaptation,
-            name,
-            lambda table, *a, make=make, **k: (
-                read.append(table["image_id"].to_pylist()) or make(table, *a, **k)
-            ),
-        )
-    model, _ = load_model(checkpoint, num_classes=19)
-    size = (TINY.height, TINY.width)
-    found = [adaptation.evaluate_adapted(model, plan, "imagenet", size) for plan in plans]
-    torch.save((found, read), results / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
-
-
 def test_ddp_workers_each_evaluate_a_share_and_report_the_whole(
     tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
 ):
     """Two DDP workers (gloo, real processes) split the val images between them and both
     report what one process evaluating them all does; also when one worker has none."""
     import dataclasses
-    import socket
 
     from sfda_ray.adaptation import evaluate_adapted
 
@@ -543,14 +446,9 @@ def test_ddp_workers_each_evaluate_a_share_and_report_the_whole(
     plan = make_plan(_adapt_cfg(), str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
     plans = [plan, dataclasses.replace(plan, eval_rows=plan.eval_rows[:1])]
     plans.append(dataclasses.replace(plan, eval_rows=[], proxy_rows=plan.eval_rows))  # no labels
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(
-        _sharded_evaluation, (port, str(tiny_source_ckpt), plans, tmp_path), nprocs=2
-    )
-    model, _ = load_model(str(tiny_source_ckpt), num_classes=19)
-    size = (TINY.height, TINY.width)
+    size, checkpoint = (TINY.height, TINY.width), str(tiny_source_ckpt)
+    ddp_workers.run_pair(ddp_workers.sharded_evaluation, checkpoint, plans, size, tmp_path)
+    model, _ = load_model(checkpoint, num_classes=19)
     alone = [evaluate_adapted(model, p, "imagenet", size) for p in plans]
     assert alone[0]["val_miou"] != alone[1]["val_miou"]  # the plans differ
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
