@@ -15,10 +15,10 @@ from sfda_ray.models import build_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "bench_gpu.py"
 # Missing on the GPU machine; the core path must not need them (nor this package installed).
-BLOCKED = ("sfda_ray", "pyarrow", "cv2", "mlflow", "cityscapesscripts")
+BLOCKED = ("sfda_ray", "pyarrow", "cv2", "mlflow", "cityscapesscripts", "ray")
 ARGS = ["--device", "cpu", "--model", "deeplabv2_resnet18", "--size", "32", "64"]
 ARGS += ["--score-batch", "2", "--train-batch", "2", "--iters", "2", "--warmup", "1"]
-ARGS += ["--matmul-size", "128", "--no-ray"]
+ARGS += ["--matmul-size", "128"]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_blocked_modules_really_fail_to_import(blocked):
 def test_json_has_the_numbers_and_settings(run):
     result, _ = run
     assert result["device"] == "cpu"
-    assert result["ray"] is None  # --no-ray
+    assert result["ray"] is None  # no Ray installed there: the core alone
     numbers = [
         result["scoring"]["fp32_images_per_s"],
         result["scoring"]["bf16_images_per_s"],
@@ -79,7 +79,9 @@ def test_json_has_the_numbers_and_settings(run):
     assert (settings["score_batch"], settings["train_batch"]) == (2, 2)
     assert (settings["iters"], settings["warmup"]) == (2, 1)
     assert settings["channels_last"] is False and settings["compile"] is False
+    assert settings["cudnn_benchmark"] is False  # as the project runs
     assert settings["torch"] == torch.__version__
+    assert settings["date"].startswith("20") and "bench_gpu.py" in settings["command"]
 
 
 def test_fraction_and_speedups_follow_from_the_rates(run):
@@ -111,4 +113,38 @@ def test_prints_a_table(run):
     _, stdout = run
     for row in ("core scoring img/s", "core train it/s", "GFLOPs/image", "TFLOPS"):
         assert row in stdout, stdout
-    assert "ray scoring" not in stdout
+    assert "ray scoring" not in stdout and "ray is not installed" in stdout
+
+
+def _bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_gpu_under_test", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rates_are_timed_for_at_least_min_seconds():
+    import time
+
+    bench = _bench_module()
+    steps = []
+    rate = bench.steps_per_s(lambda: steps.append(time.sleep(0.01)), lambda: None, 1, 2, 0.1)
+    assert len(steps) >= 1 + 10  # the warm-up step, then 0.1 s of 10 ms steps
+    assert 50 < rate <= 100
+
+
+def test_the_ray_layer_carries_each_batch_through_an_actor(ray_session):
+    bench = _bench_module()
+    args = bench.parse_args([*ARGS, "--iters", "1", "--warmup", "1"])
+    _, core = bench.measure_core(args)
+    result = bench.measure_ray(args, core)  # in the session's Ray, which it leaves running
+    for section, unit in (("scoring", "images_per_s"), ("train", "iters_per_s")):
+        assert all(result[section][f"{p}_{unit}"] > 0 for p in ("fp32", "bf16"))
+    assert set(result["overhead"]) == {
+        f"{s}_{p}" for s in ("scoring", "train") for p in ("fp32", "bf16")
+    }
+    import ray
+
+    assert ray.is_initialized()
