@@ -2,7 +2,9 @@
 imports little: each worker is a fresh process that imports the module of its function,
 and importing a test module (Ray, fixtures, every package module) took seconds of it."""
 
-import socket
+import tempfile
+from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -22,15 +24,16 @@ CPU = Execution(torch.device("cpu"))
 
 def run_pair(fn, *args) -> None:
     """``fn(rank, *args)`` in each of two processes joined in one gloo group."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_joined, (fn, port, args), nprocs=2)
+    # A rendezvous file rather than a port: a free port found now may be taken by the
+    # time the workers, seconds of imports later, bind it.
+    with tempfile.TemporaryDirectory() as tmp:
+        init = Path(tmp, "rendezvous").as_uri()
+        torch.multiprocessing.spawn(_joined, (fn, init, args), nprocs=2)
 
 
-def _joined(rank, fn, port, args):
+def _joined(rank, fn, init, args):
     torch.distributed.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+        "gloo", init_method=init, rank=rank, world_size=2, timeout=timedelta(seconds=120)
     )
     try:
         fn(rank, *args)

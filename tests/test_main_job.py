@@ -19,10 +19,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PNGS = {"score_histogram.png", "per_class_iou.png", "confusion_matrix.png", "overlays.png"}
 
 
+_STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_job_outlives_its_test():
+    """A failed assertion mid-test leaves no job, nor its private Ray, running on."""
+    yield
+    while _STARTED:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(_STARTED.pop().pid, signal.SIGKILL)
+
+
 def _job(out: Path, env: dict) -> subprocess.Popen:
     """As the README runs it: ``--out`` relative to the working directory (each trial and
     Ray Train worker runs in a working directory of its own)."""
-    return subprocess.Popen(
+    proc = subprocess.Popen(
         [sys.executable, str(ROOT / "experiments" / "tune_gta.py"), "--smoke", "--out", out.name],
         cwd=out.parent,
         stdout=subprocess.PIPE,
@@ -31,6 +43,8 @@ def _job(out: Path, env: dict) -> subprocess.Popen:
         env=env,
         start_new_session=True,  # the job's own Ray processes go with it when it is killed
     )
+    _STARTED.append(proc)
+    return proc
 
 
 def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 420) -> str:

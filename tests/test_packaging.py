@@ -28,6 +28,7 @@ def test_wheel_holds_every_file_of_the_package(tmp_path):
             "-q",
             "--no-deps",
             "--no-build-isolation",
+            "--disable-pip-version-check",
             "-w",
             str(tmp_path / "wheel"),
             str(src),

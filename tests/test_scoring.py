@@ -235,3 +235,24 @@ def test_mc_dropout_scores_uncertainty_and_needs_dropout(tiny_source_ckpt, tmp_p
         ValueError, match=r"score.mc_passes 4 needs a model with dropout; .*source.pt"
     ):
         score_dataset(str(tiny_source_ckpt), str(tmp_path), str(tmp_path / "scores"), options)
+
+
+def test_the_scoring_settings_reach_its_datasets_and_leave_the_driver_as_it_was(ray_session):
+    """A dataset keeps the copy of the driver's DataContext made when it is created:
+    settings changed afterwards would not reach it (the first scoring of a process ran
+    without them), and left set they would reach every later Ray Data job."""
+    import ray
+
+    from sfda_ray.dist.scoring import scoring_context
+
+    ctx = ray.data.DataContext.get_current()
+    before = (ctx.wait_for_min_actors_s, ctx.max_consecutive_actor_init_deaths)
+    options = ctx.execution_options
+    with scoring_context():
+        ds = ray.data.from_items([{"a": 1}]).map_batches(lambda batch: batch)
+    assert ds.context.wait_for_min_actors_s >= 600
+    assert ds.context.max_consecutive_actor_init_deaths >= 3
+    assert ds.context.execution_options.actor_locality_enabled is False
+    assert (ctx.wait_for_min_actors_s, ctx.max_consecutive_actor_init_deaths) == before
+    assert ctx.execution_options is options and options.actor_locality_enabled is not False
+    assert ds.take_all() == [{"a": 1}]

@@ -157,11 +157,15 @@ def test_ctrl_c_ends_a_command_in_one_line_with_code_130(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.time() + 60
-    while not list(out.rglob("*.png")):  # generating, past the imports
-        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        deadline = time.time() + 60
+        while not list(out.rglob("*.png")):  # generating, past the imports
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.time() < deadline, "no image generated in 60 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # a no-op once it has exited; else it would generate on and on
     assert proc.returncode == 130
     assert stderr.endswith("sfda-ray: interrupted\n") and "Traceback" not in stderr

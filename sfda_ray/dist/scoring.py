@@ -19,6 +19,8 @@ shared storage (a bucket or a shared mount), as adaptation's reads of the maps n
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import io
 import json
@@ -27,6 +29,7 @@ import time
 import uuid
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -490,6 +493,45 @@ def _run_pipeline(checkpoint: str, out: str, opts: ScoringOptions, writer: Score
     actors = opts.actors or _default_actors(gpus)
     cpus = int(ray.cluster_resources().get("CPU", 1))
     threads = opts.threads_per_actor or max(1, cpus // actors)
+    with scoring_context():
+        ds = _pipeline(todo, checkpoint, opts, gpus, actors, threads)
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        writer.add(batch)
+    writer.flush()
+
+
+@contextlib.contextmanager
+def scoring_context() -> Iterator[None]:
+    """Ray Data settings of the scoring pipeline, for the datasets created inside: each
+    dataset keeps the copy of the driver's ``DataContext`` made when it was created (a
+    setting changed later does not reach it), and the driver's own is restored after."""
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.wait_for_min_actors_s, ctx.max_consecutive_actor_init_deaths)
+    saved_options = ctx.execution_options
+    # Start every scorer before the first batch is dispatched: otherwise the first actor to
+    # load its model takes all the work of a small job and the other nodes sit idle.
+    ctx.wait_for_min_actors_s = max(ctx.wait_for_min_actors_s, 600)
+    # A scorer lost while starting (node lost, process killed) is replaced, not fatal;
+    # one lost later is restarted by Ray Data and its batches are retried.
+    ctx.max_consecutive_actor_init_deaths = max(ctx.max_consecutive_actor_init_deaths, 3)
+    # Dispatch to the least busy scorer, not to the one on the node holding the decoded
+    # batch: scoring costs far more than moving a batch, and locality would keep every
+    # batch on the node where the decode tasks ran.
+    # Deprecated in Ray 2.60 (to be removed after January 2027) but still honoured.
+    ctx.execution_options = copy.deepcopy(saved_options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.execution_options.actor_locality_enabled = False
+    try:
+        yield
+    finally:
+        ctx.wait_for_min_actors_s, ctx.max_consecutive_actor_init_deaths = saved
+        ctx.execution_options = saved_options
+
+
+def _pipeline(
+    todo: list[dict], checkpoint: str, opts: ScoringOptions, gpus: float, actors: int, threads: int
+) -> ray.data.Dataset:
     ds = ray.data.from_items(todo, override_num_blocks=max(1, len(todo) // opts.batch_size))
     ds = ds.map_batches(
         decode_batch,
@@ -517,23 +559,7 @@ def _run_pipeline(checkpoint: str, out: str, opts: ScoringOptions, writer: Score
         # with identical remote args Ray Data fuses decode_batch into the scoring actors.
         scheduling_strategy="SPREAD",
     )
-    # Start every scorer before the first batch is dispatched: otherwise the first actor to
-    # load its model takes all the work of a small job and the other nodes sit idle.
-    ctx = ray.data.DataContext.get_current()
-    ctx.wait_for_min_actors_s = max(ctx.wait_for_min_actors_s, 600)
-    # A scorer lost while starting (node lost, process killed) is replaced, not fatal;
-    # one lost later is restarted by Ray Data and its batches are retried.
-    ctx.max_consecutive_actor_init_deaths = max(ctx.max_consecutive_actor_init_deaths, 3)
-    # Dispatch to the least busy scorer, not to the one on the node holding the decoded
-    # batch: scoring costs far more than moving a batch, and locality would keep every
-    # batch on the node where the decode tasks ran.
-    # Deprecated in Ray 2.60 (to be removed after January 2027) but still honoured.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        ctx.execution_options.actor_locality_enabled = False
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        writer.add(batch)
-    writer.flush()
+    return ds
 
 
 class ScoreWriter:
