@@ -95,10 +95,8 @@ def main() -> None:
     cfg = load_config()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        generate(
-            tmp / "bench",
-            BenchmarkSpec(source_train=1, source_val=1, target_train=args.images, target_val=1),
-        )
+        spec = BenchmarkSpec(source_train=1, source_val=1, target_train=args.images, target_val=1)
+        generate(tmp / "bench", spec)
         checkpoint = str(tmp / "model.pt")
         model = build_model(
             cfg.model.name, cfg.model.num_classes, output_stride=cfg.model.output_stride
@@ -132,7 +130,7 @@ def main() -> None:
         "images": args.images,
         "batch_size": args.batch_size,
         "model": cfg.model.name,
-        "image_size": [96, 192],
+        "image_size": [spec.height, spec.width],
         # After the first batch: the rate a long job runs at (the pipeline's start-up,
         # workers spawning and loading the model, is reported apart).
         "ray_images_per_s": summary["steady_images_per_s"],
