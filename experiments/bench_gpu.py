@@ -4,11 +4,13 @@ By default DeepLab-v2 ResNet-101 at 1024x512 (the paper's setting) on the GPU, o
 ResNet-18 at 64x128 on a CPU (so it is tested without a GPU). Measured, each in fp32
 and bf16 (``torch.autocast``):
 
-* scoring: a uint8 batch copied to the device (from pinned memory, as the loaders'
-  are), normalised there, a forward under ``torch.inference_mode()``, softmax, per-pixel
-  max/argmax and normalised entropy, as when scoring the virtual source;
-* adaptation: the same copy, forward, cross-entropy on random labels (19 classes,
-  ignore 255), backward and an SGD step;
+* scoring: a uint8 batch copied to the device (from pageable memory, as the scoring
+  actors copy Ray Data's batches), normalised there, a forward under
+  ``torch.inference_mode()``, softmax, per-pixel max/argmax and normalised entropy, as
+  when scoring the virtual source;
+* adaptation: a uint8 batch copied from pinned memory (as the adaptation loaders pin
+  theirs), forward, cross-entropy on random labels (19 classes, ignore 255), backward and
+  an SGD step;
 * the same two through the Ray layer (one Ray actor holding the model, each call
   carrying its batch through Ray's object store, as Ray Data hands batches to the
   scorers), when ``import ray`` works and ``--no-ray`` is not given; else ``"ray": null``;
@@ -109,8 +111,7 @@ class Bench:
         self.mean = torch.tensor(MEAN, device=args.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(STD, device=args.device).view(1, 3, 1, 1) * 255
         self.score_images, self.train_images, self.train_labels = batches(args)
-        if args.device == "cuda":  # page-locked, as the loaders' batches are
-            self.score_images = self.score_images.pin_memory()
+        if args.device == "cuda":  # page-locked, as the adaptation loaders' batches are
             self.train_images = self.train_images.pin_memory()
             self.train_labels = self.train_labels.pin_memory()
 
@@ -326,6 +327,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.iters < 1 or args.warmup < 0 or args.min_seconds < 0:
+        parser.error("--iters must be at least 1, --warmup and --min-seconds at least 0")
     return args
 
 
@@ -397,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
         "scoring_bf16_fraction_of_matmul": core["scoring"]["bf16_images_per_s"]
         * gflops
         / (tflops * 1000),
-        "ray": None,
+        "ray": None if args.no_ray else "pending",
         "settings": settings,
     }
     write(result, args.json)  # the core numbers are kept whatever the Ray layer does

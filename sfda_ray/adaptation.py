@@ -230,9 +230,14 @@ def evaluate_adapted(
         return {}
     exe = execution or Execution(torch.device("cpu"))
     num_classes = len(CLASS_NAMES)
-    # Under DDP every worker evaluates its own share of the images (the weights are equal
-    # on all of them) and the sums are pooled: no worker waits while another evaluates.
+    # Under DDP every worker evaluates its own share of the images and the sums are
+    # pooled: no worker waits while another evaluates. The weights are equal on all of
+    # them, the BatchNorm statistics are not (each worker's last step updated its own):
+    # rank 0's, those of the model it saves, become every worker's first.
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    if world > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
     shard = rows[rank::world]
     entropy, mean_pred, n = 0.0, torch.zeros(num_classes, dtype=torch.float64), 0
 
@@ -250,9 +255,8 @@ def evaluate_adapted(
         loader = make(table, size, normalization, batch_size=8, num_workers=exe.loader_workers)
         cm, _ = confusion_on(model, loader, num_classes, exe, observe=observe)
     # One all-reduce of every sum, on the device (NCCL takes CUDA tensors alone).
-    sums = torch.cat(
-        [torch.from_numpy(cm).double().flatten(), mean_pred, torch.tensor([entropy, n])]
-    )
+    totals = torch.tensor([entropy, n], dtype=torch.float64)
+    sums = torch.cat([torch.from_numpy(cm).double().flatten(), mean_pred, totals])
     sums = sum_over_workers(sums.to(exe.device)).cpu()
     cm = sums[: num_classes**2].round().long().reshape(num_classes, num_classes).numpy()
     mean_pred, (entropy, n) = sums[num_classes**2 : -2], sums[-2:].tolist()

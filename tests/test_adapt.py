@@ -437,7 +437,8 @@ def test_ddp_workers_each_evaluate_a_share_and_report_the_whole(
     tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
 ):
     """Two DDP workers (gloo, real processes) split the val images between them and both
-    report what one process evaluating them all does; also when one worker has none."""
+    report what one process evaluating them all does with rank 0's model (rank 1's
+    BatchNorm statistics differ, as after a DDP step); also when one worker has none."""
     import dataclasses
 
     from sfda_ray.adaptation import evaluate_adapted

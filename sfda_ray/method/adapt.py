@@ -334,9 +334,11 @@ class Adapter:
             # D's own weights stay out of this graph: the generator's backward needs only
             # the gradient through D, not D's weight gradients (D learns in its own step).
             disc = unwrap(self.disc).requires_grad_(False)
-            with self.exe.autocast():
-                d_out_t = disc(d_in_t)
-            disc.requires_grad_(True)
+            try:
+                with self.exe.autocast():
+                    d_out_t = disc(d_in_t)
+            finally:
+                disc.requires_grad_(True)
             l_adv = weighted_bce(d_out_t.float(), SOURCE_LABEL, w_adv)
             total = total + cfg.lambda_adv * l_adv
             logs["loss_adv"] = l_adv.item()
