@@ -227,6 +227,9 @@ class SweepConfig:
     metric: str = _field("auto", choices=("auto", "val_miou", "proxy"))
     # The first trial runs the configured values, so the sweep never does worse than them.
     include_configured: bool = True
+    # Times Tune reruns a failed trial, from its last checkpoint (a trial driver's node
+    # lost, say); a lost Ray Train worker is restarted within the trial first.
+    max_failures: int = _field(1, lo=0)
     seed: int = _field(0, lo=0)
 
 

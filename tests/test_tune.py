@@ -422,6 +422,7 @@ def test_a_sweep_where_no_trial_completes_says_why(
     scores, _ = tiny_scores
     # Every image in the virtual source leaves no target to adapt to.
     overrides = {"select.ratio": 1.0, "adapt.iterations": 2, "tune.num_samples": 1}
+    overrides["tune.max_failures"] = 0  # each trial fails once, not again on its retry
     cfg = load_config(None, {**overrides, "adapt.eval_every": 1})
     space = {"adapt.lr": ("grid", [0.01, 0.02])}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -440,6 +440,6 @@ def _new_tuner(base, space, metric, mode, trainable, storage_path, tracker, fixe
             name=SWEEP_NAME,
             storage_path=storage_path,
             callbacks=[logger],
-            failure_config=tune.FailureConfig(max_failures=1),
+            failure_config=tune.FailureConfig(max_failures=t.max_failures),
         ),
     )
