@@ -35,7 +35,7 @@ CLUSTER_SETTINGS = [
     "tune.num_samples=2",
     "tune.max_concurrent=1",
     "tune.workers_per_trial=2",
-    "tune.placement_strategy=SPREAD",
+    "tune.placement_strategy=STRICT_SPREAD",  # a worker on each node, never both on one
 ]
 
 

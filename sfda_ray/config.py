@@ -215,7 +215,8 @@ class SweepConfig:
     workers_per_trial: int = _field(1, lo=1)
     cpus_per_worker: float = _field(1.0, lo=0.0, lo_open=True)
     gpus_per_worker: float = _field(0.0, lo=0.0)
-    # SPREAD: one worker per node; PACK: fill a node (NVLink) before the next.
+    # SPREAD: workers on different nodes where possible (STRICT_: always); PACK: fill a
+    # node (NVLink) before the next (STRICT_: one node).
     placement_strategy: str = _field(
         "PACK", choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
     )
