@@ -123,3 +123,20 @@ def test_scoring_gpus_can_be_asked_for_before_any_gpu_node_exists():
     assert ScoringOptions.from_config(load_config()).gpus_per_actor is None  # auto
     with pytest.raises(ConfigError, match="score.gpus_per_actor: -1"):
         load_config(None, {"score.gpus_per_actor": -1})
+
+
+def test_every_config_key_has_a_row_in_the_readme_reference():
+    import re
+    from pathlib import Path
+
+    from sfda_ray.config import Config, to_dict
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    reference = readme.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in reference.splitlines() if line.startswith("| `")]
+    documented = {key for row in rows for key in re.findall(r"`(\w+\.\w+)`", row.split("|")[1])}
+    config = to_dict(Config())
+    keys = {f"{section}.{key}" for section, values in config.items() for key in values}
+    assert keys - documented == set()
+    # No row for a key that is gone (other rows there name MLflow tags, `sfda.*`).
+    assert {k for k in documented if k.split(".")[0] in config} - keys == set()
