@@ -247,12 +247,36 @@ def test_missing_and_unexpected_keys_are_named():
     assert "layer4.1.conv2.weight" in missing and "layer5.conv2d_list.0.weight" in unexpected
 
 
-def test_file_fingerprint(tmp_path):
+def test_file_fingerprint(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from sfda_ray import storage
+
+    reads = []
+    read_bytes = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda p: reads.append(p) or read_bytes(p))
     path = tmp_path / "blob.bin"
     path.write_bytes(b"weights")
     assert file_fingerprint(path) == hashlib.sha256(b"weights").hexdigest()[:16]
     path.write_bytes(b"weights2")
-    assert file_fingerprint(path) != hashlib.sha256(b"weights").hexdigest()[:16]
+    assert file_fingerprint(path) == hashlib.sha256(b"weights2").hexdigest()[:16]
+    path.write_bytes(b"weights3")  # the same size, maybe the same timestamp tick
+    assert file_fingerprint(path) == hashlib.sha256(b"weights3").hexdigest()[:16]
+    assert len(reads) == 3  # a file just written is read each time
+    # A settled file is read once while its size and time stay; rewritten, read again.
+    settled = time.time() - 60
+    os.utime(path, (settled, settled))
+    assert (
+        file_fingerprint(path)
+        == file_fingerprint(path)
+        == hashlib.sha256(b"weights3").hexdigest()[:16]
+    )
+    assert len(reads) == 4
+    path.write_bytes(b"weights4")
+    os.utime(path, (settled + 1, settled + 1))
+    assert file_fingerprint(path) == hashlib.sha256(b"weights4").hexdigest()[:16]
+    assert len(reads) == 5
 
 
 def test_arch_keys_outside_options_are_refused(tmp_path):

@@ -20,6 +20,7 @@ import hashlib
 import io
 import os
 import pickle
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -286,6 +287,26 @@ def weights_finite(model: nn.Module) -> bool:
     return all(p.isfinite().all() for p in model.parameters())
 
 
+_FINGERPRINTS: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+_SETTLED_NS = 2 * 10**9  # younger files may be rewritten within one timestamp tick
+
+
 def file_fingerprint(path: str | os.PathLike) -> str:
-    """First 16 hex digits of the SHA-256 of the file's bytes."""
-    return hashlib.sha256(storage.read_bytes(path)).hexdigest()[:16]
+    """First 16 hex digits of the SHA-256 of the file's bytes.
+
+    Remembered in this process by path, size and modification time once that time is a
+    few seconds past: a run fingerprints the same model file several times, each time a
+    whole read (from a bucket, a download); a file rewritten since has another time."""
+    fs, p = storage.resolve(path)
+    info = fs.get_file_info(p)
+    key = None
+    if info.mtime_ns is not None and time.time_ns() - info.mtime_ns > _SETTLED_NS:
+        key = (str(path), info.size, info.mtime_ns)
+        if key in _FINGERPRINTS:
+            return _FINGERPRINTS[key]
+    digest = hashlib.sha256(storage.read_bytes(path)).hexdigest()[:16]
+    if key is not None:
+        _FINGERPRINTS[key] = digest
+        if len(_FINGERPRINTS) > 64:
+            _FINGERPRINTS.popitem(last=False)
+    return digest
