@@ -1,8 +1,6 @@
 """Object storage: a scores directory and an adaptation's state in an S3 bucket, served
 on 127.0.0.1 by moto (the S3 protocol through pyarrow, not a local folder)."""
 
-import socket
-
 import pytest
 
 from sfda_ray import storage
@@ -12,21 +10,16 @@ from sfda_ray.dist.scoring import ScoringOptions, score_dataset
 BUCKET = "sfda"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def bucket(ray_session):
     """The bucket's base URI and a boto3 client to look into it (credentials: conftest)."""
     import boto3
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    # Port 0: the server binds a free port itself, then says which (no race for it).
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
+    port = server.get_host_and_port()[1]
     client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}")
     client.create_bucket(Bucket=BUCKET)
     yield f"s3://{BUCKET}?endpoint_override=127.0.0.1:{port}&scheme=http", client
