@@ -17,12 +17,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def mlflow_server(root: Path):
-    """Yield the URI of ``mlflow server`` backed by sqlite under ``root``."""
-    port = _free_port()
-    log = open(root / "mlflow_server.log", "w")
-    proc = subprocess.Popen(
+def _start(root: Path, port: int, log) -> subprocess.Popen:
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -46,26 +42,51 @@ def mlflow_server(root: Path):
         env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         start_new_session=True,  # its workers outlive it: stop the whole group
     )
-    uri = f"http://127.0.0.1:{port}"
+
+
+def _stop(proc: subprocess.Popen) -> None:
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(
-                    f"mlflow server did not start: {(root / 'mlflow_server.log').read_text()}"
-                )
-            time.sleep(1)
-        yield uri
-    finally:
         os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:  # the whole group has already exited
+        return
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _healthy(uri: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def mlflow_server(root: Path, attempts: int = 3):
+    """Yield the URI of ``mlflow server`` backed by sqlite under ``root``. The free port
+    can be taken before the server binds it; a server that exits before it is healthy
+    is started again on another port."""
+    log_path = root / "mlflow_server.log"
+    with open(log_path, "w") as log:
+        for attempt in range(1, attempts + 1):
+            port = _free_port()
+            uri = f"http://127.0.0.1:{port}"
+            proc = _start(root, port, log)
+            deadline = time.time() + 120
+            while not _healthy(uri) and proc.poll() is None and time.time() < deadline:
+                time.sleep(1)
+            exited = proc.poll() is not None  # before _stop: a timed-out server is no retry
+            if not exited and _healthy(uri):
+                break
+            _stop(proc)
+            if exited and attempt < attempts:
+                log.write(f"\n[attempt {attempt} on port {port} exited; trying another port]\n")
+                log.flush()
+                continue
+            raise RuntimeError(f"mlflow server did not start: {log_path.read_text()}")
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
+            yield uri
+        finally:
+            _stop(proc)
