@@ -255,16 +255,20 @@ def measure_ray(args: argparse.Namespace, core: dict) -> dict | None:
     try:
         gpus = 1 if args.device == "cuda" else 0
         actor = ray.remote(num_gpus=gpus)(Bench).remote(args, torch.get_num_threads())
-        score_images, train_images, train_labels = (t.numpy() for t in batches(args))
+        try:
+            score_images, train_images, train_labels = (t.numpy() for t in batches(args))
 
-        def call(kind: str, bf16: bool) -> Callable[[], object]:
-            if kind == "score":
-                return lambda: ray.get(actor.score.remote(bf16, score_images))
-            return lambda: ray.get(actor.train.remote(bf16, train_images, train_labels))
+            def call(kind: str, bf16: bool) -> Callable[[], object]:
+                if kind == "score":
+                    return lambda: ray.get(actor.score.remote(bf16, score_images))
+                return lambda: ray.get(actor.train.remote(bf16, train_images, train_labels))
 
-        # Waiting on each call puts the full hop on every batch, as a blocking pipeline's.
-        result = measure(call, lambda: ray.get(actor.sync.remote()), args)
-        ray.kill(actor)
+            # Waiting on each call puts the full hop on every batch, as a blocking
+            # pipeline's.
+            result = measure(call, lambda: ray.get(actor.sync.remote()), args)
+        finally:
+            # A joined Ray outlives this script: the actor must not keep its GPU.
+            ray.kill(actor)
     finally:
         if own:
             ray.shutdown()

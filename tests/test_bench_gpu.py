@@ -148,3 +148,25 @@ def test_the_ray_layer_carries_each_batch_through_an_actor(ray_session):
     import ray
 
     assert ray.is_initialized()
+
+
+def test_a_failed_ray_measurement_still_kills_its_actor(ray_session, monkeypatch):
+    import ray
+
+    bench = _bench_module()
+    args = bench.parse_args([*ARGS, "--iters", "1", "--warmup", "1"])
+    killed = []
+    real_kill = ray.kill
+    monkeypatch.setattr(ray, "kill", lambda actor: (killed.append(actor), real_kill(actor)))
+
+    def broken(call, sync, args):
+        sync()  # the actor is up and answering
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(bench, "measure", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        bench.measure_ray(args, core={})
+    assert len(killed) == 1
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(killed[0].sync.remote(), timeout=60)
+    assert ray.is_initialized()  # a joined Ray is left running
