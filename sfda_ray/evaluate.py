@@ -70,7 +70,12 @@ def evaluate_model(
 ) -> dict:
     """mIoU report of ``model`` on ``split``; the model is moved to ``device`` and run in
     fp32 there, so a GPU gives the same figures as the CPU, only sooner."""
-    loader = eval_loader(ref.split(split), size, normalization, batch_size, num_workers)
+    table = ref.labelled(split)
+    if table is None:
+        raise ValueError(
+            f"dataset {ref.name}: no image of split {split!r} has a label; evaluation needs labels"
+        )
+    loader = eval_loader(table, size, normalization, batch_size, num_workers)
     num_classes = len(CLASS_NAMES)
     execution = Execution(resolve_device(device))
     execution.prepare(model)
@@ -84,8 +89,9 @@ def evaluate_model(
         CLASS_NAMES[c]: report["per_class"][CLASS_NAMES[c]] for c in ref.eval_subsets[first]
     }
     report["images"] = len(loader.dataset) - skipped
-    # The split's images left out when the dataset was scanned count as skipped too.
-    report["skipped"] = skipped + ref.skipped_in(split)
+    # The split's images left out when the dataset was scanned, and those without a
+    # label, count as skipped too.
+    report["skipped"] = skipped + ref.skipped_in(split) + ref.unlabelled_in(split)
     report["dataset"] = ref.name
     report["split"] = split
     return report

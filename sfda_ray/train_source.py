@@ -77,11 +77,7 @@ def train_source(
     ref = open_dataset(data, domain)
     table = ref.labelled("train")
     if table is None:
-        labels = ref.split("train")["label_path"]
-        raise ValueError(
-            f"{data}: {labels.null_count} of {len(labels)} train images have no label; "
-            "source training needs every one labelled"
-        )
+        raise ValueError(f"{data}: no train image has a label; source training needs labels")
     if table.num_rows < sc.batch_size:
         raise ValueError(
             f"{data}: {table.num_rows} usable train images, fewer than one batch "
@@ -197,7 +193,7 @@ def train_source(
         "train_seconds": earlier["train_seconds"] + time.perf_counter() - t0,
         "skipped_items": earlier["skipped_items"] + skipped["inputs"],
         "images": table.num_rows,
-        "skipped_images": ref.skipped_in("train"),
+        "skipped_images": ref.skipped_in("train") + ref.unlabelled_in("train"),
     }
     save_checkpoint(out, model, final)
     return final

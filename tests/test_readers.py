@@ -45,24 +45,38 @@ def test_scan_synthia(tmp_path):
     }
 
 
-def test_scan_cityscapes_with_unlabelled_images(tmp_path):
+def test_scan_cityscapes_labels_per_split(tmp_path):
+    """A split without gtFine is unlabelled target data; in a split with labels, an image
+    whose label is missing is a bad row (counted), not an unlabelled one."""
     images = {
         "train": ["zurich/zurich_000001_000019", "aachen/aachen_000000_000019"],
         "val": ["lindau/lindau_000000_000019"],
     }
     make_cityscapes(tmp_path, images, unlabelled=("zurich/zurich_000001_000019",))
-    rows = scan_cityscapes(tmp_path).to_pylist()
+    make_cityscapes(
+        tmp_path,
+        {"test": ["berlin/berlin_000000_000019"]},
+        unlabelled=("berlin/berlin_000000_000019",),
+    )
+    rows = scan_cityscapes(tmp_path, splits=("train", "val", "test")).to_pylist()
     assert [(r["split"], r["image_id"]) for r in rows] == [
+        ("test", "leftImg8bit/test/berlin/berlin_000000_000019_leftImg8bit"),
         ("train", "leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit"),
         ("train", "leftImg8bit/train/zurich/zurich_000001_000019_leftImg8bit"),
         ("val", "leftImg8bit/val/lindau/lindau_000000_000019_leftImg8bit"),
     ]
-    assert rows[0]["label_path"] == str(
+    test, aachen, zurich, lindau = rows
+    assert (test["label_path"], test["label_format"], test["error"]) == (None, None, None)
+    assert aachen["label_path"] == str(
         tmp_path / "gtFine/train/aachen/aachen_000000_000019_gtFine_labelIds.png"
     )
-    assert (rows[1]["label_path"], rows[1]["label_format"]) == (None, None)
-    assert rows[2]["label_format"] == "cityscapes_ids"
-    assert all(r["error"] is None for r in rows)
+    assert (aachen["error"], lindau["error"], lindau["label_format"]) == (
+        None,
+        None,
+        "cityscapes_ids",
+    )
+    assert zurich["error"] == "missing label: file not found"
+    assert zurich["label_path"].endswith("zurich_000001_000019_gtFine_labelIds.png")
     assert [r["split"] for r in scan_cityscapes(tmp_path, splits=("val",)).to_pylist()] == ["val"]
 
 
@@ -316,23 +330,46 @@ def test_only_a_synthetic_benchmark_has_two_domains(tiny_benchmark, tmp_path):
         assert not is_synthetic(tmp_path / real), real
 
 
-def test_labelled_split_only_when_every_image_has_a_label(tmp_path, caplog):
+def test_a_partly_labelled_split_is_evaluated_on_its_labelled_images(tmp_path, caplog):
+    """A hand-made manifest may leave some labels out: those images are left out of
+    evaluation, counted and warned about once; a split of unusable images says why."""
     from sfda_ray.data.catalog import open_dataset
     from sfda_ray.dist.tune import has_labelled_val
+    from sfda_ray.evaluate import evaluate_model
+    from sfda_ray.models import build_model
 
     images = {"train": ["aachen/aachen_0_19"], "val": ["lindau/lindau_0_19", "lindau/lindau_1_19"]}
-    make_cityscapes(tmp_path / "all", images)
-    make_cityscapes(tmp_path / "some", images, unlabelled=("lindau/lindau_1_19",))
-    for name, expected in (("all", 2), ("some", None)):
-        spec = tmp_path / f"{name}.yaml"
-        spec.write_text(f"data: {{kind: cityscapes, root: {tmp_path / name}}}\n")
-        val = open_dataset(spec).labelled("val")
-        assert (val.num_rows if val is not None else None) == expected, name
-        assert open_dataset(spec).labelled("test") is None
-    # The main job says why a partly labelled val split gives no mIoU.
-    assert has_labelled_val(str(tmp_path / "all.yaml")) and not caplog.records
-    assert not has_labelled_val(str(tmp_path / "some.yaml"))
-    assert "1 of 2 target val images have a label" in caplog.text
+    make_cityscapes(tmp_path / "cs", images)
+    table = scan_cityscapes(tmp_path / "cs")
+    label_path = table["label_path"].to_pylist()
+    label_path[-1] = None  # lindau_1 loses its label
+    table = table.set_column(2, "label_path", pa.array(label_path, pa.string()))
+    write_manifest(table, tmp_path / "some.parquet")
+    ref = open_dataset(tmp_path / "some.parquet")
+    with caplog.at_level(logging.WARNING):
+        val = ref.labelled("val")
+        assert ref.labelled("val").num_rows == val.num_rows == 1
+    assert val["image_id"].to_pylist() == ["leftImg8bit/val/lindau/lindau_0_19_leftImg8bit"]
+    assert ref.unlabelled_in("val") == 1 and ref.unlabelled_in("train") == 0
+    assert caplog.text.count("1 val image(s) have no label and are left out of evaluation") == 1
+    assert "lindau_1_19" in caplog.text
+    assert ref.labelled("test") is None
+    assert has_labelled_val(str(tmp_path / "some.parquet"))
+
+    model = build_model("deeplabv2_resnet18", 19, output_stride=16)
+    report = evaluate_model(model.eval(), ref, "val", "imagenet", size=(32, 64), num_workers=0)
+    assert (report["images"], report["skipped"]) == (1, 1)
+
+    # No label at all: no evaluation; every image unusable: the first one's reason.
+    table = table.set_column(2, "label_path", pa.nulls(table.num_rows, pa.string()))
+    table = table.set_column(3, "label_format", pa.nulls(table.num_rows, pa.string()))
+    write_manifest(table, tmp_path / "none.parquet")
+    assert not has_labelled_val(str(tmp_path / "none.parquet"))
+    errors = pa.array([None, "unreadable image: truncated", "unreadable image: truncated"])
+    write_manifest(table.set_column(8, "error", errors), tmp_path / "bad.parquet")
+    unusable = r"all 2 images of split 'val' were left out as unusable \(first: .*lindau_0_19"
+    with pytest.raises(ValueError, match=unusable + r".*: unreadable image: truncated\)"):
+        open_dataset(tmp_path / "bad.parquet").labelled("val")
 
 
 def test_the_kind_of_a_bare_manifest_must_be_clear(tmp_path, caplog):

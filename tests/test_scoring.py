@@ -147,6 +147,9 @@ def test_bad_images_are_recorded_and_skipped(
     good[1].update(label_path=None, label_format=None)  # an image without its label file
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(open(good[0]["image_path"], "rb").read()[:300])
+    broken_label = tmp_path / "broken_label.png"
+    broken_label.write_bytes(open(good[2]["label_path"], "rb").read()[:60])
+    good[2].update(label_path=str(broken_label))  # scored, but left out of the quality figures
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     bad = [dict(good[0], image_id=f"bad/{p.stem}", image_path=str(p)) for p in (truncated, empty)]
@@ -162,6 +165,8 @@ def test_bad_images_are_recorded_and_skipped(
     assert summary["scored"] == 7 and summary["skipped"] == 2
     assert summary["checkpoint"] == summary["source_checkpoint"]  # AdaBN off: source as is
     assert summary["skipped_reasons"] == {"unreadable image": 2}
+    assert summary["label_errors"] == 1
+    assert summary["first_label_error"].startswith(f"bad label: {broken_label}: ")
     rows = {r["image_id"]: r for r in pq.read_table(out / "scores.parquet").to_pylist()}
     assert len(rows) == 9
     assert "truncated.png" in rows["bad/truncated"]["error"]
@@ -169,7 +174,7 @@ def test_bad_images_are_recorded_and_skipped(
     assert rows["bad/empty"]["score"] is None
     # Pseudo-labels are evaluated where a label exists, and only there.
     evaluated = {i for i, r in rows.items() if r["eval_miou"] is not None}
-    assert evaluated == {r["image_id"] for r in good} - {good[1]["image_id"]}
+    assert evaluated == {r["image_id"] for r in good} - {good[1]["image_id"], good[2]["image_id"]}
 
 
 def test_an_unlabelled_target_is_scored(ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path):

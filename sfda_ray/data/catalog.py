@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import yaml
 
 from sfda_ray import storage
@@ -32,8 +33,10 @@ class DatasetRef:
     name: str
     manifest: pa.Table  # good rows only
     eval_subsets: dict[str, tuple[int, ...]]  # first entry gives the headline mIoU
-    # Per split, the rows with an error (recorded in the manifest) that were left out.
+    # Per split, the rows with an error (recorded in the manifest) that were left out,
+    # and the first of them ("path: error").
     skipped_by_split: dict[str, int]
+    first_skipped: dict[str, str]
 
     def skipped_in(self, split: str) -> int:
         return self.skipped_by_split.get(split, 0)
@@ -43,11 +46,24 @@ class DatasetRef:
         return manifest_fingerprint(self.manifest)
 
     def labelled(self, split: str) -> pa.Table | None:
-        """The split when every image of it has a label (evaluation), else None."""
-        if split not in set(self.manifest["split"].to_pylist()):
+        """The split's images that have a label (evaluation), None when none has one. In a
+        partly labelled split (a hand-made manifest, say) the others are left out of
+        evaluation: counted by ``unlabelled_in`` and warned about once."""
+        if split not in set(self.manifest["split"].to_pylist()) and not self.skipped_in(split):
             return None
-        table = self.split(split)
-        return table if None not in table["label_path"].to_pylist() else None
+        table = self.split(split)  # a split whose every image is unusable says so
+        labelled = table.filter(pc.is_valid(table["label_path"]))
+        if labelled.num_rows == 0:
+            return None
+        if labelled.num_rows < table.num_rows:
+            first = table.filter(pc.is_null(table["label_path"]))["image_id"][0].as_py()
+            _warn_unlabelled(self.name, split, table.num_rows - labelled.num_rows, first)
+        return labelled
+
+    def unlabelled_in(self, split: str) -> int:
+        """The images of a partly labelled split that evaluation leaves out."""
+        labelled = self.labelled(split)
+        return 0 if labelled is None else self.split(split).num_rows - labelled.num_rows
 
     def with_eval_classes(self, names: list[str] | tuple[str, ...]) -> DatasetRef:
         """The same data scored over other class subsets (names of ``EVAL_SUBSETS``; the
@@ -60,7 +76,12 @@ class DatasetRef:
         return replace(self, eval_subsets={n: EVAL_SUBSETS[n] for n in names})
 
     def split(self, split: str) -> pa.Table:
-        table = self.manifest.filter(pa.compute.equal(self.manifest["split"], split))
+        table = self.manifest.filter(pc.equal(self.manifest["split"], split))
+        if table.num_rows == 0 and self.skipped_in(split):
+            raise ValueError(
+                f"dataset {self.name}: all {self.skipped_in(split)} images of split {split!r} "
+                f"were left out as unusable (first: {self.first_skipped[split]})"
+            )
         if table.num_rows == 0:
             splits = sorted(set(self.manifest["split"].to_pylist()))
             raise ValueError(f"dataset {self.name}: no images in split {split!r}; has {splits}")
@@ -87,13 +108,32 @@ def _subsets_for(kind: str) -> dict[str, tuple[int, ...]]:
 
 
 def _ref(name: str, table: pa.Table, subsets: dict[str, tuple[int, ...]]) -> DatasetRef:
-    ok = table.filter(pa.compute.is_null(table["error"]))
-    bad = table.filter(pa.compute.is_valid(table["error"]))
+    ok = table.filter(pc.is_null(table["error"]))
+    bad = table.filter(pc.is_valid(table["error"]))
     skipped = Counter(bad["split"].to_pylist())
+    first_skipped: dict[str, str] = {}
+    for split, path, error in zip(
+        bad["split"].to_pylist(),
+        bad["image_path"].to_pylist(),
+        bad["error"].to_pylist(),
+        strict=True,
+    ):
+        first_skipped.setdefault(split, f"{path}: {error}")
     if skipped:
-        first = f"{bad['image_path'][0].as_py()}: {bad['error'][0].as_py()}"
+        first = next(iter(first_skipped.values()))
         _warn_left_out(name, tuple(sorted(skipped.items())), first)
-    return DatasetRef(name, ok, subsets, dict(skipped))
+    return DatasetRef(name, ok, subsets, dict(skipped), first_skipped)
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_unlabelled(name: str, split: str, count: int, first: str) -> None:
+    log.warning(
+        "dataset %s: %d %s image(s) have no label and are left out of evaluation (first: %s)",
+        name,
+        count,
+        split,
+        first,
+    )
 
 
 @functools.lru_cache(maxsize=64)

@@ -630,11 +630,15 @@ def summarize_scores(
 ) -> dict:
     errors = [e for e in table["error"].to_pylist() if e is not None]
     ok = table.filter(pc.is_null(table["error"]))
+    # Scored images whose label could not be read: left out of the quality figures only.
+    label_errors = [e for e in ok["eval_error"].to_pylist() if e is not None]
     summary = {
         "images": table.num_rows,
         "scored": ok.num_rows,
         "skipped": len(errors),
         "skipped_reasons": dict(Counter(error_reason(e) for e in errors)),
+        "label_errors": len(label_errors),
+        "first_label_error": label_errors[0] if label_errors else None,
         "scored_this_run": scored_now,
         "seconds": round(seconds, 2),
         "images_per_s": round(scored_now / seconds, 2) if seconds > 0 else None,
