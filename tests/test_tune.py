@@ -725,3 +725,66 @@ def test_an_artifact_store_that_cannot_be_written_leaves_the_summary(tmp_path, c
     assert json.loads((tmp_path / "summary.json").read_text()) == {"best_miou": 30.0}
     assert "the sweep's results are in" in caplog.text
     assert "NotADirectoryError" in caplog.text or "Not a directory" in caplog.text
+
+
+def _no_files(trial_id: str) -> dict:
+    return {}
+
+
+def test_a_resumed_sweeps_callbacks_log_where_its_new_driver_started(tmp_path):
+    """Tune restores its callbacks from the pickle made when the sweep was first started.
+    On a new store (a new head without the saved mlflow.db) the new driver opens a new
+    parent run: the restored logger's trial runs must be its children, with its tags."""
+    import pickle
+    from types import SimpleNamespace
+
+    from sfda_ray.dist.tracking import TrialLogger
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    # The first driver's tracker, as pickled: its parent run is not in this store.
+    first = SweepTracker(uri, "exp", str(sweep), str(tmp_path))
+    first.parent_id, first.tags = "0" * 32, {"git_commit": "old"}
+    first._save_state()
+    pickled = pickle.dumps(TrialLogger(first, {}, _no_files, iterations=10))
+
+    driver = SweepTracker(uri, "exp", str(sweep), str(tmp_path))
+    new_parent = driver.start("sweep", {}, {"git_commit": "new"})
+    assert new_parent != "0" * 32
+    restored = pickle.loads(pickled)
+    restored.setup(stop=None, num_samples=1, total_num_samples=1)
+    trial = SimpleNamespace(trial_id="t1", config={}, last_result={"iteration": 10})
+    restored.on_trial_result(0, [], trial, {"iteration": 10, "val_miou": 25.0})
+    restored.on_trial_complete(0, [], trial)
+    runs = MlflowClient(uri).search_runs(
+        [driver.experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{new_parent}'"
+    )
+    assert len(runs) == 1
+    assert runs[0].data.tags["git_commit"] == "new"
+    assert runs[0].data.metrics["val_miou"] == 25.0
+    driver.finish()
+    assert MlflowClient(uri).get_run(runs[0].info.run_id).info.status == "FINISHED"
+
+
+def test_a_completed_trial_whose_files_fail_to_upload_is_still_finished(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from sfda_ray.dist.tracking import TrialLogger
+
+    tracker = SweepTracker(
+        f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", str(tmp_path), str(tmp_path)
+    )
+    tracker.start("sweep", {}, {})
+
+    def upload_fails(run_id, files, artifact_path=None):
+        raise OSError("bucket not writable")
+
+    tracker.log_files = upload_fails
+    logger = TrialLogger(tracker, {}, lambda trial_id: {"a.txt": b"x"}, iterations=10)
+    trial = SimpleNamespace(trial_id="t1", config={}, last_result={"iteration": 10})
+    logger.on_trial_complete(0, [], trial)
+    assert "on_trial_complete of trial t1 not recorded: bucket not writable" in caplog.text
+    tracker.finish()  # would call a trial still RUNNING KILLED
+    run = tracker.client.get_run(tracker.child("t1", "t1", {}, {}))
+    assert run.info.status == "FINISHED"

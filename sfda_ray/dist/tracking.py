@@ -257,6 +257,7 @@ class SweepTracker:
                 if parent is not None:
                     self.parent_id = state["parent_run_id"]
                     self._reopen(self.parent_id, parent.data.tags)
+                    self._save_state()
                     log.info("resuming MLflow run %s", self.parent_id)
                     return self.parent_id
                 log.warning(
@@ -269,9 +270,31 @@ class SweepTracker:
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
         self.parent_id = run.info.run_id
         self._log_params(self.parent_id, params)
-        state = {"tracking_uri": self.tracking_uri, "parent_run_id": self.parent_id}
-        storage.atomic_write_bytes(self.state_path, json.dumps(state).encode())
+        self._save_state()
         return self.parent_id
+
+    def _save_state(self) -> None:
+        state = {
+            "tracking_uri": self.tracking_uri,
+            "parent_run_id": self.parent_id,
+            "experiment_id": self.experiment_id,
+            "tags": self.tags,
+        }
+        storage.atomic_write_bytes(self.state_path, json.dumps(state).encode())
+
+    def reload(self) -> None:
+        """Log where this sweep's driver last started: the parent run, experiment and tags
+        of the state file. A resumed sweep's callbacks hold the tracker pickled when the
+        sweep was first started, whose run a new store (a new head) does not have."""
+        if not storage.exists(self.state_path):
+            return
+        state = json.loads(storage.read_bytes(self.state_path))
+        if state.get("tracking_uri") != self.tracking_uri:
+            return
+        self.parent_id = state["parent_run_id"]
+        self.experiment_id = state.get("experiment_id", self.experiment_id)
+        self.tags = state.get("tags", getattr(self, "tags", {}))
+        self.children = {}
 
     def _find_run(self, run_id: str):
         """The run, or None when the store does not have it."""
@@ -395,6 +418,10 @@ class TrialLogger(Callback):
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, logged_step={})
 
+    def setup(self, **info) -> None:
+        # Tune calls this on every fit, a resumed one too, before any trial hook.
+        self.tracker.reload()
+
     def _run(self, trial) -> str:
         params = {**self.fixed, **trial.config}
         return self.tracker.child(trial.trial_id, str(trial), params, self.tracker.tags)
@@ -434,8 +461,9 @@ class TrialLogger(Callback):
         last = (trial.last_result or {}).get("iteration", 0)
         stopped_early = last < self._planned_iterations(trial)
         self.tracker.client.set_tag(run_id, "sfda.stopped_early", str(stopped_early))
-        self.tracker.log_files(run_id, self.files_of(trial.trial_id))
+        # First: a failed upload must not leave it RUNNING, for finish() to call KILLED.
         self.tracker.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+        self.tracker.log_files(run_id, self.files_of(trial.trial_id))
 
     @_never_stops_the_sweep
     def on_trial_error(self, iteration, trials, trial, **info):
