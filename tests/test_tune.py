@@ -788,3 +788,17 @@ def test_a_completed_trial_whose_files_fail_to_upload_is_still_finished(tmp_path
     tracker.finish()  # would call a trial still RUNNING KILLED
     run = tracker.client.get_run(tracker.child("t1", "t1", {}, {}))
     assert run.info.status == "FINISHED"
+
+
+def test_a_sweep_stopped_before_its_first_step_starts_again(tmp_path):
+    """Tune writes tuner.pkl when the Tuner is made and its experiment state only at the
+    first step; a restore without the state would fail on every rerun."""
+    from sfda_ray.dist.tune import can_resume
+
+    sweep = tmp_path / "sweep"
+    assert not can_resume(str(sweep))
+    sweep.mkdir()
+    (sweep / "tuner.pkl").write_bytes(b"tuner")
+    assert not can_resume(str(sweep)) and not can_resume(f"file://{sweep}")
+    (sweep / "experiment_state-2026-11-30_02-00-00.json").write_text("{}")
+    assert can_resume(str(sweep)) and can_resume(f"file://{sweep}")

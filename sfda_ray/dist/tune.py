@@ -12,15 +12,18 @@ are not run again, unfinished ones continue from their last Ray Train checkpoint
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import itertools
 import json
 import logging
 import math
 import os
+import posixpath
 from collections import Counter
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -49,6 +52,8 @@ from sfda_ray.models.checkpoint import file_fingerprint
 
 log = logging.getLogger(__name__)
 SWEEP_NAME = "sweep"
+# Tune's experiment state files (TuneController.CKPT_FILE_TMPL).
+EXPERIMENT_STATE = "experiment_state-*.json"
 TRIAL_DRIVER_MEMORY = 512 * 2**20
 _CAUSES_SHOWN = 5  # distinct trial errors listed when no trial completed
 
@@ -110,7 +115,7 @@ def run_sweep(
     sweep_path = storage.join(storage_path, SWEEP_NAME)
     identity = sweep_identity(base, space, checkpoint, scores, data, tracking_uri, experiment)
     identity_path = storage.join(out, "sweep.json")
-    resume = tune.Tuner.can_restore(sweep_path)
+    resume = can_resume(sweep_path)
     if resume:
         recorded = json.loads(storage.read_bytes(identity_path))
         if recorded != identity:
@@ -169,6 +174,17 @@ def run_sweep(
             del os.environ["TUNE_DISABLE_SIGINT_HANDLER"]
         else:
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = sigint_handler
+
+
+def can_resume(sweep_path: str) -> bool:
+    """Whether Tune can restore the sweep: it writes ``tuner.pkl`` when the Tuner is made
+    but its experiment state only at the first step, and a restore without that state
+    fails. A sweep stopped between the two (a Ctrl-C at once) starts again."""
+    if not tune.Tuner.can_restore(sweep_path):
+        return False
+    fs, root = storage.resolve(sweep_path)
+    infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    return any(fnmatch.fnmatch(posixpath.basename(i.path), EXPERIMENT_STATE) for i in infos)
 
 
 def sweep_identity(
