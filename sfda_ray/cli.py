@@ -501,10 +501,14 @@ def error_exit(prog: str, error: BaseException) -> int:
 
 def exit_code(prog: str, error: BaseException, interrupted: str = "interrupted") -> int | None:
     """The exit code of a command stopped by ``error``, which is told in one line: 130
-    for Ctrl-C, else ``error_exit``'s; None for an error whose traceback is wanted."""
+    for Ctrl-C, 143 for SIGTERM (``dist.runtime.Terminated``, once Ray is up), else
+    ``error_exit``'s; None for an error whose traceback is wanted."""
     if isinstance(error, KeyboardInterrupt):
+        code = getattr(error, "exit_code", 130)
+        if code == 143:
+            interrupted = interrupted.replace("interrupted", "stopped by SIGTERM", 1)
         print(f"{prog}: {interrupted}", file=sys.stderr)
-        return 130
+        return code
     if isinstance(error, Exception) and is_told(error):
         return error_exit(prog, error)
     return None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +34,20 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
             runtime_env=NO_DASHBOARD_RUNTIME_ENV,
         )
     log.info("Ray cluster resources: %s", ray.cluster_resources())
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)  # in place of ray.init's exit
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``ray job stop``, a scheduler ending the job) unwinds as Ctrl-C does: the
+    MLflow runs are closed KILLED and a rerun resumes. Ray's own driver handler exits at
+    once (status 15), which records an interrupted sweep as FAILED."""
+
+    exit_code = 143  # 128 + SIGTERM, as a shell reports it
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 class _StateApiDown(logging.Filter):
