@@ -3,7 +3,9 @@ scoring actor, a killed training worker, an unwritable output location, a full d
 
 import errno
 import io
+import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -285,3 +287,45 @@ def test_disk_filling_up_mid_run_keeps_earlier_results(
     summary = score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), str(out), options)
     ids = pq.read_table(out / "scores.parquet")["image_id"].to_pylist()
     assert summary["scored"] == len(ids) == len(set(ids)) == 24
+
+
+def test_ctrl_c_during_an_adaptation_is_an_interruption(
+    ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    """Ray Train's own SIGINT handler aborts the run and raises SystemExit: the command
+    must see an interruption (exit 130, how to resume), with no final model, and get its
+    own Ctrl-C handling back."""
+    scores, _ = tiny_scores
+    cfg = load_config(
+        None,
+        {
+            "adapt.iterations": 400,
+            "adapt.batch_size": 2,
+            "adapt.eval_every": 200,
+            "adapt.checkpoint_every": 2,
+            "adapt.threads": 1,
+            "data.num_workers": 0,
+        },
+    )
+    run = tmp_path / "interrupted"
+    snapshot = run / "ray" / "adapt" / "checkpoint_manager_snapshot.json"
+    sent = []
+
+    def ctrl_c_after_first_checkpoint():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if snapshot.exists() and "checkpoint_" in snapshot.read_text():
+                os.kill(os.getpid(), signal.SIGINT)
+                sent.append(True)
+                return
+            time.sleep(0.1)
+
+    before = signal.getsignal(signal.SIGINT)
+    sender = threading.Thread(target=ctrl_c_after_first_checkpoint)
+    sender.start()
+    with pytest.raises(KeyboardInterrupt):
+        run_adapt(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark), str(run))
+    sender.join()
+    assert sent
+    assert not (run / "final.pt").exists()
+    assert signal.getsignal(signal.SIGINT) is before

@@ -13,7 +13,9 @@ import json
 import logging
 import math
 import os
+import signal
 import tempfile
+import threading
 from dataclasses import asdict
 
 import ray
@@ -158,6 +160,20 @@ def train_loop_per_worker(config: dict) -> None:
     run_adaptation(plan, cfg, RayTrainEnv())
 
 
+def _fit(trainer: TorchTrainer):
+    """``trainer.fit()``, a Ctrl-C raising KeyboardInterrupt as anywhere else. On the main
+    thread, fit installs Ray Train's SIGINT handler, which aborts the run and then raises
+    SystemExit (status 0 or 1: no message, no "rerun to resume"), and leaves it installed."""
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except SystemExit as e:  # fit itself never exits: its SIGINT handler did
+        raise KeyboardInterrupt from e
+    finally:
+        if handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, handler)
+
+
 def run_adapt(
     cfg: Config,
     checkpoint: str,
@@ -207,7 +223,7 @@ def run_adapt(
             callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
+    result = _fit(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"adaptation under {storage_path} finished without a checkpoint")
     with result.checkpoint.as_directory() as path:
