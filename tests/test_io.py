@@ -169,3 +169,12 @@ def test_image_size_reads_headers(tmp_path):
     for name in ("text.png", "missing.png"):
         with pytest.raises(BadInputError, match=name):
             image_size(tmp_path / name)
+
+
+def test_a_path_the_filesystem_cannot_parse_is_one_bad_file():
+    """An object key with "?" reads as URI options: that file is skipped, not the scan."""
+    path = "s3://sfda-test-bucket/images/frame?1.png"
+    for read in (image_size, load_image):
+        with pytest.raises(BadInputError, match="unusable path") as info:
+            read(path)
+        assert info.value.path == path

@@ -34,6 +34,8 @@ def _read(path: str | os.PathLike) -> bytes:
         raise BadInputError(path, "file not found") from None
     except OSError as e:
         raise BadInputError(path, f"cannot read file: {e}") from e
+    except ValueError as e:  # a name the filesystem cannot parse (an S3 key with "?")
+        raise BadInputError(path, f"unusable path: {e}") from e
     if not data:
         raise BadInputError(path, "empty file")
     return data
@@ -102,7 +104,10 @@ HEADER_BYTES = 1 << 16
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:
     """(height, width) from the file header only, without decoding pixels."""
-    fs, p = storage.resolve(path)
+    try:
+        fs, p = storage.resolve(path)
+    except ValueError as e:  # a name the filesystem cannot parse (an S3 key with "?")
+        raise BadInputError(path, f"unusable path: {e}") from e
     try:
         if storage.is_uri(path):
             # One ranged read of the file's start: from a bucket, each small read PIL
