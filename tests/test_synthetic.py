@@ -143,6 +143,21 @@ def test_bad_spec_and_missing_benchmark(tmp_path):
     assert main(["synth", "--out", str(tmp_path / "y"), "--shift", "2"]) == 2
 
 
+def test_a_directory_of_other_files_is_never_overwritten(tmp_path, capsys):
+    """The generator deletes images of an earlier benchmark from its folders: in a folder
+    that is not a benchmark, those would be the user's."""
+    theirs = tmp_path / "data" / "target" / "leftImg8bit" / "val" / "mine.png"
+    theirs.parent.mkdir(parents=True)
+    theirs.write_bytes(b"a photo")
+    assert main(["synth", "--out", str(tmp_path / "data")]) == 2
+    assert "is not empty and holds no benchmark.json" in capsys.readouterr().err
+    assert theirs.read_bytes() == b"a photo"
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "benchmark.json").write_text('{"format": ')  # a write cut short
+    with pytest.raises(ValueError, match=r"half/benchmark.json: not valid JSON"):
+        load_benchmark_info(tmp_path / "half")
+
+
 def test_ctrl_c_ends_a_command_in_one_line_with_code_130(tmp_path):
     """Ctrl-C, as a terminal sends it, while `sfda-ray synth` writes images."""
     import signal

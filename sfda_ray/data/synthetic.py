@@ -280,6 +280,7 @@ def generate(root: str | Path, spec: BenchmarkSpec) -> dict:
     """Write the benchmark under ``root``; returns the contents of ``benchmark.json``."""
     from cityscapesscripts.helpers.labels import trainId2label
 
+    from sfda_ray import storage
     from sfda_ray.data.manifest import write_manifest
     from sfda_ray.data.readers import scan_cityscapes
 
@@ -288,6 +289,11 @@ def generate(root: str | Path, spec: BenchmarkSpec) -> dict:
     if spec.height < 32 or spec.width < 32:
         raise ValueError(f"size {spec.height}x{spec.width} too small; need at least 32x32")
     root = Path(root)
+    if root.is_dir() and any(root.iterdir()) and not (root / "benchmark.json").is_file():
+        raise ValueError(
+            f"{root} is not empty and holds no benchmark.json: a benchmark written there "
+            "would replace the images under its domain folders; use a new or empty directory"
+        )
     # Labels are stored as official Cityscapes label ids, like a real Cityscapes tree.
     to_label_id = np.full(256, 0, np.uint8)
     for t in CLASSES:
@@ -327,7 +333,10 @@ def generate(root: str | Path, spec: BenchmarkSpec) -> dict:
         "manifests": {d: f"{d}/manifest.parquet" for d in DOMAINS},
         "images": summary,
     }
-    (root / "benchmark.json").write_text(json.dumps(info, indent=2) + "\n")
+    # Last, and whole or not at all: it is what makes the directory a benchmark.
+    storage.atomic_write_bytes(
+        root / "benchmark.json", (json.dumps(info, indent=2) + "\n").encode()
+    )
     write_preview(root / "preview.png", spec)
     return info
 
@@ -373,7 +382,10 @@ def load_benchmark_info(root: str | Path) -> dict:
             f"{path} not found: {root} is not a synthetic benchmark directory "
             "(create one with `sfda-ray synth --out DIR`)"
         )
-    info = json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); delete {root} to regenerate it") from None
     if info.get("format") != FORMAT:
         raise ValueError(
             f"{path}: format {info.get('format')!r}, expected {FORMAT!r}: written by another "
