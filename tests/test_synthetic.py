@@ -146,12 +146,20 @@ def test_bad_spec_and_missing_benchmark(tmp_path):
 def test_a_directory_of_other_files_is_never_overwritten(tmp_path, capsys):
     """The generator deletes images of an earlier benchmark from its folders: in a folder
     that is not a benchmark, those would be the user's."""
-    theirs = tmp_path / "data" / "target" / "leftImg8bit" / "val" / "mine.png"
+    theirs = tmp_path / "data" / "leftImg8bit" / "val" / "mine.png"
     theirs.parent.mkdir(parents=True)
     theirs.write_bytes(b"a photo")
     assert main(["synth", "--out", str(tmp_path / "data")]) == 2
-    assert "is not empty and holds no benchmark.json" in capsys.readouterr().err
+    assert "holds leftImg8bit and no benchmark.json" in capsys.readouterr().err
     assert theirs.read_bytes() == b"a photo"
+    # A benchmark whose writing was cut short (no benchmark.json yet) is written again.
+    tiny = ["--height", "32", "--width", "32", "--source-train", "2", "--source-val", "1"]
+    tiny += ["--target-train", "2", "--target-val", "1"]
+    cut = tmp_path / "cut" / "target" / "leftImg8bit" / "val" / "real" / "x_leftImg8bit.png"
+    cut.parent.mkdir(parents=True)
+    cut.write_bytes(b"half an image")
+    assert main(["synth", "--out", str(tmp_path / "cut"), *tiny]) == 0
+    assert not cut.exists() and load_benchmark_info(tmp_path / "cut")["images"]["target"] == 3
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "benchmark.json").write_text('{"format": ')  # a write cut short
     with pytest.raises(ValueError, match=r"half/benchmark.json: not valid JSON"):

@@ -30,6 +30,7 @@ CLASSES = (ROAD, SIDEWALK, BUILDING, POLE, SIGN, VEGETATION, SKY, PERSON, CAR)
 DOMAINS = ("source", "target")
 SPLITS = ("train", "val")
 CITY = {"source": "game", "target": "real"}
+OWN_ENTRIES = {*DOMAINS, "benchmark.json", "preview.png"}
 FORMAT = "sfda_ray.synthetic/v2"  # v2: the stronger target layout shift
 
 # Flat "game" colours (RGB). Several entries: one is drawn per object instance.
@@ -289,10 +290,16 @@ def generate(root: str | Path, spec: BenchmarkSpec) -> dict:
     if spec.height < 32 or spec.width < 32:
         raise ValueError(f"size {spec.height}x{spec.width} too small; need at least 32x32")
     root = Path(root)
-    if root.is_dir() and any(root.iterdir()) and not (root / "benchmark.json").is_file():
+    # A benchmark's own entries, or those of one whose writing was cut short: anything
+    # else means the directory is someone's data, whose images would go as stale.
+    foreign = sorted(
+        e.name for e in (root.iterdir() if root.is_dir() else ()) if e.name not in OWN_ENTRIES
+    )
+    if foreign and not (root / "benchmark.json").is_file():
         raise ValueError(
-            f"{root} is not empty and holds no benchmark.json: a benchmark written there "
-            "would replace the images under its domain folders; use a new or empty directory"
+            f"{root} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''} and "
+            "no benchmark.json: it is not a benchmark, and writing one there would delete "
+            "images under it; use a new or empty directory"
         )
     # Labels are stored as official Cityscapes label ids, like a real Cityscapes tree.
     to_label_id = np.full(256, 0, np.uint8)
