@@ -392,3 +392,20 @@ def test_the_kind_of_a_bare_manifest_must_be_clear(tmp_path, caplog):
     assert "s.parquet: a synthetic benchmark's manifest is evaluated over all 19" in caplog.text
     pq.write_table(pa.Table.from_pylist([row]), tmp_path / "cs.parquet")
     assert list(open_dataset(tmp_path / "cs.parquet").eval_subsets) == ["cityscapes19"]
+
+
+def test_relative_paths_in_a_manifest_are_relative_to_it(tmp_path, monkeypatch):
+    """Trials and Ray Train workers each run in a working directory of their own."""
+    row = {
+        "image_id": "a", "image_path": "images/a.png", "label_path": "../labels/a.png",
+        "label_format": "cityscapes_ids", "split": "val", "dataset": "cityscapes",
+        "height": 16, "width": 32, "error": None,
+    }  # fmt: skip
+    absolute = {**row, "image_id": "b", "image_path": "/data/b.png", "label_path": None}
+    (tmp_path / "set").mkdir()
+    pq.write_table(pa.Table.from_pylist([row, absolute]), tmp_path / "set" / "m.parquet")
+    monkeypatch.chdir(tmp_path)
+    rows = read_manifest("set/m.parquet").to_pylist()
+    assert rows[0]["image_path"] == str(tmp_path / "set" / "images" / "a.png")
+    assert rows[0]["label_path"] == str(tmp_path / "labels" / "a.png")
+    assert (rows[1]["image_path"], rows[1]["label_path"]) == ("/data/b.png", None)

@@ -125,11 +125,31 @@ def read_manifest(
         table = pq.read_table(p, filesystem=fs)
     except pa.ArrowInvalid as e:
         raise ValueError(f"{path}: not a Parquet manifest ({e})") from e
-    table = to_manifest_table(table, str(path))
+    table = _located(to_manifest_table(table, str(path)), str(path))
     if split is not None:
         table = table.filter(pc.equal(table["split"], split))
     if not include_errors:
         table = table.filter(pc.is_null(table["error"]))
+    return table
+
+
+def _located(table: pa.Table, manifest: str) -> pa.Table:
+    """A relative ``image_path`` or ``label_path`` (a hand-made manifest) is relative to
+    the manifest's folder, not to the working directory: Ray Tune trials and Train workers
+    each run in one of their own, where it would name no file."""
+    for name in ("image_path", "label_path"):
+        paths = table[name].to_pylist()
+        located = [
+            p
+            if p is None or storage.is_uri(p) or os.path.isabs(os.path.expanduser(p))
+            else storage.beside(manifest, p)
+            for p in paths
+        ]
+        if located != paths:
+            index = table.schema.get_field_index(name)
+            table = table.set_column(
+                index, table.schema.field(name), pa.array(located, pa.string())
+            )
     return table
 
 
