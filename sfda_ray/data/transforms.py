@@ -15,13 +15,13 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
+from sfda_ray.config import NORMALIZATIONS
 from sfda_ray.data.labels import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # AdaptSegNet/ADVENT (Caffe-style) checkpoints expect BGR 0..255 minus this BGR mean.
 CAFFE_MEAN_BGR = (104.00698793, 116.66876762, 122.67891434)
-NORMALIZATIONS = ("imagenet", "caffe_bgr")
 
 # transform(image, label=None) -> (image tensor, label tensor or None)
 SegTransform = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]

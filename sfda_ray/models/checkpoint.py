@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from sfda_ray import storage
+from sfda_ray.config import NORMALIZATIONS
 from sfda_ray.models.deeplabv2 import build_model
 
 CHECKPOINT_FORMAT = "sfda_ray.checkpoint/v1"
-NORMALIZATIONS = ("imagenet", "caffe_bgr")
 META_DEFAULTS = {
     "class_names": None,
     "normalization": None,
