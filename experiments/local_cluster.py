@@ -7,7 +7,7 @@ cluster; the output directory plays the part of shared storage (S3 on a cluster)
     python experiments/local_cluster.py --smoke [--out outputs/local_cluster]
 
 Scoring places one actor on each node; each of the 2 tuning trials is a Ray Train
-run of 2 workers placed one per node (SPREAD). The script prints where each stage ran
+run of 2 workers placed one per node (STRICT_SPREAD). The script prints where each stage ran
 and writes OUT/cluster_check.json.
 """
 

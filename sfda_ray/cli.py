@@ -402,7 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--placement",
         choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
         default="PACK",
-        help="SPREAD: one worker per node; PACK (default): fill a node first",
+        help="SPREAD: spread workers over nodes where it can (STRICT_: always); "
+        "PACK (default): fill a node first",
     )
     p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     _add_config_args(p)

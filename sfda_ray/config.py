@@ -58,7 +58,8 @@ class DataConfig:
     manifest: str | None = None
     # Resize every image to (height, width) before augmentation; null keeps native size.
     size: list[int] | None = None
-    # Training crop (height, width); null trains on whole resized images.
+    # Source-training crop (height, width); null: data.size, else the most common
+    # image size.
     crop: list[int] | None = None
     scale_min: float = _field(0.75, lo=0.0, lo_open=True)
     scale_max: float = _field(1.25, lo=0.0, lo_open=True)
@@ -151,7 +152,7 @@ ADAPT_METHODS = ("sfda", "source_only", "adabn", "tent", "minent", "self_trainin
 
 @dataclass
 class AdaptConfig:
-    """The adaptation (DESIGN 4.4) and, by `method`, the baselines of DESIGN 4.5."""
+    """The adaptation and, by `method`, the baselines (README: "The method, as implemented")."""
 
     method: str = _field("sfda", choices=ADAPT_METHODS)
     iterations: int = _field(300, lo=0)

@@ -43,7 +43,8 @@ def ray_session():
     """One local Ray for the whole test session (starting Ray costs seconds and ~0.7 GB).
 
     More logical CPUs than cores: a training worker group and a data stage must be able
-    to run side by side, which they cannot under num_cpus=2 (see STACK notes: it hangs).
+    to run side by side: under num_cpus=2 the data stage waits for CPUs the workers hold,
+    and the run hangs.
     """
     import ray
 

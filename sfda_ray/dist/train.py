@@ -190,7 +190,8 @@ def run_adapt(
     """Adapt on Ray Train; writes ``out/final.pt`` and returns the final metrics.
 
     ``callbacks`` are Ray Train callbacks (a Tune trial passes ``TuneReportCallback``);
-    ``placement_strategy`` SPREAD puts one worker per node, PACK fills a node first.
+    ``placement_strategy`` SPREAD spreads workers over nodes where it can (STRICT_SPREAD
+    always), PACK fills a node first.
     """
     checkpoint, scores, data, out = map(storage.absolute, (checkpoint, scores, data, out))
     # A Ray Train checkpoint holds student, teacher, discriminator and optimizer state

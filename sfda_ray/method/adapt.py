@@ -1,4 +1,4 @@
-"""The adaptation step (DESIGN 4.4) and the baselines (4.5), in plain PyTorch.
+"""The adaptation step and the baselines, in plain PyTorch.
 
 ``Adapter`` owns the segmentation net (student), the self-training teacher, the
 output-space discriminator and their optimizers. A step takes one virtual-source batch

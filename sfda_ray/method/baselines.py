@@ -1,4 +1,4 @@
-"""Cheap source-free baselines that need no losses (DESIGN 4.5)."""
+"""Cheap source-free baselines that need no losses."""
 
 from __future__ import annotations
 

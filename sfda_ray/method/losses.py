@@ -1,4 +1,4 @@
-"""Losses of the adaptation (DESIGN 4.4), on plain tensors.
+"""Losses of the adaptation, on plain tensors.
 
 Shapes: logits ``[B, C, H, W]``, labels ``[B, H, W]`` (255 = ignore), pixel weights
 ``[B, H, W]``, class weights ``[C]``.

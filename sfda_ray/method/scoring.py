@@ -1,4 +1,4 @@
-"""Scoring target images with the frozen source model (DESIGN 4.1).
+"""Scoring target images with the frozen source model.
 
 Per pixel: softmax ``p``, normalised entropy ``H = -sum p log p / log C``, confidence
 ``c = max p`` and pseudo-label ``argmax p``. Per image: the score ``mean(1 - H)``, the

@@ -1,4 +1,4 @@
-"""Virtual-source selection and class priors (DESIGN 4.2-4.3): a pure function of a scores table.
+"""Virtual-source selection and class priors: a pure function of a scores table.
 
 Score once, select many: every threshold here is applied to the per-image numbers and
 per-(class, confidence bin) pixel counts already in the table, so no model runs again.
