@@ -37,3 +37,37 @@ def test_sigterm_unwinds_a_ray_driver_as_ctrl_c_does():
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert proc.stdout == "closed the runs\n"
     assert "job: stopped by SIGTERM; rerun the same command to resume" in proc.stderr
+
+
+def test_workers_a_fixed_cluster_can_never_place_are_refused(
+    ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    """Ray would wait for them forever (the test session's Ray: one node, no GPU, no
+    autoscaler)."""
+    import pytest
+
+    from sfda_ray.config import ConfigError, load_config
+    from sfda_ray.dist.runtime import check_placeable
+    from sfda_ray.dist.train import run_adapt
+
+    check_placeable("adapt", {"CPU": 1.0, "GPU": 0.0}, 2)
+    check_placeable("adapt", {"CPU": 1.0}, 2, "STRICT_PACK")
+    with pytest.raises(ConfigError, match=r"adapt: 2 worker\(s\) of CPU 1 each \(STRICT_SPREAD\)"):
+        check_placeable("adapt", {"CPU": 1.0}, 2, "STRICT_SPREAD")
+    with pytest.raises(ConfigError, match=r"nodes have CPU \d+, GPU 0, and it has no autoscaler"):
+        check_placeable("adapt", {"CPU": 1.0, "GPU": 1.0}, 1)
+    with pytest.raises(ConfigError, match=r"CPU 1000 each \(PACK\) cannot be placed"):
+        check_placeable("tune trials", {"CPU": 1000.0}, 1)
+
+    scores, _ = tiny_scores
+    out = tmp_path / "adapt"
+    with pytest.raises(ConfigError, match=r"adapt: 1 worker\(s\) of CPU 1, GPU 1 each"):
+        run_adapt(
+            load_config(None, {}),
+            str(tiny_source_ckpt),
+            str(scores),
+            str(tiny_benchmark),
+            str(out),
+            gpus_per_worker=1.0,
+        )
+    assert not (out / "ray").exists()  # refused before Ray Train started

@@ -30,7 +30,7 @@ from sfda_ray.config import (
 from sfda_ray.data.catalog import is_synthetic, open_dataset, read_dataset_yaml
 from sfda_ray.data.readers import build_manifest
 from sfda_ray.data.synthetic import BenchmarkSpec, ensure_benchmark
-from sfda_ray.dist.runtime import init_ray, on_gpus
+from sfda_ray.dist.runtime import check_placeable, init_ray, on_gpus
 from sfda_ray.dist.scoring import ScoringOptions, adabn_checkpoint, score_dataset, write_pictures
 from sfda_ray.dist.tracking import SweepTracker, check_tracking_store, default_tracking_uri
 from sfda_ray.dist.tune import (
@@ -234,6 +234,9 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
         train_source(cfg, data, checkpoint)  # a no-op once complete
 
     init_ray(args.address)
+    t = cfg.tune
+    trial_worker = {"CPU": t.cpus_per_worker, "GPU": t.gpus_per_worker}
+    check_placeable("tune trials", trial_worker, t.workers_per_trial, t.placement_strategy)
     scores = storage.join(out, "scores")
     scored = score_dataset(checkpoint, data, scores, ScoringOptions.from_config(cfg))
     pictures = write_pictures(scores, cfg.select, cfg.model.num_classes)

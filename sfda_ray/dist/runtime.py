@@ -11,6 +11,8 @@ from typing import Any
 
 import ray
 
+from sfda_ray.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -70,6 +72,35 @@ def _without_state_api() -> None:
 
 # For a driver of a Ray started without its dashboard (a local one, ``local_cluster.py``).
 NO_DASHBOARD_RUNTIME_ENV = {"worker_process_setup_hook": _without_state_api}
+
+
+def check_placeable(
+    what: str, per_worker: dict[str, float], workers: int, strategy: str = "PACK"
+) -> None:
+    """Refuse, before any work, workers this cluster can never place: Ray would wait for
+    them forever. A cluster with an autoscaler may add nodes, up to the maximum its config
+    gives (Ray Train checks that one itself), so only a fixed cluster is checked here."""
+    from ray._private.state import state  # the config Ray Train's own check reads
+
+    if state.get_cluster_config() is not None:
+        return
+    wanted = {name: amount for name, amount in per_worker.items() if amount > 0}
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    # Workers each node can hold, by the scarcest resource asked for.
+    room = [min(int(node.get(r, 0) // a) for r, a in wanted.items()) for node in nodes]
+    if strategy == "STRICT_SPREAD":
+        placeable = sum(1 for n in room if n > 0)
+    elif strategy == "STRICT_PACK":
+        placeable = max(room, default=0)
+    else:
+        placeable = sum(room)
+    if placeable < workers:
+        have = "; ".join(", ".join(f"{r} {node.get(r, 0):g}" for r in wanted) for node in nodes)
+        raise ConfigError(
+            f"{what}: {workers} worker(s) of {', '.join(f'{r} {a:g}' for r, a in wanted.items())} "
+            f"each ({strategy}) cannot be placed: this cluster's nodes have {have or 'nothing'}, "
+            "and it has no autoscaler to add more"
+        )
 
 
 def on_gpus(fn: Callable[..., Any], num_gpus: float, *args: Any, **kwargs: Any) -> Any:

@@ -36,6 +36,7 @@ from sfda_ray.adaptation import (
     save_state,
 )
 from sfda_ray.config import Config, ConfigError, from_dict, result_identity, to_dict
+from sfda_ray.dist.runtime import check_placeable
 from sfda_ray.models.checkpoint import file_fingerprint, load_model
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,7 @@ def run_adapt(
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker
+    check_placeable("adapt", resources, workers, placement_strategy)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": to_dict(cfg), "plan": asdict(plan)},
