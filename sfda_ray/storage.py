@@ -82,7 +82,7 @@ def beside(path: str | os.PathLike, relative: str) -> str:
     folders to resolve them) but may not leave the bucket."""
     path = str(path)
     if not is_uri(path):
-        return os.path.normpath(join(Path(path).expanduser().parent, relative))
+        return join(Path(path).expanduser().parent, relative)
     location, sep, query = path.partition("?")
     scheme, rest = location.split("://", 1)
     bucket = rest.split("/", 1)[0]

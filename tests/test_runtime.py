@@ -42,8 +42,9 @@ def test_sigterm_unwinds_a_ray_driver_as_ctrl_c_does():
 def test_workers_a_fixed_cluster_can_never_place_are_refused(
     ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
 ):
-    """Ray would wait for them forever (the test session's Ray: one node, no GPU, no
-    autoscaler)."""
+    """Ray would wait for them forever on a Ray this process started (the test session's:
+    one node, no GPU); a driver that joined a cluster only says so, as the autoscaler of
+    a real one may still add the nodes."""
     import pytest
 
     from sfda_ray.config import ConfigError, load_config
@@ -54,7 +55,9 @@ def test_workers_a_fixed_cluster_can_never_place_are_refused(
     check_placeable("adapt", {"CPU": 1.0}, 2, "STRICT_PACK")
     with pytest.raises(ConfigError, match=r"adapt: 2 worker\(s\) of CPU 1 each \(STRICT_SPREAD\)"):
         check_placeable("adapt", {"CPU": 1.0}, 2, "STRICT_SPREAD")
-    with pytest.raises(ConfigError, match=r"nodes have CPU \d+, GPU 0, and it has no autoscaler"):
+    with pytest.raises(
+        ConfigError, match=r"this process started have CPU \d+, GPU 0, and none will"
+    ):
         check_placeable("adapt", {"CPU": 1.0, "GPU": 1.0}, 1)
     with pytest.raises(ConfigError, match=r"CPU 1000 each \(PACK\) cannot be placed"):
         check_placeable("tune trials", {"CPU": 1000.0}, 1)
@@ -71,3 +74,27 @@ def test_workers_a_fixed_cluster_can_never_place_are_refused(
             gpus_per_worker=1.0,
         )
     assert not (out / "ray").exists()  # refused before Ray Train started
+
+    import ray
+
+    joined = subprocess.run(
+        [sys.executable, "-c", JOINED_CLUSTER],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address},
+    )
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    assert "adapt: 1 worker(s) of CPU 1, GPU 1 each (PACK) do not fit" in joined.stderr
+
+
+JOINED_CLUSTER = textwrap.dedent(
+    """
+    import logging, ray
+    from sfda_ray.dist.runtime import check_placeable
+
+    logging.basicConfig()
+    ray.init()  # RAY_ADDRESS: the test session's Ray
+    check_placeable("adapt", {"CPU": 1.0, "GPU": 1.0}, 1)
+    """
+)

@@ -47,7 +47,7 @@ class DatasetRef:
 
     def labelled(self, split: str) -> pa.Table | None:
         """The split's images that have a label (evaluation), None when none has one. In a
-        partly labelled split (a hand-made manifest, say) the others are left out of
+        partly labelled split (an incomplete copy of gtFine, say) the others are left out of
         evaluation: counted by ``unlabelled_in`` and warned about once."""
         if split not in set(self.manifest["split"].to_pylist()) and not self.skipped_in(split):
             return None

@@ -22,7 +22,7 @@ GTA5_LAYOUT = "images/*.png with labels/*.png of the same names"
 SYNTHIA_LAYOUT = "RGB/*.png with GT/LABELS/*.png of the same names"
 CITYSCAPES_LAYOUT = (
     "leftImg8bit/<split>/<city>/<name>_leftImg8bit.png, "
-    "optionally gtFine/<split>/<city>/<name>_gtFine_labelIds.png (for every image of a split)"
+    "optionally gtFine/<split>/<city>/<name>_gtFine_labelIds.png"
 )
 
 
@@ -141,19 +141,22 @@ def scan_cityscapes(
         image_dir = storage.join(root, "leftImg8bit", split)
         images = _list_images(image_dir, "_leftImg8bit.png", CITYSCAPES_LAYOUT, recursive=True)
         label_dir = storage.join(root, "gtFine", split)
-        # A split with labels names every image's label: a missing one is that row's
-        # error (counted), not an unlabelled image that evaluation would quietly skip.
-        labelled = storage.exists(label_dir) and bool(
-            _list_files(label_dir, "_gtFine_labelIds.png", CITYSCAPES_LAYOUT, recursive=True)
+        # An image without its label stays usable (target images need none); evaluation
+        # leaves it out and says so (DatasetRef.labelled).
+        labels = (
+            set(_list_files(label_dir, "_gtFine_labelIds.png", CITYSCAPES_LAYOUT, recursive=True))
+            if storage.exists(label_dir)
+            else set()
         )
         for rel in images:
             label_rel = rel.replace("_leftImg8bit.png", "_gtFine_labelIds.png")
+            has_label = label_rel in labels
             rows.append(
                 {
                     "image_id": f"leftImg8bit/{split}/{rel[: -len('.png')]}",
                     "image_path": storage.join(image_dir, rel),
-                    "label_path": storage.join(label_dir, label_rel) if labelled else None,
-                    "label_format": "cityscapes_ids" if labelled else None,
+                    "label_path": storage.join(label_dir, label_rel) if has_label else None,
+                    "label_format": "cityscapes_ids" if has_label else None,
                     "split": split,
                     "dataset": "cityscapes",
                 }

@@ -77,13 +77,10 @@ NO_DASHBOARD_RUNTIME_ENV = {"worker_process_setup_hook": _without_state_api}
 def check_placeable(
     what: str, per_worker: dict[str, float], workers: int, strategy: str = "PACK"
 ) -> None:
-    """Refuse, before any work, workers this cluster can never place: Ray would wait for
-    them forever. A cluster with an autoscaler may add nodes, up to the maximum its config
-    gives (Ray Train checks that one itself), so only a fixed cluster is checked here."""
-    from ray._private.state import state  # the config Ray Train's own check reads
-
-    if state.get_cluster_config() is not None:
-        return
+    """Refuse, before any work, workers a Ray this process started (a laptop's, a test's)
+    can never place: nothing adds nodes to it, and Ray would wait for them forever. On a
+    cluster joined by address, nodes may still come (the autoscaler starts GPU nodes
+    when asked): a request its nodes cannot hold now is only logged."""
     wanted = {name: amount for name, amount in per_worker.items() if amount > 0}
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     # Workers each node can hold, by the scarcest resource asked for.
@@ -94,13 +91,26 @@ def check_placeable(
         placeable = max(room, default=0)
     else:
         placeable = sum(room)
-    if placeable < workers:
-        have = "; ".join(", ".join(f"{r} {node.get(r, 0):g}" for r in wanted) for node in nodes)
+    if placeable >= workers:
+        return
+    asked = ", ".join(f"{r} {a:g}" for r, a in wanted.items())
+    have = "; ".join(", ".join(f"{r} {node.get(r, 0):g}" for r in wanted) for node in nodes)
+    # A Node object with head=True: this process started the Ray it is connected to.
+    if getattr(ray._private.worker._global_node, "head", False):
         raise ConfigError(
-            f"{what}: {workers} worker(s) of {', '.join(f'{r} {a:g}' for r, a in wanted.items())} "
-            f"each ({strategy}) cannot be placed: this cluster's nodes have {have or 'nothing'}, "
-            "and it has no autoscaler to add more"
+            f"{what}: {workers} worker(s) of {asked} each ({strategy}) cannot be placed: "
+            f"the nodes of the Ray this process started have {have or 'nothing'}, and "
+            "none will join it"
         )
+    log.warning(
+        "%s: %d worker(s) of %s each (%s) do not fit the cluster's nodes now (%s): "
+        "waiting for nodes to join (the autoscaler's, if the cluster has one)",
+        what,
+        workers,
+        asked,
+        strategy,
+        have,
+    )
 
 
 def on_gpus(fn: Callable[..., Any], num_gpus: float, *args: Any, **kwargs: Any) -> Any:

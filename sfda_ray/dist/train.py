@@ -168,7 +168,9 @@ def _fit(trainer: TorchTrainer):
     handler = signal.getsignal(signal.SIGINT)
     try:
         return trainer.fit()
-    except SystemExit as e:  # fit itself never exits: its SIGINT handler did
+    except SystemExit as e:
+        if e.code not in (0, 1, None):  # not its handler's: ray.init's SIGTERM exit, say
+            raise
         raise KeyboardInterrupt from e
     finally:
         if handler is not None and threading.current_thread() is threading.main_thread():
