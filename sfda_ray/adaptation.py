@@ -442,7 +442,7 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
             **{k: v / interval_steps for k, v in interval.items()},
             "seconds": elapsed,  # in this loop since it (re)started, reports included
             "seconds_per_iter": elapsed / (done - start),
-            "skipped_inputs": skipped["inputs"],
+            "skipped_inputs": sum(skipped.values()),
         }
         interval, interval_steps = {}, 0
         if evaluate_now:  # on every worker, each its share of the images

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 import numpy as np
@@ -27,8 +28,8 @@ def confusion_on(
     num_classes: int,
     execution: Execution | None = None,
     observe: Callable[[torch.Tensor], None] | None = None,
-) -> tuple[np.ndarray, int]:
-    """Accumulated confusion matrix over ``loader`` and the number of skipped images.
+) -> tuple[np.ndarray, Counter]:
+    """Accumulated confusion matrix over ``loader`` and its skipped images by reason.
 
     ``model`` is on ``execution``'s device (default: fp32 on the CPU). ``observe`` sees
     each batch's fp32 logits at model resolution, so label-free statistics come from the
@@ -37,9 +38,9 @@ def confusion_on(
     exe = execution or Execution(torch.device("cpu"))
     model.eval()
     cm = np.zeros((num_classes, num_classes), np.int64)
-    skipped = 0
+    skipped = Counter()
     for batch in loader:
-        skipped += batch["num_skipped"]
+        skipped.update(batch["skipped_reasons"])
         if "image" not in batch:
             continue
         label = batch.get("label")
@@ -88,10 +89,14 @@ def evaluate_model(
     report["per_class"] = {
         CLASS_NAMES[c]: report["per_class"][CLASS_NAMES[c]] for c in ref.eval_subsets[first]
     }
-    report["images"] = len(loader.dataset) - skipped
-    # The split's images left out when the dataset was scanned, and those without a
-    # label, count as skipped too.
-    report["skipped"] = skipped + ref.skipped_in(split) + ref.unlabelled_in(split)
+    report["images"] = len(loader.dataset) - sum(skipped.values())
+    # The split's images left out when the dataset was scanned (the manifest's `error`
+    # says why), and those without a label, count as skipped too.
+    skipped.update(
+        {"left out at scan": ref.skipped_in(split), "no label": ref.unlabelled_in(split)}
+    )
+    report["skipped_reasons"] = {reason: n for reason, n in skipped.items() if n}
+    report["skipped"] = sum(report["skipped_reasons"].values())
     report["dataset"] = ref.name
     report["split"] = split
     return report

@@ -111,7 +111,7 @@ def train_source(
         momentum=sc.momentum,
         weight_decay=sc.weight_decay,
     )
-    start, earlier = 0, {"train_seconds": 0.0, "skipped_items": 0}
+    start, earlier = 0, {"train_seconds": 0.0, "skipped_items": 0, "skipped_reasons": {}}
     if exists(out):
         saved = load_checkpoint(out)
         if saved["meta"] is None:
@@ -135,14 +135,21 @@ def train_source(
         load_weights(model, saved["state_dict"])
         optimizer.load_state_dict(saved["optimizer"])
         start = saved["meta"]["iteration"]
-        earlier = {k: saved["meta"].get(k, 0) for k in earlier}  # before this resume
+        earlier = {k: saved["meta"].get(k, v) for k, v in earlier.items()}  # before this resume
         log.info("resuming %s from iteration %d", out, start)
 
     # Reseed per resume point so a resumed run does not replay the same batches.
     loader = train_loader(
         table, cfg.data, sc.batch_size, sc.seed + start, cfg.data.normalization, exe.pin_memory
     )
-    skipped = Counter()  # all-bad batches included
+    skipped = Counter()  # by reason, all-bad batches included
+
+    def skips() -> dict:
+        return {
+            "skipped_items": earlier["skipped_items"] + sum(skipped.values()),
+            "skipped_reasons": dict(Counter(earlier["skipped_reasons"]) + skipped),
+        }
+
     batches = forever(lambda _: loader, skipped)
     model.train()
     forward = exe.compiled(model)
@@ -180,7 +187,7 @@ def train_source(
         if done % sc.checkpoint_every == 0 and done < sc.iterations:
             so_far = {
                 "train_seconds": earlier["train_seconds"] + time.perf_counter() - t0,
-                "skipped_items": earlier["skipped_items"] + skipped["inputs"],
+                **skips(),
             }
             save_checkpoint(
                 out, model, {**meta, "iteration": done, **so_far}, optimizer.state_dict()
@@ -191,7 +198,7 @@ def train_source(
         "complete": True,
         # Over the whole run, resumes included.
         "train_seconds": earlier["train_seconds"] + time.perf_counter() - t0,
-        "skipped_items": earlier["skipped_items"] + skipped["inputs"],
+        **skips(),
         "images": table.num_rows,
         "skipped_images": ref.skipped_in("train") + ref.unlabelled_in("train"),
     }

@@ -184,7 +184,9 @@ def test_a_resumed_stream_reads_on_where_it_stopped():
     uninterrupted stream was; the sampler leaves out the batches already read."""
 
     def make(epoch, skip):
-        return [{"image": (epoch, i), "num_skipped": 0} for i in range(skip, 3)]
+        return [
+            {"image": (epoch, i), "num_skipped": 0, "skipped_reasons": {}} for i in range(skip, 3)
+        ]
 
     def first(stream, n):
         return [next(stream)["image"] for _ in range(n)]
@@ -194,7 +196,8 @@ def test_a_resumed_stream_reads_on_where_it_stopped():
     # The rest of a pass may hold only unreadable items: that is no empty whole pass.
     def bad_tail(epoch, skip):
         batches = make(epoch, skip)
-        return [{"num_skipped": 2}] * len(batches) if (epoch, skip) == (1, 2) else batches
+        unreadable = {"num_skipped": 2, "skipped_reasons": {"empty file": 2}}
+        return [unreadable] * len(batches) if (epoch, skip) == (1, 2) else batches
 
     assert first(batch_stream(bad_tail, 5), 1) == [(2, 0)]
     full = list(make_loader(list(range(10)), 2, 3, None).sampler)
@@ -630,7 +633,8 @@ def test_virtual_source_maps_of_another_size_or_class_range(tmp_path, caplog):
     dataset = AdaptationDataset(rows, (8, 16), np.full(C, 0.9), (1.0, 1.0), hflip=False)
     item = dataset[0]
     assert item["label"].shape == (8, 16) and set(item["label"].unique().tolist()) == {3}
-    assert dataset[1] is None and "pseudo-label 25 outside the 19 classes" in caplog.text
+    assert dataset[1].reason == "pseudo-label 25 outside the 19 classes"
+    assert "pseudo-label 25 outside the 19 classes" in caplog.text
 
 
 def test_a_crops_padding_is_marked_and_never_trained_on(tmp_path):

@@ -48,7 +48,10 @@ def test_items_and_skipped_bad_files(tmp_path, caplog):
     assert len(ds) == 4  # scan could not see these problems
     with caplog.at_level(logging.WARNING):
         items = [ds[i] for i in range(len(ds))]
-    assert items[1] is None and items[3] is None
+    assert items[1].path == str(tmp_path / "images" / "00001.png")
+    assert items[1].reason.startswith("corrupt or truncated image")
+    assert items[3].path == str(tmp_path / "labels" / "00003.png")
+    assert "unknown label ids [99]" in items[3].reason
     assert str(tmp_path / "images" / "00001.png") in caplog.text
     assert "unknown label ids [99]" in caplog.text
     item = items[2]
@@ -165,13 +168,20 @@ def test_a_frame_that_changed_since_the_scan_is_skipped_not_a_collate_error(tmp_
     assert [b["image_id"] for b in evaluated] == [["images/00000"]]
     assert images[0]["num_skipped"] == 1 and evaluated[0]["num_skipped"] == 2
     image = tmp_path / "images" / "00001.png"
-    assert f"skipping {image}: image size 40x24 differs from the manifest's {W}x{H}" in caplog.text
-    assert f"{tmp_path / 'labels' / '00002.png'}: label size 40x24 differs" in caplog.text
+    assert f"skipping {image}: image size changed: 40x24 differs from the manifest's {W}x{H}" in (
+        caplog.text
+    )
+    assert f"{tmp_path / 'labels' / '00002.png'}: label size mismatch: label 40x24" in caplog.text
+    assert images[0]["skipped_reasons"] == {"image size changed": 1}
+    assert evaluated[0]["skipped_reasons"] == {"image size changed": 1, "label size mismatch": 1}
 
 
 def test_all_bad_batch_has_no_image():
-    batch = collate_skip_bad([None, None, None])
-    assert batch == {"num_skipped": 3}
+    from sfda_ray.data.dataset import Skipped
+
+    bad = [Skipped("a.png", "empty file"), Skipped("b.png", "file not found")] * 2
+    batch = collate_skip_bad(bad[:3])
+    assert batch == {"num_skipped": 3, "skipped_reasons": {"empty file": 2, "file not found": 1}}
 
 
 def test_forever_reads_a_fresh_pass_each_time_and_skips_empty_batches():
@@ -182,16 +192,18 @@ def test_forever_reads_a_fresh_pass_each_time_and_skips_empty_batches():
     def make(epoch):  # as collate_skip_bad makes them: every batch counts its bad items
         passes.append(epoch)
         return [
-            {"image": (epoch, 0), "num_skipped": 1},
-            {"num_skipped": 4},
-            {"image": (epoch, 1), "num_skipped": 0},
+            {"image": (epoch, 0), "num_skipped": 1, "skipped_reasons": {"empty file": 1}},
+            {"num_skipped": 4, "skipped_reasons": {"empty file": 3, "file not found": 1}},
+            {"image": (epoch, 1), "num_skipped": 0, "skipped_reasons": {}},
         ]
 
     skipped = Counter()
     batches = forever(make, skipped)
     assert [next(batches)["image"] for _ in range(5)] == [(0, 0), (0, 1), (1, 0), (1, 1), (2, 0)]
     assert passes == [0, 1, 2]
-    assert skipped["inputs"] == 5 + 5 + 1  # two whole passes and the first batch of a third
-    nothing = forever(lambda epoch: [{"num_skipped": 3}, {"num_skipped": 2}])
-    with pytest.raises(ValueError, match=r"no usable item in a whole pass .*\(5 skipped\)"):
+    # Two whole passes and the first batch of a third.
+    assert skipped == {"empty file": 4 + 4 + 1, "file not found": 1 + 1}
+    unreadable = {"num_skipped": 3, "skipped_reasons": {"empty file": 3}}
+    nothing = forever(lambda epoch: [unreadable, unreadable])
+    with pytest.raises(ValueError, match=r"no usable item in a whole pass .*\(6 skipped\)"):
         next(nothing)

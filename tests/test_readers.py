@@ -353,6 +353,7 @@ def test_a_partly_labelled_split_is_evaluated_on_its_labelled_images(tmp_path, c
     model = build_model("deeplabv2_resnet18", 19, output_stride=16)
     report = evaluate_model(model.eval(), ref, "val", "imagenet", size=(32, 64), num_workers=0)
     assert (report["images"], report["skipped"]) == (1, 1)
+    assert report["skipped_reasons"] == {"no label": 1}
 
     # No label at all: no evaluation; every image unusable: the first one's reason.
     table = table.set_column(2, "label_path", pa.nulls(table.num_rows, pa.string()))

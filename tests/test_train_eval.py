@@ -194,11 +194,11 @@ def test_a_resumed_source_run_counts_its_whole_time_and_skipped_items(tiny_bench
     # As if the first stretch had taken 1000 s and met 7 bad images.
     payload = torch.load(out, weights_only=True)
     assert payload["meta"]["iteration"] == 2 and not payload["meta"]["complete"]
-    payload["meta"].update(train_seconds=1000.0, skipped_items=7)
+    payload["meta"].update(train_seconds=1000.0, skipped_items=7, skipped_reasons={"empty file": 7})
     torch.save(payload, out)
     meta = train_source(cfg, str(tiny_benchmark), str(out))
     assert meta["complete"] and 1000.0 < meta["train_seconds"] < 1100.0
-    assert meta["skipped_items"] == 7
+    assert meta["skipped_items"] == 7 and meta["skipped_reasons"] == {"empty file": 7}
 
 
 def test_source_training_refuses_what_it_cannot_train_on(tiny_benchmark, tmp_path):
@@ -360,7 +360,7 @@ def test_eval_over_synthia_subsets_of_a_cityscapes_tree(tiny_source_ckpt, tmp_pa
     report = json.loads(capsys.readouterr().out)
     assert list(report["subsets"]) == ["synthia16", "synthia13"]
     assert report["eval_classes"] == "synthia16" and report["images"] == 2
-    assert report["skipped"] == 1
+    assert report["skipped"] == 1 and report["skipped_reasons"] == {"left out at scan": 1}
     assert f"1 of val left out, as the manifest records (first: {empty}" in caplog.text
     assert list(report["per_class"]) == [CLASS_NAMES[c] for c in EVAL_SUBSETS["synthia16"]]
     for name in ("synthia16", "synthia13"):  # each subset's mIoU is over its own classes

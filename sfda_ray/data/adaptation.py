@@ -6,7 +6,6 @@ photometric augmentation.
 from __future__ import annotations
 
 import io
-import logging
 
 import numpy as np
 import torch
@@ -16,11 +15,10 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from sfda_ray import storage
+from sfda_ray.data.dataset import Skipped, skip
 from sfda_ray.data.io import BadInputError, load_image
 from sfda_ray.data.labels import IGNORE_INDEX
 from sfda_ray.data.transforms import RandomScale
-
-log = logging.getLogger(__name__)
 
 
 def _geometric(size: tuple[int, int], scale_range: tuple[float, float], hflip: bool):
@@ -73,7 +71,7 @@ class AdaptationDataset(Dataset):
             array = np.array(Image.fromarray(array).resize(self.size[::-1], Image.NEAREST))
         return array
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, index: int) -> dict | Skipped:
         row = self.rows[index]
         try:
             image = load_image(row["image_path"])
@@ -93,8 +91,7 @@ class AdaptationDataset(Dataset):
                     f"pseudo-label {label.max()} outside the {len(self.thresholds)} classes",
                 )
         except BadInputError as e:
-            log.warning("skipping %s", e)
-            return None
+            return skip(e)
         label = np.where(conf >= self.thresholds[label], label, IGNORE_INDEX).astype(np.uint8)
         img, label_t, conf_t, inside = self.transform(
             img,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
@@ -12,11 +11,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from sfda_ray.config import DataConfig
-from sfda_ray.data.dataset import SegmentationDataset, check_sizes, collate_skip_bad
+from sfda_ray.data.dataset import SegmentationDataset, Skipped, check_sizes, collate_skip_bad, skip
 from sfda_ray.data.io import BadInputError, load_image, load_label
 from sfda_ray.data.transforms import build_transform
-
-log = logging.getLogger(__name__)
 
 
 def train_loader(
@@ -61,7 +58,7 @@ def forever(
 ) -> Iterator[dict]:
     """Endless stream of non-empty batches: pass ``e`` reads ``make(e)``, so a caller can
     reseed each pass or return the same (reshuffling) loader every time. Bad items (each
-    logged with its reason) are counted in ``skipped["inputs"]``; a whole pass with no good
+    logged) are counted by reason in ``skipped``; a whole pass with no good
     item at all is an error, not an endless loop (``partial_first``: the first pass is the
     rest of one, which may hold no good item)."""
     epoch = 0
@@ -70,7 +67,7 @@ def forever(
         for batch in make(epoch):
             bad += batch["num_skipped"]
             if skipped is not None:
-                skipped["inputs"] += batch["num_skipped"]
+                skipped.update(batch["skipped_reasons"])
             if "image" in batch:
                 good = True
                 yield batch
@@ -163,15 +160,14 @@ class EvalDataset(Dataset):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> dict | None:
+    def __getitem__(self, index: int) -> dict | Skipped:
         row = self.rows[index]
         try:
             image = load_image(row["image_path"])
             label = load_label(row["label_path"], row["label_format"])
             check_sizes(row, image, label)
         except BadInputError as e:
-            log.warning("skipping %s", e)
-            return None
+            return skip(e)
         image, _ = self.transform(image, None)
         return {
             "image": image,
