@@ -8,6 +8,7 @@ import pytest
 from data_fixtures import (
     H,
     W,
+    all_ids_label,
     make_cityscapes,
     make_gta5,
     make_synthia,
@@ -74,6 +75,24 @@ def test_scan_cityscapes_with_unlabelled_images(tmp_path):
         assert (unlabelled["label_path"], unlabelled["label_format"]) == (None, None)
     assert all(r["error"] is None for r in rows)
     assert [r["split"] for r in scan_cityscapes(tmp_path, splits=("val",)).to_pylist()] == ["val"]
+
+
+def test_a_bad_cityscapes_label_leaves_its_image_unlabelled(tmp_path, caplog):
+    """Adaptation never reads a target label: an unreadable or wrongly sized one costs the
+    image its evaluation, not its place in the data (a source label costs the image)."""
+    images = {"train": ["a/a_0_19"], "val": ["b/b_0_19", "b/b_1_19"]}
+    make_cityscapes(tmp_path, images)
+    small = tmp_path / "gtFine" / "val" / "b" / "b_1_19_gtFine_labelIds.png"
+    write_png(small, all_ids_label(34, 8, 8))
+    (tmp_path / "gtFine" / "train" / "a" / "a_0_19_gtFine_labelIds.png").write_bytes(b"no png")
+    with caplog.at_level(logging.WARNING):
+        rows = {r["image_id"].split("/")[-1]: r for r in scan_cityscapes(tmp_path).to_pylist()}
+    assert all(r["error"] is None for r in rows.values())
+    for unlabelled in ("a_0_19_leftImg8bit", "b_1_19_leftImg8bit"):
+        assert (rows[unlabelled]["label_path"], rows[unlabelled]["label_format"]) == (None, None)
+    assert rows["b_0_19_leftImg8bit"]["label_format"] == "cityscapes_ids"
+    assert "2 label(s) unusable: their images are kept, unlabelled" in caplog.text
+    assert "a_0_19_gtFine_labelIds.png: unreadable label" in caplog.text
 
 
 def _gta5_with_bad_rows(root):

@@ -7,6 +7,8 @@ ids, truncated pixel data) surface later as ``BadInputError`` from ``io``.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -20,6 +22,8 @@ from sfda_ray.data.manifest import summarize, to_manifest_table, write_manifest
 
 GTA5_LAYOUT = "images/*.png with labels/*.png of the same names"
 SYNTHIA_LAYOUT = "RGB/*.png with GT/LABELS/*.png of the same names"
+log = logging.getLogger(__name__)
+
 CITYSCAPES_LAYOUT = (
     "leftImg8bit/<split>/<city>/<name>_leftImg8bit.png, "
     "optionally gtFine/<split>/<city>/<name>_gtFine_labelIds.png"
@@ -58,33 +62,51 @@ def _size_str(hw: tuple[int, int]) -> str:
     return f"{hw[1]}x{hw[0]}"  # width x height, as image sizes are usually written
 
 
-def _validate(row: dict[str, Any]) -> dict[str, Any]:
-    """Fill height/width/error from the headers of the image and its label (if any)."""
+def _validate(row: dict[str, Any], labels_required: bool) -> dict[str, Any]:
+    """Fill height/width/error from the headers of the image and its label (if any). A
+    label problem is the row's error where labels are required (source data); elsewhere
+    the image stays, unlabelled, and the problem is kept in ``label_problem``."""
     try:
         hw = image_size(row["image_path"])
     except BadInputError as e:
         return {**row, "error": f"unreadable image: {e.reason}"}
-    row = {**row, "height": hw[0], "width": hw[1]}
+    row = {**row, "height": hw[0], "width": hw[1], "error": None}
     if row["label_path"] is None:
-        return {**row, "error": None}
+        return row
     try:
         label_hw = image_size(row["label_path"])
     except BadInputError as e:
         reason = "missing label" if e.reason == "file not found" else "unreadable label"
-        return {**row, "error": f"{reason}: {e.reason}"}
-    if label_hw != hw:
-        error = (
+        problem = f"{reason}: {e.reason}"
+    else:
+        if label_hw == hw:
+            return row
+        problem = (
             f"label size mismatch: label {_size_str(label_hw)} "
             f"differs from image size {_size_str(hw)}"
         )
-        return {**row, "error": error}
-    return {**row, "error": None}
+    if labels_required:
+        return {**row, "error": problem}
+    return {
+        **row,
+        "label_path": None,
+        "label_format": None,
+        "label_problem": f"{row['label_path']}: {problem}",
+    }
 
 
-def _build(rows: list[dict[str, Any]]) -> pa.Table:
+def _build(rows: list[dict[str, Any]], labels_required: bool = True) -> pa.Table:
     # Header reads are I/O bound (especially on object stores): overlap them with threads.
     with ThreadPoolExecutor(max_workers=16) as pool:
-        rows = list(pool.map(_validate, rows))
+        rows = list(pool.map(functools.partial(_validate, labels_required=labels_required), rows))
+    problems = [r["label_problem"] for r in rows if r.get("label_problem")]
+    if problems:
+        log.warning(
+            "%d label(s) unusable: their images are kept, unlabelled (evaluation leaves them "
+            "out); first: %s",
+            len(problems),
+            problems[0],
+        )
     return to_manifest_table(sorted(rows, key=lambda r: (r["split"], r["image_id"])))
 
 
@@ -161,7 +183,8 @@ def scan_cityscapes(
                     "dataset": "cityscapes",
                 }
             )
-    return _build(rows)
+    # Target images need no label: a bad one leaves its image unlabelled, not unusable.
+    return _build(rows, labels_required=False)
 
 
 SCANNERS = {"gta5": scan_gta5, "synthia": scan_synthia, "cityscapes": scan_cityscapes}
