@@ -68,21 +68,25 @@ def test_bad_input_corpus_is_skipped_and_counted(ray_session, tiny_source_ckpt, 
     summary = score_dataset(
         str(tiny_source_ckpt), str(data), str(out), ScoringOptions(batch_size=4, actors=1)
     )
-    # Zero-byte, non-image and size-mismatched files are caught by the manifest scan.
-    assert summary["manifest_skipped"] == 3
+    # Zero-byte and non-image files are caught by the manifest scan; a label of the wrong
+    # size leaves its image unlabelled (a target image needs none).
+    assert summary["manifest_skipped"] == 2
     # The truncated PNG fails when decoded: kept as a row with its error, and counted.
     assert summary["skipped"] == 1
     assert summary["skipped_reasons"] == {"unreadable image": 1}
-    # Good, 16-bit, CMYK and bad-label images are scored, each exactly once.
+    # Good, 16-bit, CMYK, bad-label and mis-sized-label images are scored, each exactly once.
     table = pq.read_table(out / "scores.parquet")
     ok = [
         i
         for i, e in zip(table["image_id"].to_pylist(), table["error"].to_pylist(), strict=True)
         if e is None
     ]
-    assert len(ok) == len(set(ok)) == summary["scored"] == 7
+    assert len(ok) == len(set(ok)) == summary["scored"] == 8
     names = " ".join(ok)
     assert "sixteenbit" in names and "cmyk" in names and "badids" in names
+    assert "sizemismatch" in names
+    # A label that fails to decode (ids outside Cityscapes') only leaves the quality figures.
+    assert summary["label_errors"] == 1 and "badids" in summary["first_label_error"]
     bad = table.filter(pc.is_valid(table["error"]))
     assert "truncated" in bad["image_id"][0].as_py()
     assert str(tmp_path) in bad["error"][0].as_py()  # the error names the file
@@ -308,20 +312,21 @@ def test_ctrl_c_during_an_adaptation_is_an_interruption(
         },
     )
     run = tmp_path / "interrupted"
-    snapshot = run / "ray" / "adapt" / "checkpoint_manager_snapshot.json"
     sent = []
 
-    def ctrl_c_after_first_checkpoint():
+    earlier = {p.pid for p in _processes("RayTrainWorker")}
+
+    def ctrl_c_once_training():  # once fit has started this run's worker
         deadline = time.time() + 300
         while time.time() < deadline:
-            if snapshot.exists() and "checkpoint_" in snapshot.read_text():
+            if {p.pid for p in _processes("RayTrainWorker")} - earlier:
                 os.kill(os.getpid(), signal.SIGINT)
                 sent.append(True)
                 return
             time.sleep(0.1)
 
     before = signal.getsignal(signal.SIGINT)
-    sender = threading.Thread(target=ctrl_c_after_first_checkpoint)
+    sender = threading.Thread(target=ctrl_c_once_training)
     sender.start()
     with pytest.raises(KeyboardInterrupt):
         run_adapt(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark), str(run))

@@ -224,10 +224,6 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
         args.data = pin_manifest(str(args.data), out)
         sweep_metric(cfg, args.data)  # refused here rather than after scoring
     t0 = time.perf_counter()
-    init_ray(args.address)
-    t = cfg.tune
-    trial_worker = {"CPU": t.cpus_per_worker, "GPU": t.gpus_per_worker}
-    check_placeable("tune trials", trial_worker, t.workers_per_trial, t.placement_strategy)
 
     if args.data:
         data, checkpoint = args.data, args.checkpoint
@@ -235,8 +231,13 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
         bench = Path(out) / ("synthetic_smoke" if args.smoke else f"synthetic_seed{args.seed}")
         ensure_benchmark(bench, SMOKE_BENCH if args.smoke else BenchmarkSpec(seed=args.seed))
         data, checkpoint = str(bench), str(Path(out) / "source.pt")
+        # Before Ray starts: its idle processes would only slow the training down.
         train_source(cfg, data, checkpoint)  # a no-op once complete
 
+    init_ray(args.address)
+    t = cfg.tune
+    trial_worker = {"CPU": t.cpus_per_worker, "GPU": t.gpus_per_worker}
+    check_placeable("tune trials", trial_worker, t.workers_per_trial, t.placement_strategy)
     scores = storage.join(out, "scores")
     scored = score_dataset(checkpoint, data, scores, ScoringOptions.from_config(cfg))
     pictures = write_pictures(scores, cfg.select, cfg.model.num_classes)
