@@ -46,10 +46,14 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
+
+if TYPE_CHECKING:
+    import numpy as np
 
 # `sfda_ray.models` pulls in checkpoint IO and with it pyarrow; deeplabv2.py itself needs
 # only torch and torchvision.
@@ -124,7 +128,7 @@ class Bench:
         if self.model.training != train:
             self.model.train(train)
 
-    def score(self, bf16: bool, images=None) -> None:
+    def score(self, bf16: bool, images: np.ndarray | None = None) -> None:
         """One scoring batch: this bench's own, or ``images`` (a uint8 array) when given."""
         images = self.score_images if images is None else torch.from_numpy(images)
         self._set_mode(False)
@@ -135,7 +139,9 @@ class Bench:
             entropy = -(prob * prob.clamp_min(1e-12).log()).sum(1) / math.log(NUM_CLASSES)
         del conf, label, entropy  # computed for their cost; scores stay on the device
 
-    def train(self, bf16: bool, images=None, labels=None) -> None:
+    def train(
+        self, bf16: bool, images: np.ndarray | None = None, labels: np.ndarray | None = None
+    ) -> None:
         """One adaptation step: this bench's batch, or ``images`` and ``labels`` (uint8)."""
         if images is None:
             images, labels = self.train_images, self.train_labels

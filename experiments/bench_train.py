@@ -27,10 +27,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 import torch
-from ray.train import UserCallback
+from ray.train import Checkpoint, UserCallback
 
 from sfda_ray.adaptation import LocalEnv, make_plan, run_adaptation
-from sfda_ray.config import load_config
+from sfda_ray.config import Config, load_config
 from sfda_ray.data.synthetic import BenchmarkSpec, generate
 from sfda_ray.dist.runtime import init_ray
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
@@ -46,7 +46,9 @@ class ReportLog(UserCallback):
     def __init__(self, path: str):
         self.path = path
 
-    def after_report(self, run_context, metrics, checkpoint) -> None:
+    def after_report(
+        self, run_context: object, metrics: list[dict], checkpoint: Checkpoint | None
+    ) -> None:
         with open(self.path, "a") as f:
             f.write(json.dumps(metrics[0]) + "\n")
 
@@ -63,7 +65,7 @@ def curve(reports: list[dict], key: str = "loss_total") -> list[float]:
     return [r[key] for r in reports if key in r]
 
 
-def ray_run(cfg, ckpt: str, scores: str, data: str, out: Path, workers: int) -> list[dict]:
+def ray_run(cfg: Config, ckpt: str, scores: str, data: str, out: Path, workers: int) -> list[dict]:
     log_path = out.with_suffix(".jsonl")
     run_adapt(
         cfg, ckpt, scores, data, str(out), workers=workers, callbacks=[ReportLog(str(log_path))]

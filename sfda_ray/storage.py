@@ -15,8 +15,12 @@ import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow.fs as pafs
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 
 def is_uri(path: str | os.PathLike) -> bool:
@@ -225,14 +229,14 @@ def list_files(directory: str | os.PathLike, suffix: str = "") -> list[str]:
     return found if scheme == "file" else [f"{scheme}://{f}{sep}{query}" for f in found]
 
 
-def read_parquet(path: str | os.PathLike, schema=None):
+def read_parquet(path: str | os.PathLike, schema: pa.Schema | None = None) -> pa.Table:
     import pyarrow.parquet as pq
 
     fs, p = resolve(path)
     return pq.read_table(p, filesystem=fs, schema=schema)
 
 
-def write_parquet(table, path: str | os.PathLike) -> None:
+def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
     """Atomic Parquet write (temporary name, then rename)."""
     import pyarrow as pa
     import pyarrow.parquet as pq

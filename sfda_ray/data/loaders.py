@@ -140,7 +140,7 @@ class SizeBatches(Sampler[list[int]]):
         return sum(-(-n // self.batch_size) for n in Counter(self.sizes).values())
 
 
-def images_of(loader: DataLoader):
+def images_of(loader: DataLoader) -> Iterator[torch.Tensor]:
     """The image tensors of a loader's batches, skipping all-bad batches."""
     return (batch["image"] for batch in loader if "image" in batch)
 

@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from sfda_ray import storage
-from sfda_ray.config import PerfConfig, SelectConfig
+from sfda_ray.config import Config, PerfConfig, SelectConfig
 from sfda_ray.data.catalog import open_dataset
 from sfda_ray.data.decode import decode_batch
 from sfda_ray.data.labels import CLASS_NAMES, IGNORE_INDEX
@@ -50,7 +50,7 @@ from sfda_ray.data.scores import ADABN_FILE, MAP_SUFFIXES, map_name, scored_rows
 from sfda_ray.data.transforms import normalize_batch
 from sfda_ray.dist.runtime import on_gpus
 from sfda_ray.evaluate import adabn_on_split
-from sfda_ray.method.scoring import class_confidence_histogram, score_images
+from sfda_ray.method.scoring import ImageScores, class_confidence_histogram, score_images
 from sfda_ray.method.selection import select_by_config, selection_quality
 from sfda_ray.metrics import confusion_matrix, iou_per_class
 from sfda_ray.models.checkpoint import (
@@ -138,7 +138,7 @@ class ScoringOptions:
     num_classes: int = 19
 
     @classmethod
-    def from_config(cls, cfg, domain: str = "target") -> ScoringOptions:
+    def from_config(cls, cfg: Config, domain: str = "target") -> ScoringOptions:
         """Options from a ``Config`` (its ``score`` section and the input size)."""
         return cls(
             size=cfg.data.input_size,
@@ -234,7 +234,7 @@ def score_row_template(batch: dict, i: int, node_id: str) -> dict:
     return row
 
 
-def image_row(scores, j: int, num_classes: int, gt: np.ndarray | None) -> dict:
+def image_row(scores: ImageScores, j: int, num_classes: int, gt: np.ndarray | None) -> dict:
     """Table values and encoded maps of image ``j`` of a scored batch."""
     label, conf = scores.label[j].cpu(), scores.confidence[j].cpu()
     row = {

@@ -19,6 +19,7 @@ import re
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -355,7 +356,9 @@ class SweepTracker:
         if changed:
             self.log_metrics(run_id, changed, 0)
 
-    def log_files(self, run_id: str, files: dict[str, bytes], artifact_path: str | None = None):
+    def log_files(
+        self, run_id: str, files: dict[str, bytes], artifact_path: str | None = None
+    ) -> None:
         if not files:
             return
         with tempfile.TemporaryDirectory() as tmp:
@@ -404,7 +407,13 @@ class TrialLogger(Callback):
     runs carry the sweep's tags, as its started ``tracker`` holds them.
     """
 
-    def __init__(self, tracker: SweepTracker, fixed: dict, files_of, iterations: int):
+    def __init__(
+        self,
+        tracker: SweepTracker,
+        fixed: dict,
+        files_of: Callable[[str], dict[str, bytes]],
+        iterations: int,
+    ) -> None:
         self.tracker = tracker
         self.fixed = fixed
         self.files_of = files_of

@@ -41,7 +41,9 @@ def report_files(out: str, trial_id: str) -> dict[str, bytes]:
     }
 
 
-def adapt_trial(params: dict, base: dict, checkpoint: str, scores: str, data: str, out: str):
+def adapt_trial(
+    params: dict, base: dict, checkpoint: str, scores: str, data: str, out: str
+) -> None:
     """One trial: adapt with the sampled values, then describe the adapted model."""
     cfg = apply_overrides(from_dict(Config, base), params)
     trial_id = tune.get_context().get_trial_id()

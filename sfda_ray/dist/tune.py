@@ -28,6 +28,7 @@ import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import BasicVariantGenerator
+from ray.tune.search.sample import Domain
 
 from sfda_ray import storage
 from sfda_ray.adaptation import check_discriminator_fits, scored_map_size
@@ -62,7 +63,7 @@ class SweepFailed(RuntimeError):
     """No trial of a sweep completed; the message says what the trials raised."""
 
 
-def tune_domain(kind: str, args: list):
+def tune_domain(kind: str, args: list) -> Domain | dict:
     """A Ray Tune sampling domain from a validated search-space entry."""
     if kind == "grid":
         return tune.grid_search(args)

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from sfda_ray.method.scoring import CONFIDENCE_BINS
+
+if TYPE_CHECKING:
+    from sfda_ray.config import SelectConfig
 
 
 @dataclass
@@ -138,7 +142,7 @@ def select(
     )
 
 
-def select_by_config(table: pa.Table, cfg, num_classes: int = 19) -> Selection:
+def select_by_config(table: pa.Table, cfg: SelectConfig, num_classes: int = 19) -> Selection:
     """:func:`select` with the values of a ``SelectConfig``."""
     return select(
         table,
