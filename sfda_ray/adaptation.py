@@ -48,6 +48,7 @@ from sfda_ray.method.selection import select_by_config
 from sfda_ray.metrics import segmentation_report
 from sfda_ray.models import discriminator
 from sfda_ray.models.checkpoint import (
+    DivergedError,
     file_fingerprint,
     load_checkpoint,
     load_model,
@@ -312,8 +313,8 @@ def check_finite(logs: dict[str, float], iteration: int, lr: float, device: torc
         raise _diverged(f"at iteration {iteration}: {', '.join(diverged)} not finite", lr)
 
 
-def _diverged(what: str, lr: float) -> ValueError:
-    return ValueError(
+def _diverged(what: str, lr: float) -> DivergedError:
+    return DivergedError(
         f"adaptation diverged {what} (adapt.lr {lr}; a lower learning rate or loss weight may help)"
     )
 

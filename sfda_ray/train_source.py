@@ -21,6 +21,7 @@ from sfda_ray.data.loaders import forever, train_loader
 from sfda_ray.method.adapt import poly_lr
 from sfda_ray.models import build_model
 from sfda_ray.models.checkpoint import (
+    DivergedError,
     load_checkpoint,
     load_weights,
     save_checkpoint,
@@ -56,8 +57,8 @@ def source_training_config(cfg: Config, domain: str) -> dict:
     return {**out, "domain": domain}
 
 
-def _diverged(what: str, lr: float) -> ValueError:
-    return ValueError(
+def _diverged(what: str, lr: float) -> DivergedError:
+    return DivergedError(
         f"source training diverged {what} (source.lr {lr}; a lower learning rate may help)"
     )
 

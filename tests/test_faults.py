@@ -23,7 +23,7 @@ from sfda_ray.adaptation import load_state
 from sfda_ray.config import ConfigError, apply_overrides, load_config
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
 from sfda_ray.dist.train import run_adapt
-from sfda_ray.models.checkpoint import load_checkpoint
+from sfda_ray.models.checkpoint import DivergedError, load_checkpoint
 
 H, W = 48, 96
 
@@ -334,3 +334,28 @@ def test_ctrl_c_during_an_adaptation_is_an_interruption(
     assert sent
     assert not (run / "final.pt").exists()
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_diverged_adaptation_stops_without_retries(
+    ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    """Ray Train retries whatever a worker raises, and a run that diverged would diverge
+    again from its last checkpoint: it stops at once, with the reason and no final model."""
+    scores, _ = tiny_scores
+    cfg = load_config(
+        None,
+        {
+            "adapt.lr": 1e12,
+            "adapt.iterations": 6,
+            "adapt.batch_size": 2,
+            "adapt.eval_every": 3,
+            "adapt.checkpoint_every": 3,
+            "adapt.threads": 1,
+            "data.num_workers": 0,
+        },
+    )
+    run = tmp_path / "diverged"
+    inputs = (str(tiny_source_ckpt), str(scores), str(tiny_benchmark), str(run))
+    with pytest.raises(DivergedError, match=r"adaptation diverged (at|by) iteration \d"):
+        run_adapt(cfg, *inputs, max_failures=2)
+    assert not (run / "final.pt").exists()

@@ -37,10 +37,11 @@ from sfda_ray.adaptation import (
 )
 from sfda_ray.config import Config, ConfigError, from_dict, result_identity, to_dict
 from sfda_ray.dist.runtime import check_placeable
-from sfda_ray.models.checkpoint import file_fingerprint, load_model
+from sfda_ray.models.checkpoint import DivergedError, file_fingerprint, load_model
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
+DIVERGED_FILE = "diverged.txt"  # in OUT: why the run stopped, for run_adapt to raise
 RUN_FILE = "adapt.json"
 # Keys that change how a run goes or reports, not what it computes: a resumed run may
 # change them (evaluation never changes training's draws; the data is in the plan's
@@ -158,7 +159,16 @@ class RayTrainEnv:
 def train_loop_per_worker(config: dict) -> None:
     cfg = from_dict(Config, config["cfg"])
     plan = AdaptPlan(**config["plan"])
-    run_adaptation(plan, cfg, RayTrainEnv())
+    env = RayTrainEnv()
+    try:
+        run_adaptation(plan, cfg, env)
+    except DivergedError as e:
+        # Ray Train retries whatever a worker raises, and a retry from the last checkpoint
+        # would diverge again: the run ends here and run_adapt raises the error. Every
+        # worker raises it at the same step (the check is pooled), so none is left
+        # waiting in a collective.
+        if env.rank == 0:
+            storage.atomic_write_bytes(storage.join(config["out"], DIVERGED_FILE), str(e).encode())
 
 
 def _fit(trainer: TorchTrainer):
@@ -206,6 +216,7 @@ def run_adapt(
     storage.prepare_output(out, needs, "the adaptation's checkpoints")
     plan = make_plan(cfg, checkpoint, scores, data)
     storage_path = storage.join(out, "ray")
+    diverged = storage.join(out, DIVERGED_FILE)
     _check_same_run(out, storage_path, run_identity(cfg, plan))
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker:
@@ -213,7 +224,7 @@ def run_adapt(
     check_placeable("adapt", resources, workers, placement_strategy)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": to_dict(cfg), "plan": asdict(plan)},
+        train_loop_config={"cfg": to_dict(cfg), "plan": asdict(plan), "out": out},
         scaling_config=ScalingConfig(
             num_workers=workers,
             use_gpu=gpus_per_worker > 0,
@@ -228,7 +239,10 @@ def run_adapt(
             callbacks=callbacks,
         ),
     )
+    storage.remove(diverged)  # an earlier attempt's
     result = _fit(trainer)
+    if storage.exists(diverged):
+        raise DivergedError(storage.read_bytes(diverged).decode())
     if result.checkpoint is None:
         raise RuntimeError(f"adaptation under {storage_path} finished without a checkpoint")
     with result.checkpoint.as_directory() as path:

@@ -281,6 +281,11 @@ def load_model(
     return model, {**meta, "arch": model.arch}
 
 
+class DivergedError(ValueError):
+    """Training stopped because a loss or a weight stopped being finite. A retry from the
+    last checkpoint would most likely meet the same, so it is not retried."""
+
+
 def weights_finite(model: nn.Module) -> bool:
     """Whether every parameter is finite: a finite loss can still leave an inf gradient
     behind, and weights broken that way are never checkpointed."""
