@@ -83,7 +83,10 @@ def join(base: str | os.PathLike, *parts: str) -> str:
 def beside(path: str | os.PathLike, relative: str) -> str:
     """``relative`` (``..`` allowed) taken from the folder holding ``path``, a local path
     or a URI; a URI keeps its options, and its ``..`` are resolved (an object store has no
-    folders to resolve them) but may not leave the bucket."""
+    folders to resolve them) but may not leave the bucket. A ``relative`` that is a URI or
+    an absolute path is returned as it is."""
+    if is_uri(relative) or Path(relative).expanduser().is_absolute():
+        return relative
     path = str(path)
     if not is_uri(path):
         return join(Path(path).expanduser().parent, relative)

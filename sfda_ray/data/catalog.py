@@ -150,14 +150,6 @@ DATASET_KEYS = {f.name for f in fields(DataConfig)}
 LOCATING_KEYS = ("kind", "root", "manifest", "eval_classes")
 
 
-def _relative_to(config: str, location: str) -> str:
-    """A relative ``root`` or ``manifest`` in a dataset YAML is relative to the YAML's
-    folder, not to the working directory, so the file means the same from anywhere."""
-    if storage.is_uri(location) or Path(location).expanduser().is_absolute():
-        return location
-    return storage.beside(config, location)
-
-
 def read_dataset_yaml(data: str | Path) -> dict:
     """A dataset YAML's ``data:`` section, its ``root`` and ``manifest`` resolved against
     the YAML's folder and ``where`` set to the YAML's own location."""
@@ -191,7 +183,9 @@ def read_dataset_yaml(data: str | Path) -> dict:
     if ignored:
         _warn_not_applied(where, ignored)
     spec = {k: v for k, v in spec.items() if k in LOCATING_KEYS}
-    located = {k: _relative_to(where, str(spec[k])) for k in ("root", "manifest") if spec.get(k)}
+    # A relative `root` or `manifest` is relative to the YAML's folder, not to the working
+    # directory, so the file means the same from anywhere.
+    located = {k: storage.beside(where, str(spec[k])) for k in ("root", "manifest") if spec.get(k)}
     return {**spec, **located, "where": where}
 
 

@@ -139,12 +139,7 @@ def _located(table: pa.Table, manifest: str) -> pa.Table:
     each run in one of their own, where it would name no file."""
     for name in ("image_path", "label_path"):
         paths = table[name].to_pylist()
-        located = [
-            p
-            if p is None or storage.is_uri(p) or os.path.isabs(os.path.expanduser(p))
-            else storage.beside(manifest, p)
-            for p in paths
-        ]
+        located = [p if p is None else storage.beside(manifest, p) for p in paths]
         if located != paths:
             index = table.schema.get_field_index(name)
             table = table.set_column(
