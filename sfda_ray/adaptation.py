@@ -44,7 +44,7 @@ from sfda_ray.method.adapt import (
 )
 from sfda_ray.method.baselines import adapt_batchnorm
 from sfda_ray.method.scoring import normalized_entropy
-from sfda_ray.method.selection import select_by_config
+from sfda_ray.method.selection import select
 from sfda_ray.metrics import segmentation_report
 from sfda_ray.models import discriminator
 from sfda_ray.models.checkpoint import (
@@ -115,7 +115,7 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
     table = scored_rows(scores)
     if table.num_rows == 0:
         raise ValueError(f"{scores}/scores.parquet has no scored images")
-    selection = select_by_config(table, cfg.select, cfg.model.num_classes)
+    selection = select(table, cfg.select, cfg.model.num_classes)
     if not (len(selection.virtual) and len(selection.target)):
         s = cfg.select
         rule = f"ratio {s.ratio}" if s.ratio is not None else f"score_threshold {s.score_threshold}"

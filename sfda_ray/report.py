@@ -21,7 +21,7 @@ from sfda_ray.data.labels import CLASS_NAMES
 from sfda_ray.data.loaders import image_loader
 from sfda_ray.data.scores import scored_rows
 from sfda_ray.evaluate import evaluate_model
-from sfda_ray.method.selection import select_by_config
+from sfda_ray.method.selection import select
 from sfda_ray.models.checkpoint import load_model
 from sfda_ray.models.execution import resolve_device
 from sfda_ray.pictures import (
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def selection_files(scores: str, cfg: Config) -> dict[str, bytes]:
     """The score histogram with this configuration's selection cut."""
     table = scored_rows(scores)
-    selection = select_by_config(table, cfg.select, cfg.model.num_classes)
+    selection = select(table, cfg.select, cfg.model.num_classes)
     return {"score_histogram.png": score_histogram(table, selection)}
 
 

@@ -1,3 +1,4 @@
+import dataclasses
 import io
 import json
 import shutil
@@ -11,14 +12,14 @@ import torch
 from PIL import Image
 
 from sfda_ray.cli import main
-from sfda_ray.config import SelectConfig
+from sfda_ray.config import Config, PerfConfig, SelectConfig
 from sfda_ray.data.catalog import open_dataset
 from sfda_ray.data.io import load_image, load_label
 from sfda_ray.data.manifest import write_manifest
 from sfda_ray.data.transforms import normalize_batch
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
 from sfda_ray.method.scoring import class_confidence_histogram, score_images
-from sfda_ray.method.selection import select_by_config, selection_quality
+from sfda_ray.method.selection import select, selection_quality
 from sfda_ray.models.checkpoint import load_model
 
 
@@ -68,7 +69,7 @@ def test_ray_pipeline_equals_plain_core(scored, tiny_benchmark, tiny_source_ckpt
         assert (correct <= labelled).all() and labelled.sum() <= sum(row["class_hist"])
         assert row["node_id"] and row["error"] is None
     # Quality figures describe the configured selection (class-balanced by default).
-    configured = selection_quality(table, select_by_config(table, SelectConfig()))
+    configured = selection_quality(table, select(table, SelectConfig()))
     for key in ("kept_pixel_accuracy", "score_miou_spearman"):
         assert summary[f"quality_{key}"] == pytest.approx(configured[key])
     assert json.loads((out / "summary.json").read_text())["scored"] == 24
@@ -261,3 +262,17 @@ def test_the_scoring_settings_reach_its_datasets_and_leave_the_driver_as_it_was(
     assert (ctx.wait_for_min_actors_s, ctx.max_consecutive_actor_init_deaths) == before
     assert ctx.execution_options is options and options.actor_locality_enabled is not False
     assert ds.take_all() == [{"a": 1}]
+
+
+def test_scoring_options_default_to_the_configs_score_section():
+    """Scoring from Python and scoring from a config mean the same defaults."""
+    configured = ScoringOptions.from_config(Config())
+    plain = ScoringOptions()
+    differ = {
+        f.name
+        for f in dataclasses.fields(ScoringOptions)
+        if getattr(plain, f.name) != getattr(configured, f.name)
+    }
+    # size and perf: None means the native size and the default execution settings.
+    assert differ <= {"size", "perf"}, differ
+    assert configured.perf == PerfConfig() and configured.size is None

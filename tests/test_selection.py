@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from sfda_ray.config import ConfigError, load_config
+from sfda_ray.config import ConfigError, SelectConfig, load_config
 from sfda_ray.method.scoring import CONFIDENCE_BINS, class_confidence_histogram
 from sfda_ray.method.selection import (
     class_balanced_thresholds,
@@ -16,6 +16,11 @@ from sfda_ray.method.selection import (
 )
 
 C, B = 19, CONFIDENCE_BINS
+
+
+def one_tau(**select: float | None) -> SelectConfig:
+    """A selection whose pixel threshold is tau for every class (no class balancing)."""
+    return SelectConfig(**select, class_balanced=False)
 
 
 def hist_row(counts: dict[tuple[int, int], int]) -> list[int]:
@@ -63,7 +68,7 @@ def test_the_kept_pixels_of_the_priors_are_the_pixels_the_adaptation_keeps(tmp_p
         "confidence_path": str(write_png(tmp_path / "conf.png", conf.numpy())),
     }
     for tau in (0.8, 0.87, 0.9, 0.93, 0.95):
-        sel = select(scores_table([("a", 0.5, hist.ravel().tolist())]), ratio=1.0, tau=tau)
+        sel = select(scores_table([("a", 0.5, hist.ravel().tolist())]), one_tau(ratio=1.0, tau=tau))
         thresholds = sel.class_thresholds
         assert thresholds[0] == pytest.approx(np.ceil(tau * B - 1e-9) / B)
         item = AdaptationDataset([row], (C, 256), thresholds, (1.0, 1.0), hflip=False)[0]
@@ -75,7 +80,7 @@ def test_the_kept_pixels_of_the_priors_are_the_pixels_the_adaptation_keeps(tmp_p
     # Above the last bin's lower edge no bin would be kept, while the dataset would still
     # keep confidences of 255: such a tau is refused, by the config as well.
     with pytest.raises(ValueError, match=r"tau: 0.97 is out of range; allowed: 0 <= tau <= 0.95"):
-        select(scores_table([("a", 0.5, hist.ravel().tolist())]), ratio=1.0, tau=0.97)
+        select(scores_table([("a", 0.5, hist.ravel().tolist())]), one_tau(ratio=1.0, tau=0.97))
     with pytest.raises(ConfigError, match="select.tau"):
         load_config(overrides={"select.tau": 0.97})
 
@@ -88,11 +93,11 @@ def test_ratio_and_threshold_split_images_by_score():
         ("d", 0.7, hist_row({(2, 19): 10})),
     ]
     table = scores_table(rows)
-    sel = select(table, ratio=0.5, tau=0.9)
+    sel = select(table, one_tau(ratio=0.5, tau=0.9))
     assert sel.virtual == ["a", "c"]  # tie between c and d broken by id
     assert sel.target == ["d", "b"]
     assert sel.score_cut == pytest.approx(0.7)
-    by_threshold = select(table, ratio=None, score_threshold=0.7, tau=0.9)
+    by_threshold = select(table, one_tau(ratio=None, score_threshold=0.7, tau=0.9))
     assert by_threshold.virtual == ["a", "c", "d"]
     # pi_T counts every pixel; pi_V only kept pixels of V (c's are below tau).
     np.testing.assert_allclose(sel.prior_target[[0, 1, 2]], [0.25, 0.25, 0.5])
@@ -102,9 +107,9 @@ def test_ratio_and_threshold_split_images_by_score():
     assert alpha[2] == pytest.approx(5.0)  # absent from V's kept pixels: clipped up
     assert alpha[5] == 1.0  # absent everywhere
     with pytest.raises(ValueError, match="exactly one"):
-        select(table, ratio=0.5, score_threshold=0.5)
+        select(table, one_tau(ratio=0.5, score_threshold=0.5))
     with pytest.raises(ValueError, match="ratio: 1.5 is out of range"):
-        select(table, ratio=1.5)
+        select(table, one_tau(ratio=1.5))
 
 
 def test_class_balanced_thresholds_keep_the_top_portion_of_each_class():
@@ -134,7 +139,7 @@ def test_selection_quality_and_rank_correlation():
         .append_column("eval_labelled_hist", pa.array(labelled))
         .append_column("eval_miou", pa.array([80.0, 10.0], pa.float32()))
     )
-    q = selection_quality(table, select(table, ratio=0.5, tau=0.9))
+    q = selection_quality(table, select(table, one_tau(ratio=0.5, tau=0.9)))
     assert q["kept_pixel_accuracy"] == pytest.approx(6 / 6)  # void pixels are not wrong
     assert q["kept_pixel_fraction"] == pytest.approx(8 / 10)
     assert q["all_pixel_accuracy"] == pytest.approx(7 / 13)
@@ -145,4 +150,4 @@ def test_selection_quality_and_rank_correlation():
         "eval_labelled_hist",
         pa.nulls(2, pa.list_(pa.int64())),
     )
-    assert selection_quality(older, select(older, ratio=0.5, tau=0.9)) == {}
+    assert selection_quality(older, select(older, one_tau(ratio=0.5, tau=0.9))) == {}

@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from sfda_ray import storage
-from sfda_ray.config import Config, PerfConfig, SelectConfig
+from sfda_ray.config import Config, PerfConfig, ScoreConfig, SelectConfig
 from sfda_ray.data.catalog import open_dataset
 from sfda_ray.data.decode import decode_batch
 from sfda_ray.data.labels import CLASS_NAMES, IGNORE_INDEX
@@ -51,7 +51,7 @@ from sfda_ray.data.transforms import normalize_batch
 from sfda_ray.dist.runtime import on_gpus
 from sfda_ray.evaluate import adabn_on_split
 from sfda_ray.method.scoring import ImageScores, class_confidence_histogram, score_images
-from sfda_ray.method.selection import select_by_config, selection_quality
+from sfda_ray.method.selection import select, selection_quality
 from sfda_ray.metrics import confusion_matrix, iou_per_class
 from sfda_ray.models.checkpoint import (
     file_fingerprint,
@@ -122,15 +122,17 @@ ACTOR_SCHEMA = pa.schema(
 
 @dataclass
 class ScoringOptions:
+    """A ``ScoreConfig`` with what else scoring needs; the defaults are the config's."""
+
     size: tuple[int, int] | None = None  # model input (H, W); None keeps native size
-    batch_size: int = 8
-    actors: int | None = None  # None: one per GPU, else the cluster's CPUs less one
-    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs
-    threads_per_actor: int | None = None  # None: the cluster's CPUs shared among the actors
-    mc_passes: int = 0
+    batch_size: int = ScoreConfig.batch_size
+    actors: int | None = ScoreConfig.actors  # None: one per GPU, else the CPUs less one
+    gpus_per_actor: float | None = ScoreConfig.gpus_per_actor  # None: 1 if there are GPUs
+    threads_per_actor: int | None = ScoreConfig.threads_per_actor  # None: CPUs shared
+    mc_passes: int = ScoreConfig.mc_passes
     # Score with the source model after AdaBN on the target split (see adabn_checkpoint).
-    adabn: bool = True
-    split: str = "train"
+    adabn: bool = ScoreConfig.adabn
+    split: str = ScoreConfig.split
     domain: str = "target"
     perf: PerfConfig | None = None  # precision, memory format, compile (None: the defaults)
     # The selection the summary's quality figures describe.
@@ -647,7 +649,7 @@ def summarize_scores(
     }
     if ok.num_rows:
         # Quality of the configured selection (pseudo-labels against labels, where known).
-        selection = select_by_config(ok, select_cfg, num_classes)
+        selection = select(ok, select_cfg, num_classes)
         quality = selection_quality(ok, selection, num_classes)
         summary.update({f"quality_{k}": v for k, v in quality.items()})
     return summary
@@ -660,7 +662,7 @@ def write_pictures(out: str, select_cfg: SelectConfig, num_classes: int = 19) ->
     ok = scored_rows(out)
     if ok.num_rows == 0:
         return []
-    selection = select_by_config(ok, select_cfg, num_classes)
+    selection = select(ok, select_cfg, num_classes)
     paths = [storage.join(out, "score_histogram.png"), storage.join(out, "selection_grid.png")]
     storage.atomic_write_bytes(paths[0], score_histogram(ok, selection))
     storage.atomic_write_bytes(paths[1], selection_grid(ok, selection))

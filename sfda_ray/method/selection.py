@@ -81,20 +81,13 @@ def kept_counts(hist: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return (hist * keep).sum(1)
 
 
-def select(
-    table: pa.Table,
-    ratio: float | None = 0.5,
-    score_threshold: float | None = None,
-    tau: float = 0.9,
-    class_balanced: bool = False,
-    cb_portion: float = 0.5,
-    num_classes: int = 19,
-) -> Selection:
+def select(table: pa.Table, cfg: SelectConfig, num_classes: int = 19) -> Selection:
     """Split scored images into V and T; pixel thresholds; priors pi_T and pi_V.
 
-    Give either ``ratio`` (top fraction of images by score) or ``score_threshold``.
-    Rows with an error are ignored.
+    ``cfg`` gives either ``ratio`` (top fraction of images by score) or
+    ``score_threshold``. Rows with an error are ignored.
     """
+    ratio, score_threshold, tau = cfg.ratio, cfg.score_threshold, cfg.tau
     if (ratio is None) == (score_threshold is None):
         raise ValueError("give exactly one of ratio and score_threshold")
     if ratio is not None and not 0.0 < ratio <= 1.0:
@@ -126,8 +119,8 @@ def select(
     # very pixels the adaptation keeps: tau is rounded up to the next bin edge.
     tau = math.ceil(tau * bins - 1e-9) / bins
     thresholds = (
-        class_balanced_thresholds(hist.sum(0), tau, cb_portion)
-        if class_balanced
+        class_balanced_thresholds(hist.sum(0), tau, cfg.cb_portion)
+        if cfg.class_balanced
         else np.full(num_classes, tau)
     )
     prior_target = _normalise(hist.sum((0, 2)).astype(np.float64))
@@ -139,19 +132,6 @@ def select(
         prior_target=prior_target,
         prior_virtual=prior_virtual,
         score_cut=float(scores[order[n_virtual - 1]]) if n_virtual else float("inf"),
-    )
-
-
-def select_by_config(table: pa.Table, cfg: SelectConfig, num_classes: int = 19) -> Selection:
-    """:func:`select` with the values of a ``SelectConfig``."""
-    return select(
-        table,
-        cfg.ratio,
-        cfg.score_threshold,
-        cfg.tau,
-        cfg.class_balanced,
-        cfg.cb_portion,
-        num_classes,
     )
 
 
