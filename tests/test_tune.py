@@ -452,9 +452,12 @@ def test_a_sweep_where_no_trial_completes_says_why(
     from sfda_ray.dist.tune import sweep_identity
 
     spelled = apply_overrides(cfg, {"tune.space": "./space.yaml"})
-    where = (str(tiny_source_ckpt), str(scores), str(tiny_benchmark), uri, "failing")
+    where = ("val_miou", str(tiny_source_ckpt), str(scores), str(tiny_benchmark), uri, "failing")
     assert sweep_identity(spelled, space, *where) == sweep_identity(cfg, space, *where)
     assert sweep_identity(other, space, *where) != sweep_identity(cfg, space, *where)
+    # sweep.json records the metric `auto` resolved to (the target's val is labelled).
+    recorded = json.loads((tmp_path / "sweep.json").read_text())
+    assert cfg.tune.metric == "auto" and recorded["config"]["tune"]["metric"] == "val_miou"
 
 
 def test_val_miou_on_an_unlabelled_target_is_refused_before_any_work(

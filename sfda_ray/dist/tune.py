@@ -114,7 +114,9 @@ def run_sweep(
         check_discriminator_fits(map_size)
     storage_path = storage.join(out, "tune")
     sweep_path = storage.join(storage_path, SWEEP_NAME)
-    identity = sweep_identity(base, space, checkpoint, scores, data, tracking_uri, experiment)
+    identity = sweep_identity(
+        base, space, metric, checkpoint, scores, data, tracking_uri, experiment
+    )
     identity_path = storage.join(out, "sweep.json")
     resume = can_resume(sweep_path)
     if resume:
@@ -191,6 +193,7 @@ def can_resume(sweep_path: str) -> bool:
 def sweep_identity(
     base: Config,
     space: dict[str, tuple[str, list]],
+    metric: str,
     checkpoint: str,
     scores: str,
     data: str,
@@ -200,6 +203,8 @@ def sweep_identity(
     """What a resumed sweep must share with the one it resumes (``OUT/sweep.json``)."""
     config = result_identity(base)
     del config["tune"]["space"]  # the space by content, not by how its path is spelled
+    # What `auto` resolved to: Tune restores its scheduler ranking on that metric.
+    config["tune"]["metric"] = metric
     return {
         "space": {k: [kind, args] for k, (kind, args) in space.items()},
         "config": config,
