@@ -496,6 +496,23 @@ def result_identity(cfg: Config) -> dict[str, Any]:
     return json.loads(json.dumps({k: v for k, v in to_dict(cfg).items() if k != "perf"}))
 
 
+def changed_settings(recorded: object, current: object, key: str = "") -> list[str]:
+    """The dotted keys at which a recorded identity (JSON) and this run's differ. A key only
+    one side has is a setting added or removed between versions, not a change."""
+    if isinstance(recorded, dict) and isinstance(current, dict):
+        return [
+            changed
+            for k in sorted(recorded.keys() & current.keys())
+            for changed in changed_settings(recorded[k], current[k], f"{key}.{k}" if key else k)
+        ]
+    return [] if recorded == current else [key]
+
+
+def describe_changes(keys: list[str], most: int = 8) -> str:
+    """``a, b and 3 more``: changed keys for a message."""
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
 # --- search spaces ----------------------------------------------------------------------
 
 # kind -> number of arguments (None: a non-empty list of values)

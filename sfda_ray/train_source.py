@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from sfda_ray.config import Config, to_dict
+from sfda_ray.config import Config, changed_settings, describe_changes, to_dict
 from sfda_ray.data.catalog import open_dataset
 from sfda_ray.data.labels import CLASS_NAMES, IGNORE_INDEX
 from sfda_ray.data.loaders import forever, train_loader
@@ -119,10 +119,16 @@ def train_source(
             raise ValueError(
                 f"{out} exists and is not an sfda_ray checkpoint; choose another --out"
             )
-        if saved["meta"].get("train_config") != train_config:
+        trained_with = saved["meta"].get("train_config")
+        if trained_with is None:
             raise ValueError(
-                f"{out} exists and was trained with another config or domain; "
-                "choose another --out or delete it"
+                f"{out} exists and is not a model trained by train-source (an imported "
+                "one?); choose another --out"
+            )
+        if changed := changed_settings(trained_with, train_config):
+            raise ValueError(
+                f"{out} exists and was trained with other settings ({describe_changes(changed)} "
+                "differ); choose another --out or delete it"
             )
         if saved["meta"].get("data_fingerprint") != ref.fingerprint:
             raise ValueError(

@@ -1,6 +1,14 @@
 import pytest
 
-from sfda_ray.config import Config, ConfigError, apply_overrides, load_config, parse_override
+from sfda_ray.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    changed_settings,
+    describe_changes,
+    load_config,
+    parse_override,
+)
 
 
 def write(tmp_path, text):
@@ -140,3 +148,28 @@ def test_every_config_key_has_a_row_in_the_readme_reference():
     assert keys - documented == set()
     # No row for a key that is gone (other rows there name MLflow tags, `sfda.*`).
     assert {k for k in documented if k.split(".")[0] in config} - keys == set()
+
+
+def test_a_changed_setting_is_named_by_its_dotted_key():
+    recorded = {"config": {"adapt": {"lr": 0.01, "gone": 1}, "tune": {"metric": "proxy"}}}
+    current = {"config": {"adapt": {"lr": 0.02, "new": 2}, "tune": {"metric": "proxy"}}}
+    # A key only one side has was added or removed between versions: not a change.
+    assert changed_settings(recorded, current) == ["config.adapt.lr"]
+    assert changed_settings(current, current) == []
+    keys = [f"k{i}" for i in range(10)]
+    assert describe_changes(keys) == "k0, k1, k2, k3, k4, k5, k6, k7 and 2 more"
+    assert describe_changes(keys[:2]) == "k0, k1"
+
+
+def test_an_adaptation_run_with_other_settings_is_not_resumed(tmp_path):
+    from sfda_ray.dist.train import RUN_FILE, STATE_FILE, _check_same_run
+
+    state = tmp_path / "ray"
+    state.mkdir()
+    (state / STATE_FILE).write_bytes(b"")
+    identity = {"adapt.lr": 0.01, "select.tau": 0.9, "plan": "abc"}
+    _check_same_run(str(tmp_path), str(state), identity)  # records it
+    assert (tmp_path / RUN_FILE).is_file()
+    _check_same_run(str(tmp_path), str(state), identity)  # the same run: resumed
+    with pytest.raises(ConfigError, match=r"\(adapt\.lr, plan \(selection, start checkpoint"):
+        _check_same_run(str(tmp_path), str(state), {**identity, "adapt.lr": 0.02, "plan": "d"})

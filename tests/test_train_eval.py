@@ -85,8 +85,15 @@ def test_rerun_of_complete_checkpoint_is_a_no_op(tiny_benchmark, tiny_source_ckp
     before = tiny_source_ckpt.read_bytes()
     meta = train_source(tiny_config(), str(tiny_benchmark), str(tiny_source_ckpt))
     assert meta["complete"] and tiny_source_ckpt.read_bytes() == before
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(ValueError, match=r"other settings \(source\.lr differ\)"):
         train_source(tiny_config(**{"source.lr": 0.5}), str(tiny_benchmark), str(tiny_source_ckpt))
+    # A model trained elsewhere (imported) is not one to resume or hand back.
+    imported = tmp_path / "imported.pt"
+    model, meta = load_model(tiny_source_ckpt)
+    del meta["train_config"]
+    save_checkpoint(imported, model, meta)
+    with pytest.raises(ValueError, match="is not a model trained by train-source"):
+        train_source(tiny_config(), str(tiny_benchmark), str(imported))
     # The same settings on other data: not the model asked for, so refused, not handed back.
     other = tmp_path / "other"
     generate(

@@ -413,7 +413,7 @@ def test_trial_errors_are_told_without_ray_wrapping(ray_session):
 
 
 def test_a_sweep_where_no_trial_completes_says_why(
-    ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+    ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path, monkeypatch, capsys
 ):
     """Every trial refuses its config: one readable error naming the cause, and MLflow
     runs marked FAILED with the cause, instead of a dump of Ray tracebacks."""
@@ -424,7 +424,9 @@ def test_a_sweep_where_no_trial_completes_says_why(
     overrides = {"select.ratio": 1.0, "adapt.iterations": 2, "tune.num_samples": 1}
     overrides["tune.max_failures"] = 0  # each trial fails once, not again on its retry
     cfg = load_config(None, {**overrides, "adapt.eval_every": 1})
-    space = {"adapt.lr": ("grid", [0.01, 0.02])}
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("adapt.lr: {grid: [0.01, 0.02]}\n")
+    space = load_search_space(space_file, cfg)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     args = (str(tiny_source_ckpt), str(scores), str(tiny_benchmark), str(tmp_path), space)
     with pytest.raises(SweepFailed) as failed:
@@ -448,6 +450,18 @@ def test_a_sweep_where_no_trial_completes_says_why(
         ConfigError, match=r"\(config\.adapt\.iterations, mlflow\.tracking_uri differ\)"
     ):
         run_sweep(other, *args, "failing", elsewhere)
+    # The main job refuses such a rerun before it scores the target again.
+    from sfda_ray.dist.job import main
+
+    args = ["--data", str(tiny_benchmark), "--checkpoint", str(tiny_source_ckpt)]
+    args += ["--out", str(tmp_path), "--experiment", "failing", "--space", str(space_file)]
+    for key, value in {**overrides, "adapt.eval_every": 1, "adapt.iterations": 3}.items():
+        args += ["--set", f"{key}={value}"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    assert main("synthetic", "out", "the job", args) == 2
+    told = capsys.readouterr().err
+    assert "holds a sweep with other settings (config.adapt.iterations differ)" in told
+    assert not (tmp_path / "scores").exists()  # nothing scored
     # The path of the space is not part of it, only what the space holds.
     from sfda_ray.dist.tune import sweep_identity
 

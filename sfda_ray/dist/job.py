@@ -35,6 +35,7 @@ from sfda_ray.dist.scoring import ScoringOptions, adabn_checkpoint, score_datase
 from sfda_ray.dist.tracking import SweepTracker, check_tracking_store, default_tracking_uri
 from sfda_ray.dist.tune import (
     SweepFailed,
+    check_sweep_settings,
     has_labelled_val,
     record_best,
     run_sweep,
@@ -231,6 +232,9 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
         bench = Path(out) / ("synthetic_smoke" if args.smoke else f"synthetic_seed{args.seed}")
         ensure_benchmark(bench, SMOKE_BENCH if args.smoke else BenchmarkSpec(seed=args.seed))
         data, checkpoint = str(bench), str(Path(out) / "source.pt")
+    # A rerun that would resume another sweep is refused before it scores anything again.
+    check_sweep_settings(cfg, space, checkpoint, data, out, tracking_uri, experiment)
+    if not args.data:
         # Before Ray starts: its idle processes would only slow the training down.
         train_source(cfg, data, checkpoint)  # a no-op once complete
 

@@ -35,7 +35,15 @@ from sfda_ray.adaptation import (
     save_adapted,
     save_state,
 )
-from sfda_ray.config import Config, ConfigError, from_dict, result_identity, to_dict
+from sfda_ray.config import (
+    Config,
+    ConfigError,
+    changed_settings,
+    describe_changes,
+    from_dict,
+    result_identity,
+    to_dict,
+)
 from sfda_ray.dist.runtime import check_placeable
 from sfda_ray.models.checkpoint import DivergedError, file_fingerprint, load_model
 
@@ -92,12 +100,9 @@ def _check_same_run(out: str, storage_path: str, identity: dict) -> None:
     path = storage.join(out, RUN_FILE)
     if storage.exists(path) and storage.list_files(storage_path, STATE_FILE):
         recorded = json.loads(storage.read_bytes(path))
-        # A key only one side has is a config key added or removed between versions.
-        changed = sorted(k for k in recorded.keys() & identity.keys() if recorded[k] != identity[k])
-        if changed:
-            what = ", ".join(
-                "plan (selection, start checkpoint or data)" if k == "plan" else k for k in changed
-            )
+        if changed := changed_settings(recorded, identity):
+            plan = "plan (selection, start checkpoint or data)"
+            what = describe_changes([plan if k == "plan" else k for k in changed])
             raise ConfigError(
                 f"{out} holds an adaptation run with other settings ({what} differ), which "
                 f"a rerun would resume: use another output directory, or delete {out}"

@@ -36,6 +36,8 @@ from sfda_ray.config import (
     Config,
     ConfigError,
     apply_overrides,
+    changed_settings,
+    describe_changes,
     result_identity,
     to_dict,
 )
@@ -53,6 +55,7 @@ from sfda_ray.models.checkpoint import file_fingerprint
 
 log = logging.getLogger(__name__)
 SWEEP_NAME = "sweep"
+SWEEP_FILE = "sweep.json"  # in OUT: the settings a resume must share
 # Tune's experiment state files (TuneController.CKPT_FILE_TMPL).
 EXPERIMENT_STATE = "experiment_state-*.json"
 TRIAL_DRIVER_MEMORY = 512 * 2**20
@@ -105,10 +108,8 @@ def run_sweep(
 ) -> tuple[dict, SweepTracker]:
     """Run (or resume) the sweep; returns its summary (best trial, every trial) and the
     tracker, whose parent run stays open for the caller's last records."""
-    a = cfg.adapt
     metric, mode = sweep_metric(cfg, data)
-    # Every report must carry the metric ASHA ranks on: checkpoint when evaluating.
-    base = apply_overrides(cfg, {"adapt.checkpoint_every": a.eval_every})
+    base = _sweep_config(cfg)
     # What every trial would refuse is refused here, once, before any trial starts.
     if _every_trial_adversarial(base, space) and (map_size := scored_map_size(scores)):
         check_discriminator_fits(map_size)
@@ -117,21 +118,13 @@ def run_sweep(
     identity = sweep_identity(
         base, space, metric, checkpoint, scores, data, tracking_uri, experiment
     )
-    identity_path = storage.join(out, "sweep.json")
     resume = can_resume(sweep_path)
     if resume:
-        recorded = json.loads(storage.read_bytes(identity_path))
-        if recorded != identity:
-            changed = _differences(recorded, identity)
-            shown = ", ".join(changed[:8]) + (
-                f" and {len(changed) - 8} more" if len(changed) > 8 else ""
-            )
-            raise ConfigError(
-                f"{out} holds a sweep with other settings ({shown} differ): "
-                f"use another output directory, or delete {sweep_path} to start over"
-            )
+        _refuse_other_settings(out, identity)
     else:
-        storage.atomic_write_bytes(identity_path, (json.dumps(identity, indent=2) + "\n").encode())
+        storage.atomic_write_bytes(
+            storage.join(out, SWEEP_FILE), (json.dumps(identity, indent=2) + "\n").encode()
+        )
 
     tags = {
         "git_commit": git_commit(),
@@ -179,6 +172,47 @@ def run_sweep(
             os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = sigint_handler
 
 
+def _sweep_config(cfg: Config) -> Config:
+    """The config every trial starts from: every report must carry the metric ASHA ranks
+    on, so each evaluation is checkpointed."""
+    return apply_overrides(cfg, {"adapt.checkpoint_every": cfg.adapt.eval_every})
+
+
+def check_sweep_settings(
+    cfg: Config,
+    space: dict[str, tuple[str, list]],
+    checkpoint: str,
+    data: str,
+    out: str,
+    tracking_uri: str,
+    experiment: str,
+) -> None:
+    """Before scoring: a rerun into ``out``, whose sweep it would resume, is refused when
+    its settings differ, rather than after scoring the target again with them. The
+    scores are compared once scored (``run_sweep``); the checkpoint, when it exists (the
+    synthetic run trains its own)."""
+    if not can_resume(storage.join(out, "tune", SWEEP_NAME)):
+        return
+    metric, _ = sweep_metric(cfg, data)
+    known = checkpoint if storage.exists(checkpoint) else None
+    _refuse_other_settings(
+        out,
+        sweep_identity(
+            _sweep_config(cfg), space, metric, known, None, data, tracking_uri, experiment
+        ),
+    )
+
+
+def _refuse_other_settings(out: str, identity: dict) -> None:
+    recorded = json.loads(storage.read_bytes(storage.join(out, SWEEP_FILE)))
+    if changed := changed_settings(recorded, identity):
+        raise ConfigError(
+            f"{out} holds a sweep with other settings ({describe_changes(changed)} differ): "
+            "use another output directory, or delete "
+            f"{storage.join(out, 'tune', SWEEP_NAME)} to start over"
+        )
+
+
 def can_resume(sweep_path: str) -> bool:
     """Whether Tune can restore the sweep: it writes ``tuner.pkl`` when the Tuner is made
     but its experiment state only at the first step, and a restore without that state
@@ -194,29 +228,32 @@ def sweep_identity(
     base: Config,
     space: dict[str, tuple[str, list]],
     metric: str,
-    checkpoint: str,
-    scores: str,
+    checkpoint: str | None,
+    scores: str | None,
     data: str,
     tracking_uri: str,
     experiment: str,
 ) -> dict:
-    """What a resumed sweep must share with the one it resumes (``OUT/sweep.json``)."""
+    """What a resumed sweep must share with the one it resumes (``OUT/sweep.json``); a
+    ``checkpoint`` or ``scores`` of None is left out (not yet made)."""
     config = result_identity(base)
     del config["tune"]["space"]  # the space by content, not by how its path is spelled
     # What `auto` resolved to: Tune restores its scheduler ranking on that metric.
     config["tune"]["metric"] = metric
-    return {
+    identity = {
         "space": {k: [kind, args] for k, (kind, args) in space.items()},
         "config": config,
-        "checkpoint": file_fingerprint(checkpoint),
-        "scores": json.loads(storage.read_bytes(storage.join(scores, "summary.json"))).get(
-            "checkpoint_fingerprint"
-        ),
         "data": open_dataset(data, "target").fingerprint,
         # A resumed sweep logs through the callbacks it was started with (Tune restores
         # them), so it must log to the same place.
         "mlflow": {"tracking_uri": tracking_uri, "experiment": experiment},
     }
+    if checkpoint is not None:
+        identity["checkpoint"] = file_fingerprint(checkpoint)
+    if scores is not None:
+        summary = json.loads(storage.read_bytes(storage.join(scores, "summary.json")))
+        identity["scores"] = summary.get("checkpoint_fingerprint")
+    return identity
 
 
 def sweep_metric(cfg: Config, data: str) -> tuple[str, str]:
@@ -251,17 +288,6 @@ def best_trial(trials: list[dict], metric: str, mode: str) -> dict | None:
                 "the evaluated classes"
             )
     return (max if mode == "max" else min)(ranked, key=lambda tr: tr[metric], default=None)
-
-
-def _differences(recorded: object, current: object, key: str = "") -> list[str]:
-    """The dotted keys at which two JSON values differ."""
-    if isinstance(recorded, dict) and isinstance(current, dict):
-        return [
-            d
-            for k in sorted(set(recorded) | set(current))
-            for d in _differences(recorded.get(k), current.get(k), f"{key}.{k}" if key else k)
-        ]
-    return [] if recorded == current else [key]
 
 
 def _summarise(
