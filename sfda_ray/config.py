@@ -412,6 +412,61 @@ def _check_cross_fields(obj: Any, prefix: str) -> None:
                 )
 
 
+# YAML 1.1 wants a dot in a float with an exponent: "1e-3" would be a string.
+_YAML11_MISSED_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML as a user means it: ``1e-3`` is a number (YAML 1.1 reads it as a string) and
+    a key given twice is an error (YAML would keep the last one and drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # a merged mapping's keys may be overridden: not given twice
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # an unhashable key: SafeLoader names it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping",
+                    node.start_mark,
+                    f"found the key {key!r} a second time",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", _YAML11_MISSED_FLOAT, list("-+0123456789.")
+)
+
+
+def read_yaml(data: bytes | str, where: str) -> Any:
+    """A YAML document, read as ``_YamlLoader`` says; errors name ``where``."""
+    try:
+        return yaml.load(data.decode() if isinstance(data, bytes) else data, Loader=_YamlLoader)
+    except UnicodeDecodeError as e:
+        reason = f"{e.reason} at byte {e.start}"
+        raise ConfigError(f"{where}: not a UTF-8 text file ({reason})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML: {e}") from None
+
+
+def _yaml_file(path: str | Path, what: str) -> tuple[Path, Any]:
+    """The YAML document of a local file, ``~`` expanded."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} is not a file")
+    return path, read_yaml(path.read_bytes(), str(path))
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
@@ -421,13 +476,8 @@ def load_config(
     in dotted keys: ``preset`` changes defaults, ``overrides`` are flags)."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        path, data = _yaml_file(path, "config file")
+        data = data or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level, got {data!r}")
         tune = data.get("tune")
@@ -439,6 +489,8 @@ def load_config(
         section, key = dotted.split(".")
         merged.setdefault(section, {})[key] = value
     for section, values in data.items():
+        if values is None:
+            continue  # a section whose keys are all commented out sets nothing
         if isinstance(values, dict) and isinstance(merged.get(section), dict):
             merged[section] = {**merged[section], **values}
         else:
@@ -465,11 +517,13 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> Config:
             node = node[p]
         if leaf not in node:
             raise ConfigError(f"{dotted}: unknown key; allowed: {', '.join(node)}")
+        if isinstance(node[leaf], dict):
+            # Replacing a whole section would reset every key not given to its default.
+            raise ConfigError(
+                f"{dotted}: a section, not a key; set its keys one by one ({dotted}.KEY=VALUE)"
+            )
         node[leaf] = value
     return from_dict(Config, data)
-
-
-_YAML11_MISSED_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -477,13 +531,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. source.lr=0.01")
     key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--set {text!r}: the value is not valid YAML: {e}") from None
-    if isinstance(value, str) and _YAML11_MISSED_FLOAT.fullmatch(value):
-        value = float(value)  # YAML 1.1 reads "1e-3" as a string
-    return key.strip(), value
+    return key.strip(), read_yaml(raw, f"--set {text!r}: the value")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -525,13 +573,7 @@ def load_search_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, lis
     Every key must be a config key and every value it can take must pass that key's
     validation, so a bad space fails here, before any trial starts.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search space {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    path, data = _yaml_file(path, "search space")
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"{path}: expected a mapping of config keys to {{kind: args}}")
     space = {}
@@ -564,5 +606,18 @@ def load_search_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, lis
                 apply_overrides(cfg, {key: value})
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
+        if kind in ("uniform", "loguniform") and _takes_integers(key):
+            # Its endpoints pass, but every value drawn between them would not.
+            raise ConfigError(
+                f"{where}: the key takes integers and {kind} draws fractions; use randint "
+                "(or choice)"
+            )
         space[key] = (kind, list(args))
     return space
+
+
+def _takes_integers(key: str) -> bool:
+    """Whether the config key ``section.name`` holds an integer (perhaps null)."""
+    section, name = key.split(".")
+    tp = typing.get_type_hints(typing.get_type_hints(Config)[section])[name]
+    return int in (tp, *typing.get_args(tp))

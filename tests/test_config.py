@@ -55,6 +55,8 @@ def test_defaults_and_yaml_values(tmp_path):
         ("data:\n  scale_min: 2.0\n  scale_max: 1.0\n", "data.scale_min: 2.0 is larger"),
         ("- just\n- a list\n", "expected a mapping at the top level"),
         ("source: [1, 2\n", "not valid YAML"),
+        ("adapt:\n  lr: 0.1\nadapt:\n  lr: 0.2\n", "found the key 'adapt' a second time"),
+        ("source:\n  lr: 1\n  lr: 2\n", "found the key 'lr' a second time"),
     ],
 )
 def test_bad_values_name_key_value_and_rule(tmp_path, text, fragment):
@@ -68,6 +70,28 @@ def test_bad_values_name_key_value_and_rule(tmp_path, text, fragment):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is not a file"):
+        load_config(tmp_path)
+    binary = tmp_path / "model.pt"
+    binary.write_bytes(b"PK\x03\x04\xff\xfe")
+    with pytest.raises(ConfigError, match=f"{binary}: not a UTF-8 text file"):
+        load_config(binary)
+
+
+def test_a_config_file_reads_as_a_user_means_it(tmp_path, monkeypatch):
+    """1e-3 is a number (YAML 1.1 reads it as a string), ~ is the home folder, and a
+    section whose keys are all commented out leaves the preset's values in place."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write(tmp_path, "source:\n  lr: 1e-3\nadapt:\n  # iterations: 5000\n")
+    cfg = load_config("~/cfg.yaml", preset={"adapt.iterations": 30})
+    assert cfg.source.lr == 1e-3 and cfg.adapt.iterations == 30
+
+
+def test_a_whole_section_is_not_replaced_by_an_override(tmp_path):
+    """`--set data={kind: gta5}` would reset every other data key to its default."""
+    for override in ({"data": {"kind": "gta5"}}, {"adapt": None}):
+        with pytest.raises(ConfigError, match="a section, not a key; set its keys one by one"):
+            load_config(None, override)
 
 
 def test_yaml_is_loaded_safely(tmp_path):
@@ -103,7 +127,7 @@ def test_parse_override_reads_yaml_values():
     assert cfg.perf.channels_last is True and cfg.perf.compile is False
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_override("source.lr")
-    with pytest.raises(ConfigError, match=r"--set 'data.size=\[96,': the value is not valid YAML"):
+    with pytest.raises(ConfigError, match=r"--set 'data.size=\[96,': the value: not valid YAML"):
         parse_override("data.size=[96,")
 
 

@@ -66,6 +66,8 @@ def test_each_shipped_config_searches_around_its_own_settings(config, monkeypatc
         ("adapt.discriminator_input: {choice: [softmax, logits]}", "'logits' is not allowed"),
         ("adapt.lr: 0.01", "should be one of {kind: args}"),
         ("- a list", "expected a mapping"),
+        ("adapt.iterations: {uniform: [10, 20]}", "takes integers and uniform draws fractions"),
+        ("adapt.lr: {uniform: [0.1, 0.2]}\nadapt.lr: {uniform: [0.2, 0.3]}", "a second time"),
     ],
 )
 def test_bad_search_space_names_key_and_rule(tmp_path, text, message):
@@ -82,6 +84,17 @@ def test_choice_and_grid_values_are_kept(tmp_path):
     assert space == {
         "adapt.discriminator_input": ("choice", ["softmax", "entropy"]),
         "adapt.st_rounds": ("grid", [1, 2]),
+    }
+
+
+def test_a_space_reads_numbers_as_written_from_a_path_with_a_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    text = "adapt.lr: {loguniform: [1e-4, 1e-2]}\nadapt.iterations: {randint: [10, 20]}\n"
+    (tmp_path / "space.yaml").write_text(text)
+    space = load_search_space("~/space.yaml", load_config())
+    assert space == {
+        "adapt.lr": ("loguniform", [1e-4, 1e-2]),
+        "adapt.iterations": ("randint", [10, 20]),
     }
 
 

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import yaml
 
 from sfda_ray import storage
-from sfda_ray.config import DATA_KINDS, DataConfig
+from sfda_ray.config import DATA_KINDS, DataConfig, read_yaml
 from sfda_ray.data.labels import EVAL_SUBSETS
 from sfda_ray.data.manifest import read_manifest
 from sfda_ray.data.readers import scan_dataset
@@ -156,10 +155,7 @@ def read_dataset_yaml(data: str | Path) -> dict:
     where = str(data) if storage.is_uri(str(data)) else str(Path(str(data)).expanduser())
     if not storage.exists(where):
         raise FileNotFoundError(f"dataset config {where} does not exist")
-    try:
-        document = yaml.safe_load(storage.read_bytes(where)) or {}
-    except yaml.YAMLError as e:
-        raise ValueError(f"{where}: not valid YAML: {e}") from None
+    document = read_yaml(storage.read_bytes(where), where) or {}
     spec = document.get("data") if isinstance(document, dict) else None
     if (
         not isinstance(spec, dict)
