@@ -7,10 +7,34 @@ import json
 import logging
 import re
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from sfda_ray.config import NORMALIZATIONS, Config, ConfigError, load_config, parse_override
 from sfda_ray.data.labels import EVAL_SUBSETS
+
+
+def _at_least(kind: type, low: float, exclusive: bool = False) -> Callable[[str], Any]:
+    """An argparse ``type``: a number of ``kind`` at least (or above) ``low``, refused in
+    argparse's words (``argument --batch-size: 0 is out of range; allowed: >= 1``), as
+    the config's keys are, where the flag sets no config key."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
+        if value < low or (exclusive and value == low):
+            bound = f"{'>' if exclusive else '>='} {low}"
+            raise argparse.ArgumentTypeError(f"{text} is out of range; allowed: {bound}")
+        return value
+
+    return parse
+
+
+COUNT = _at_least(int, 0)
+POSITIVE = _at_least(int, 1)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -282,19 +306,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write the built-in synthetic benchmark")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int, default=96)
-    p.add_argument("--width", type=int, default=192)
+    p.add_argument("--seed", type=COUNT, default=0)
+    p.add_argument("--height", type=POSITIVE, default=96)
+    p.add_argument("--width", type=POSITIVE, default=192)
     p.add_argument(
         "--shift",
         type=float,
         default=1.0,
         help="strength of the source->target shift, 0 (none) to 1 (default)",
     )
-    p.add_argument("--source-train", type=int, default=600)
-    p.add_argument("--source-val", type=int, default=100)
-    p.add_argument("--target-train", type=int, default=600)
-    p.add_argument("--target-val", type=int, default=150)
+    p.add_argument("--source-train", type=COUNT, default=600)
+    p.add_argument("--source-val", type=COUNT, default=100)
+    p.add_argument("--target-train", type=COUNT, default=600)
+    p.add_argument("--target-val", type=COUNT, default=150)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser(
@@ -354,12 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument(
         "--size",
-        type=int,
+        type=POSITIVE,
         nargs=2,
         metavar=("H", "W"),
         help="model input size; predictions are scored at label resolution",
     )
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=POSITIVE, default=8)
     p.add_argument(
         "--classes",
         nargs="+",
@@ -395,9 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--iterations", type=int)
     p.add_argument("--seed", type=int)
-    p.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0)
-    p.add_argument("--cpus-per-worker", type=float, default=1.0)
+    p.add_argument("--workers", type=POSITIVE, default=1, help="Ray Train workers (DDP)")
+    p.add_argument("--gpus-per-worker", type=_at_least(float, 0.0), default=0.0)
+    p.add_argument("--cpus-per-worker", type=_at_least(float, 0.0, exclusive=True), default=1.0)
     p.add_argument(
         "--placement",
         choices=("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),

@@ -264,10 +264,39 @@ def test_eval_errors_name_the_problem(tiny_benchmark, tiny_source_ckpt, tmp_path
     assert "missing.pt" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tiny_source_ckpt), "--data", str(tmp_path)]) == 2
     assert "not a synthetic benchmark" in capsys.readouterr().err
+    args = ["eval", "--checkpoint", str(tiny_source_ckpt), "--data", str(tiny_benchmark)]
     if not torch.cuda.is_available():  # asking for a GPU that is not there is an error
-        args = ["eval", "--checkpoint", str(tiny_source_ckpt), "--data", str(tiny_benchmark)]
         assert main([*args, "--device", "cuda"]) == 2
         assert "device 'cuda': no CUDA GPU" in capsys.readouterr().err
+    assert main([*args, "--device", "gpu"]) == 2
+    told = capsys.readouterr().err
+    assert "device 'gpu': not a device; use auto, cpu, cuda or cuda:N" in told
+    assert "Traceback" not in told
+
+
+@pytest.mark.parametrize(
+    "argv, told",
+    [
+        (["eval", "--batch-size", "-1"], "--batch-size: -1 is out of range; allowed: >= 1"),
+        (["eval", "--size", "0", "64"], "argument --size: 0 is out of range; allowed: >= 1"),
+        (["adapt", "--workers", "0"], "argument --workers: 0 is out of range; allowed: >= 1"),
+        (["adapt", "--cpus-per-worker", "0"], "--cpus-per-worker: 0 is out of range; allowed: > 0"),
+        (["adapt", "--gpus-per-worker", "x"], "argument --gpus-per-worker: 'x' is not a number"),
+        (["synth", "--seed", "-1"], "argument --seed: -1 is out of range; allowed: >= 0"),
+        (["synth", "--target-val", "-5"], "argument --target-val: -5 is out of range"),
+    ],
+)
+def test_flags_that_set_no_config_key_are_checked_as_its_keys_are(argv, told, capsys):
+    """Before any work: a batch size of -1 used to evaluate nothing and report mIoU -."""
+    required = {
+        "eval": ["--checkpoint", "c.pt", "--data", "d"],
+        "adapt": ["--checkpoint", "c.pt", "--scores", "s", "--data", "d", "--out", "o"],
+        "synth": ["--out", "o"],
+    }
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, *required[argv[0]]])
+    assert exited.value.code == 2
+    assert told in capsys.readouterr().err
 
 
 def test_exit_code_tells_bad_input_from_a_lost_connection(capsys):

@@ -21,7 +21,11 @@ def resolve_device(device: str) -> torch.device:
     error rather than a silent fall-back."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:  # torch lists every device type it knows, dozens
+        expected = "use auto, cpu, cuda or cuda:N"
+        raise ValueError(f"device {device!r}: not a device; {expected}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: no CUDA GPU is visible here; use cpu or auto")
     return resolved
