@@ -28,7 +28,7 @@ from ray.cluster_utils import Cluster
 
 from sfda_ray.cli import add_tune_args
 from sfda_ray.dist.job import job_exit_code, run_job
-from sfda_ray.dist.runtime import NO_DASHBOARD_RUNTIME_ENV
+from sfda_ray.dist.runtime import init_ray
 
 CLUSTER_SETTINGS = [
     "score.actors=2",  # one per node
@@ -68,24 +68,20 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.set = CLUSTER_SETTINGS + args.set
 
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": args.cpus_per_node, "include_dashboard": False},
-    )
-    cluster.add_node(num_cpus=args.cpus_per_node)
-    cluster.wait_for_nodes()
-    args.address = cluster.address
+    cluster = None
     try:
-        ray.init(address=cluster.address, runtime_env=NO_DASHBOARD_RUNTIME_ENV)
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": args.cpus_per_node, "include_dashboard": False},
+        )
+        cluster.add_node(num_cpus=args.cpus_per_node)
+        cluster.wait_for_nodes()
+        args.address = cluster.address
+        # No node will join: workers it can never place are refused, not waited for.
+        init_ray(cluster.address, own_cluster=True)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
         wait_until_schedulable(nodes)
-        try:
-            summary = run_job(args, "local_cluster")
-        except (Exception, KeyboardInterrupt) as e:  # the main job's exit codes
-            code = job_exit_code("local_cluster.py", e)
-            if code is None:
-                raise
-            return code
+        summary = run_job(args, "local_cluster")
         # Where the scoring actors ran (the GCS keeps finished actors' records). Which
         # actor scores which batch is Ray Data's choice: a fast scorer may take them all.
         scorer_nodes = sorted(
@@ -93,9 +89,15 @@ def main() -> int:
             for info in ray._private.state.actors().values()
             if "Scorer" in info["ActorClassName"]
         )
+    except (Exception, KeyboardInterrupt) as e:  # the main job's exit codes
+        code = job_exit_code("local_cluster.py", e)
+        if code is None:
+            raise
+        return code
     finally:
         ray.shutdown()
-        cluster.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
 
     out = Path(args.out)
     scored_on = pq.read_table(out / "scores" / "scores.parquet")["node_id"].to_pylist()

@@ -316,6 +316,12 @@ def test_dataset_yaml_mistakes_are_named(tmp_path, caplog):
         "kind.yaml": ("data: {kind: kitti, root: cs}\n", "kind.yaml: data.kind 'kitti' is not"),
         "list.yaml": ("- data\n", "list.yaml: expected a `data:` section"),
         "broken.yaml": ("data: {kind: [\n", "broken.yaml: not valid YAML"),
+        "twice.yaml": ("data: {kind: cityscapes, root: cs, root: x}\n", "'root' a second time"),
+        # A real root left at data.kind's default, synthetic: the message says which.
+        "unset.yaml": (
+            "data: {kind: synthetic, root: cs}\n",
+            "data.kind synthetic: " + str(tmp_path / "cs") + " is not a synthetic benchmark",
+        ),
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)

@@ -86,6 +86,9 @@ def test_workers_a_fixed_cluster_can_never_place_are_refused(
     )
     assert joined.returncode == 0, joined.stderr[-3000:]
     assert "adapt: 1 worker(s) of CPU 1, GPU 1 each (PACK) do not fit" in joined.stderr
+    # A cluster the driver started itself (experiments/local_cluster.py) gets no nodes.
+    assert "own cluster: refused: adapt: 1 worker(s) of CPU 1, GPU 1" in joined.stdout
+    assert "SIGTERM handled" in joined.stdout
 
 
 JOINED_CLUSTER = textwrap.dedent(
@@ -96,5 +99,18 @@ JOINED_CLUSTER = textwrap.dedent(
     logging.basicConfig()
     ray.init()  # RAY_ADDRESS: the test session's Ray
     check_placeable("adapt", {"CPU": 1.0, "GPU": 1.0}, 1)
+    ray.shutdown()
+
+    import signal
+    from sfda_ray.config import ConfigError
+    from sfda_ray.dist import runtime
+
+    runtime.init_ray(own_cluster=True)  # joined by RAY_ADDRESS, as a cluster it started
+    try:
+        check_placeable("adapt", {"CPU": 1.0, "GPU": 1.0}, 1)
+    except ConfigError as e:
+        print("own cluster: refused:", e)
+    if signal.getsignal(signal.SIGTERM) is runtime._raise_terminated:
+        print("SIGTERM handled")
     """
 )

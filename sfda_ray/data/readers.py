@@ -191,6 +191,11 @@ SCANNERS = {"gta5": scan_gta5, "synthia": scan_synthia, "cityscapes": scan_citys
 
 
 def scan_dataset(kind: str, root: str | os.PathLike, **kwargs: Any) -> pa.Table:
+    if kind == "synthetic":  # data.kind's default, so likely left unset for a real root
+        raise ValueError(
+            f"data.kind synthetic: {root} is not a synthetic benchmark (no benchmark.json); "
+            f"for a real dataset set data.kind to one of {', '.join(sorted(SCANNERS))}"
+        )
     if kind not in SCANNERS:
         raise ValueError(f"unknown dataset kind {kind!r}; expected one of {sorted(SCANNERS)}")
     return SCANNERS[kind](root, **kwargs)

@@ -16,18 +16,27 @@ from sfda_ray.config import ConfigError
 log = logging.getLogger(__name__)
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+_own_cluster = False  # see init_ray's own_cluster
+
+
+def init_ray(
+    address: str | None = None, num_cpus: int | None = None, own_cluster: bool = False
+) -> None:
     """Join the cluster at ``address`` (``auto``, ``HOST:PORT``; or ``RAY_ADDRESS``, which
     ``ray job submit`` sets), else start a private local Ray.
 
     A no-op when Ray is already initialised (tests start one per session). A local Ray
     starts without the dashboard, so nothing listens beyond what Ray itself needs.
+    ``own_cluster``: the cluster at ``address`` is one this process started, without a
+    dashboard, and no node will join it (``experiments/local_cluster.py``).
     """
+    global _own_cluster
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        ray.init(address=address, runtime_env=NO_DASHBOARD_RUNTIME_ENV if own_cluster else None)
+        _own_cluster = own_cluster
     else:
         ray.init(
             address="local",
@@ -96,7 +105,7 @@ def check_placeable(
     asked = ", ".join(f"{r} {a:g}" for r, a in wanted.items())
     have = "; ".join(", ".join(f"{r} {node.get(r, 0):g}" for r in wanted) for node in nodes)
     # A Node object with head=True: this process started the Ray it is connected to.
-    if getattr(ray._private.worker._global_node, "head", False):
+    if _own_cluster or getattr(ray._private.worker._global_node, "head", False):
         raise ConfigError(
             f"{what}: {workers} worker(s) of {asked} each ({strategy}) cannot be placed: "
             f"the nodes of the Ray this process started have {have or 'nothing'}, and "
