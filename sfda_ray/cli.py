@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 import sys
 from collections.abc import Callable
@@ -25,8 +26,8 @@ def _at_least(kind: type, low: float, exclusive: bool = False) -> Callable[[str]
         except ValueError:
             expected = "an integer" if kind is int else "a number"
             raise argparse.ArgumentTypeError(f"{text!r} is not {expected}") from None
-        if value < low or (exclusive and value == low):
-            bound = f"{'>' if exclusive else '>='} {low}"
+        if not math.isfinite(value) or value < low or (exclusive and value == low):
+            bound = f"{'>' if exclusive else '>='} {low:g}"
             raise argparse.ArgumentTypeError(f"{text} is out of range; allowed: {bound}")
         return value
 
@@ -285,7 +286,7 @@ def add_tune_args(parser: argparse.ArgumentParser, default_out: str = "outputs/t
     parser.add_argument("--workers", type=int, help="Ray Train workers per trial")
     parser.add_argument("--gpus-per-worker", type=float)
     parser.add_argument("--experiment", help="MLflow experiment (default: from the task)")
-    parser.add_argument("--seed", type=int, default=0, help="synthetic benchmark seed")
+    parser.add_argument("--seed", type=COUNT, default=0, help="synthetic benchmark seed")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for a quick check")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
 

@@ -490,7 +490,7 @@ def load_config(
         merged.setdefault(section, {})[key] = value
     for section, values in data.items():
         if values is None:
-            continue  # a section whose keys are all commented out sets nothing
+            values = {}  # a section whose keys are all commented out sets nothing
         if isinstance(values, dict) and isinstance(merged.get(section), dict):
             merged[section] = {**merged[section], **values}
         else:

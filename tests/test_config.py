@@ -57,6 +57,7 @@ def test_defaults_and_yaml_values(tmp_path):
         ("source: [1, 2\n", "not valid YAML"),
         ("adapt:\n  lr: 0.1\nadapt:\n  lr: 0.2\n", "found the key 'adapt' a second time"),
         ("source:\n  lr: 1\n  lr: 2\n", "found the key 'lr' a second time"),
+        ("sorce:\n", "unknown key(s) sorce"),  # an empty section is still a section
     ],
 )
 def test_bad_values_name_key_value_and_rule(tmp_path, text, fragment):

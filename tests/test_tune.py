@@ -485,6 +485,18 @@ def test_a_sweep_where_no_trial_completes_says_why(
     # sweep.json records the metric `auto` resolved to (the target's val is labelled).
     recorded = json.loads((tmp_path / "sweep.json").read_text())
     assert cfg.tune.metric == "auto" and recorded["config"]["tune"]["metric"] == "val_miou"
+    from sfda_ray.dist.tune import check_sweep_settings
+
+    located = (str(tiny_source_ckpt), str(tiny_benchmark), str(tmp_path), uri, "failing")
+    check_sweep_settings(cfg, space, *located)  # the same settings: it would resume
+    # A key added to (or removed from) the space is a change: Tune restores the old space.
+    wider = {**space, "adapt.iterations": ("randint", [2, 4])}
+    with pytest.raises(ConfigError, match=r"\(space\.adapt\.iterations differ\)"):
+        check_sweep_settings(cfg, wider, *located)
+    # A sweep.json written before the resolved metric was recorded ("auto") still resumes.
+    recorded["config"]["tune"]["metric"] = "auto"
+    (tmp_path / "sweep.json").write_text(json.dumps(recorded))
+    check_sweep_settings(cfg, space, *located)
 
 
 def test_val_miou_on_an_unlabelled_target_is_refused_before_any_work(

@@ -205,7 +205,15 @@ def check_sweep_settings(
 
 def _refuse_other_settings(out: str, identity: dict) -> None:
     recorded = json.loads(storage.read_bytes(storage.join(out, SWEEP_FILE)))
-    if changed := changed_settings(recorded, identity):
+    tune = recorded.get("config", {}).get("tune", {})
+    if tune.get("metric") == "auto":  # recorded before what `auto` resolved to was
+        tune["metric"] = identity["config"]["tune"]["metric"]
+    changed = changed_settings(recorded, identity)
+    # The space's keys are the user's choice, not a version's: one added or removed is a
+    # change (Tune would restore the old space).
+    added_or_removed = recorded.get("space", {}).keys() ^ identity["space"].keys()
+    changed += sorted(f"space.{key}" for key in added_or_removed)
+    if changed:
         raise ConfigError(
             f"{out} holds a sweep with other settings ({describe_changes(changed)} differ): "
             "use another output directory, or delete "
