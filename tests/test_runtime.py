@@ -5,6 +5,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 STOPPED_BY_SIGTERM = textwrap.dedent(
     """
     import os, signal, sys, time
@@ -14,8 +16,18 @@ STOPPED_BY_SIGTERM = textwrap.dedent(
     init_ray(num_cpus=1)
     try:
         try:
-            os.kill(os.getpid(), signal.SIGTERM)  # as `ray job stop` stops a job
-            time.sleep(60)
+            import ray
+
+            import threading
+
+            # As `ray job stop` stops a job, while the driver waits in Ray (an exception
+            # its handler raises there comes out as a plain KeyboardInterrupt).
+            @ray.remote(num_cpus=0)
+            def wait():
+                time.sleep(60)
+
+            threading.Timer(2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+            ray.get(wait.remote())
         except KeyboardInterrupt:
             print("closed the runs", flush=True)  # the job's `finish("KILLED")`
             raise
@@ -45,8 +57,6 @@ def test_workers_a_fixed_cluster_can_never_place_are_refused(
     """Ray would wait for them forever on a Ray this process started (the test session's:
     one node, no GPU); a driver that joined a cluster only says so, as the autoscaler of
     a real one may still add the nodes."""
-    import pytest
-
     from sfda_ray.config import ConfigError, load_config
     from sfda_ray.dist.runtime import check_placeable
     from sfda_ray.dist.train import run_adapt
@@ -110,7 +120,67 @@ JOINED_CLUSTER = textwrap.dedent(
         check_placeable("adapt", {"CPU": 1.0, "GPU": 1.0}, 1)
     except ConfigError as e:
         print("own cluster: refused:", e)
-    if signal.getsignal(signal.SIGTERM) is runtime._raise_terminated:
+    from sfda_ray.cli import raise_terminated
+
+    if signal.getsignal(signal.SIGTERM) is raise_terminated:
         print("SIGTERM handled")
     """
 )
+
+
+def test_what_a_stopped_trials_train_run_holds_is_freed(ray_session):
+    """Tune ends a stopped trial's actor and with it the Ray Train controller: its workers'
+    placement group (not detached) and Ray Train's cleaner, which cannot ask the State API
+    of a Ray without the dashboard, would stay until the job ends. A placement group the
+    driver made, or one a live actor holds, is left alone."""
+    import time
+
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from sfda_ray.dist.runtime import release_stopped_train_runs
+    from sfda_ray.dist.tune import ReleaseStoppedTrainRuns
+
+    def ping(self) -> bool:
+        return True
+
+    # Ray Train's cleaner by its class name (the actor table's, without any module or
+    # enclosing function), owned by the controller, as Ray Train's is.
+    cleaner_class = ray.remote(num_cpus=0)(type("PlacementGroupCleaner", (), {"ping": ping}))
+
+    @ray.remote(num_cpus=0)
+    class Controller:  # makes its workers' placement group, as Ray Train's does
+        def start(self):
+            self.group = placement_group([{"CPU": 1}])
+            ray.get(self.group.ready())
+            self.cleaner = cleaner_class.options(lifetime="detached").remote()
+            ray.get(self.cleaner.ping.remote())
+            return self.group.id.hex(), self.cleaner
+
+    def state(group_id: str) -> str:
+        return ray.util.placement_group_table()[group_id]["state"]
+
+    drivers = placement_group([{"CPU": 0.5}])
+    ray.get(drivers.ready())
+    controller = Controller.remote()
+    group_id, cleaner = ray.get(controller.start.remote())
+    try:
+        assert release_stopped_train_runs() == 0  # its controller lives
+        assert state(group_id) == "CREATED" and ray.get(cleaner.ping.remote())
+        ray.kill(controller)  # as Tune ends a stopped trial
+        released = ReleaseStoppedTrainRuns(every_s=0)  # the sweep's callback, each step
+
+        def cleaner_alive() -> bool:
+            return ray._private.state.actors(cleaner._actor_id.hex())["State"] != "DEAD"
+
+        deadline = time.time() + 30
+        while state(group_id) != "REMOVED" or cleaner_alive():
+            released.on_step_end(iteration=0, trials=[])
+            assert time.time() < deadline, "what the stopped run held was kept"
+            time.sleep(0.2)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(cleaner.ping.remote(), timeout=30)
+        assert state(drivers.id.hex()) == "CREATED"
+    finally:
+        remove_placement_group(drivers)
+

@@ -11,6 +11,7 @@ from typing import Any
 
 import ray
 
+from sfda_ray.cli import raise_terminated
 from sfda_ray.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -46,19 +47,9 @@ def init_ray(
         )
     log.info("Ray cluster resources: %s", ray.cluster_resources())
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)  # in place of ray.init's exit
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``ray job stop``, a scheduler ending the job) unwinds as Ctrl-C does: the
-    MLflow runs are closed KILLED and a rerun resumes. Ray's own driver handler exits at
-    once (status 15), which records an interrupted sweep as FAILED."""
-
-    exit_code = 143  # 128 + SIGTERM, as a shell reports it
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
+        # In place of ray.init's handler, which exits at once (status 15) and so records
+        # an interrupted sweep as FAILED.
+        signal.signal(signal.SIGTERM, raise_terminated)
 
 
 class _StateApiDown(logging.Filter):
@@ -71,12 +62,58 @@ class _StateApiDown(logging.Filter):
 def _without_state_api() -> None:
     """Setup of every worker process of a local Ray, which runs without the dashboard and
     so without the State API: Ray Train's placement-group cleaner asks that API about the
-    controller every second and would log a warning each time it cannot. Its other
-    warnings (a dead controller's placement group cleaned up) still show."""
+    controller every second and would log a warning each time it cannot (what it would
+    clean up, ``release_stopped_train_runs`` does)."""
     logger = logging.getLogger(
         "ray.train.v2._internal.execution.controller.placement_group_cleaner"
     )
     logger.addFilter(_StateApiDown())
+
+
+def release_stopped_train_runs() -> int:
+    """Free what the Ray Train runs of stopped trials still hold; returns the number of
+    placement groups removed.
+
+    Tune stops a trial (ASHA) by ending its actor, and with it the Ray Train controller
+    the trial drove. The controller's placement group is not detached, so Ray keeps it,
+    and its workers' CPUs and GPUs, until the job ends; Ray Train's cleaner, a detached
+    actor, would remove it, but it asks the State API whether the controller lives, and
+    a Ray without the dashboard (this project's local one) has none: the next trial then
+    waits for those CPUs forever. So, from the GCS tables: a placement group an actor
+    created (a driver's own have none) whose creator is dead is removed, and a cleaner
+    whose owner (the controller) is no live actor is ended.
+    """
+    from ray.core.generated import gcs_pb2
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    table = ray._private.state.state._connect_and_get_accessor().get_placement_group_table()
+    removed = 0
+    for raw in table:
+        group = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (
+            group.state == gcs_pb2.PlacementGroupTableData.REMOVED
+            or group.is_detached
+            or ray.ActorID(group.creator_actor_id).is_nil()  # a driver's
+            or not group.creator_actor_dead
+        ):
+            continue
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+        removed += 1
+    actors = list(ray._private.state.actors().values())
+    alive = {_address(a["Address"]) for a in actors if a["State"] == "ALIVE"}
+    core_worker = ray._private.worker.global_worker.core_worker
+    for actor in actors:
+        if (
+            actor["ActorClassName"] == "PlacementGroupCleaner"
+            and actor["State"] == "ALIVE"
+            and _address(actor["OwnerAddress"]) not in alive
+        ):
+            ray.kill(core_worker.get_actor_handle(ray.ActorID.from_hex(actor["ActorID"])))
+    return removed
+
+
+def _address(address: dict) -> tuple[str, int]:
+    return address["IPAddress"], address["Port"]
 
 
 # For a driver of a Ray started without its dashboard (a local one, ``local_cluster.py``).

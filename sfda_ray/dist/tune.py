@@ -20,7 +20,9 @@ import logging
 import math
 import os
 import posixpath
+import time
 from collections import Counter
+from typing import Any
 
 import numpy as np
 import pyarrow.fs as pafs
@@ -42,6 +44,7 @@ from sfda_ray.config import (
     to_dict,
 )
 from sfda_ray.data.catalog import open_dataset
+from sfda_ray.dist.runtime import release_stopped_train_runs
 from sfda_ray.dist.tracking import (
     SweepTracker,
     TrialLogger,
@@ -219,6 +222,26 @@ def _refuse_other_settings(out: str, identity: dict) -> None:
             "use another output directory, or delete "
             f"{storage.join(out, 'tune', SWEEP_NAME)} to start over"
         )
+
+
+class ReleaseStoppedTrainRuns(tune.Callback):
+    """Every few seconds of the sweep, frees the CPUs and GPUs the Ray Train runs of
+    stopped trials still hold (``runtime.release_stopped_train_runs``): otherwise, on a
+    Ray without the dashboard, the trial after one ASHA stopped waits for them forever."""
+
+    def __init__(self, every_s: float = 5.0) -> None:
+        self.every_s = every_s
+        self._last = 0.0  # wall-clock time: a resumed sweep unpickles it in a new process
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.time() - self._last < self.every_s:
+            return
+        self._last = time.time()
+        try:
+            if released := release_stopped_train_runs():
+                log.info("freed the workers' placement groups of %d stopped trial(s)", released)
+        except Exception as e:  # not worth stopping the sweep for
+            log.warning("could not free what stopped trials hold: %s", describe_error(e))
 
 
 def can_resume(sweep_path: str) -> bool:
@@ -483,7 +506,7 @@ def _new_tuner(base, space, metric, mode, trainable, storage_path, tracker, fixe
         run_config=tune.RunConfig(
             name=SWEEP_NAME,
             storage_path=storage_path,
-            callbacks=[logger],
+            callbacks=[logger, ReleaseStoppedTrainRuns()],
             failure_config=tune.FailureConfig(max_failures=t.max_failures),
         ),
     )
