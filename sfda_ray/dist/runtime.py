@@ -71,17 +71,17 @@ def _without_state_api() -> None:
 
 
 def release_stopped_train_runs() -> int:
-    """Free what the Ray Train runs of stopped trials still hold; returns the number of
-    placement groups removed.
+    """Free the CPUs and GPUs the Ray Train runs of stopped trials still hold; returns the
+    number of placement groups removed.
 
     Tune stops a trial (ASHA) by ending its actor, and with it the Ray Train controller
     the trial drove. The controller's placement group is not detached, so Ray keeps it,
     and its workers' CPUs and GPUs, until the job ends; Ray Train's cleaner, a detached
     actor, would remove it, but it asks the State API whether the controller lives, and
     a Ray without the dashboard (this project's local one) has none: the next trial then
-    waits for those CPUs forever. So, from the GCS tables: a placement group an actor
-    created (a driver's own have none) whose creator is dead is removed, and a cleaner
-    whose owner (the controller) is no live actor is ended.
+    waits for those CPUs forever. So a placement group an actor created (a driver's own
+    have no creating actor) whose creator is dead is removed here, from the GCS's table.
+    The cleaner itself idles on until the job ends (Ray gives no handle to kill it by).
     """
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group
@@ -99,21 +99,7 @@ def release_stopped_train_runs() -> int:
             continue
         remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
         removed += 1
-    actors = list(ray._private.state.actors().values())
-    alive = {_address(a["Address"]) for a in actors if a["State"] == "ALIVE"}
-    core_worker = ray._private.worker.global_worker.core_worker
-    for actor in actors:
-        if (
-            actor["ActorClassName"] == "PlacementGroupCleaner"
-            and actor["State"] == "ALIVE"
-            and _address(actor["OwnerAddress"]) not in alive
-        ):
-            ray.kill(core_worker.get_actor_handle(ray.ActorID.from_hex(actor["ActorID"])))
     return removed
-
-
-def _address(address: dict) -> tuple[str, int]:
-    return address["IPAddress"], address["Port"]
 
 
 # For a driver of a Ray started without its dashboard (a local one, ``local_cluster.py``).
