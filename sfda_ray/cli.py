@@ -38,6 +38,14 @@ COUNT = _at_least(int, 0)
 POSITIVE = _at_least(int, 1)
 
 
+def check_checkpoint_exists(checkpoint: str) -> None:
+    """Before Ray starts: a missing --checkpoint is named at once, not from a Ray task."""
+    from sfda_ray import storage
+
+    if not storage.exists(checkpoint):
+        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config; flags given here override its values")
     p.add_argument(
@@ -208,6 +216,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         },
     )
     options = ScoringOptions.from_config(cfg, _domain(args))
+    check_checkpoint_exists(args.checkpoint)
     init_ray(args.address)
     summary = score_dataset(args.checkpoint, args.data, args.out, options)
     pictures = write_pictures(args.out, cfg.select, cfg.model.num_classes)
@@ -239,6 +248,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             "adapt.seed": args.seed,
         },
     )
+    check_checkpoint_exists(args.checkpoint)
     init_ray(args.address)
     metrics = run_adapt(
         cfg,

@@ -565,6 +565,17 @@ def describe_changes(keys: list[str], most: int = 8) -> str:
 
 # kind -> number of arguments (None: a non-empty list of values)
 SPACE_KINDS = {"uniform": 2, "loguniform": 2, "randint": 2, "choice": None, "grid": None}
+# What is fixed before any trial starts, so a search space cannot vary it.
+_FIXED_FOR_THE_SWEEP = {
+    "source": "the source model is trained before the sweep",
+    "model": "the model comes from the checkpoint",
+    "score": "the target is scored once, before the trials",
+    "tune": "it is a setting of the sweep itself",
+    **{
+        f"data.{key}": "the data, and the size it was scored at, are the sweep's"
+        for key in ("kind", "root", "manifest", "size", "crop", "normalization", "eval_classes")
+    },
+}
 
 
 def load_search_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, list]]:
@@ -606,6 +617,9 @@ def load_search_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, lis
                 apply_overrides(cfg, {key: value})
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
+        fixed = _FIXED_FOR_THE_SWEEP.get(key) or _FIXED_FOR_THE_SWEEP.get(key.split(".")[0])
+        if fixed:
+            raise ConfigError(f"{where}: trials cannot vary it: {fixed}")
         if kind in ("uniform", "loguniform") and _takes_integers(key):
             # Its endpoints pass, but every value drawn between them would not.
             raise ConfigError(

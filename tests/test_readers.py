@@ -317,6 +317,11 @@ def test_dataset_yaml_mistakes_are_named(tmp_path, caplog):
         "list.yaml": ("- data\n", "list.yaml: expected a `data:` section"),
         "broken.yaml": ("data: {kind: [\n", "broken.yaml: not valid YAML"),
         "twice.yaml": ("data: {kind: cityscapes, root: cs, root: x}\n", "'root' a second time"),
+        "number.yaml": ("data: {kind: cityscapes, root: 5}\n", "data.root 5 is not a path"),
+        "notparquet.yaml": (
+            "data: {kind: cityscapes, manifest: cs}\n",
+            "data.manifest cs is not a .parquet manifest (a dataset folder goes in data.root)",
+        ),
         # A real root left at data.kind's default, synthetic: the message says which.
         "unset.yaml": (
             "data: {kind: synthetic, root: cs}\n",

@@ -434,3 +434,20 @@ def test_eval_batches_frames_of_different_sizes_apart(tiny_source_ckpt, tmp_path
     labelled = sum(1 for v in all_ids_label(34).ravel() if v in CITYSCAPES_TO_TRAIN)
     labelled_large = sum(1 for v in all_ids_label(34, 24, 40).ravel() if v in CITYSCAPES_TO_TRAIN)
     assert sum(map(sum, report["confusion_matrix"])) == 2 * labelled + labelled_large
+
+
+@pytest.mark.parametrize("command", ["score", "adapt", "tune"])
+def test_a_missing_checkpoint_is_named_before_ray_starts(command, tmp_path, monkeypatch, capsys):
+    import sfda_ray.dist.job
+    import sfda_ray.dist.runtime
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(sfda_ray.dist.runtime, "init_ray", no_ray)
+    monkeypatch.setattr(sfda_ray.dist.job, "init_ray", no_ray)
+    missing = tmp_path / "missing.pt"
+    args = [command, "--checkpoint", str(missing), "--data", str(tmp_path / "m.parquet")]
+    args += ["--out", str(tmp_path / "out"), *(["--scores", "s"] if command == "adapt" else [])]
+    assert main(args) == 2
+    assert f"--checkpoint {missing} does not exist" in capsys.readouterr().err

@@ -67,6 +67,9 @@ def test_each_shipped_config_searches_around_its_own_settings(config, monkeypatc
         ("adapt.lr: 0.01", "should be one of {kind: args}"),
         ("- a list", "expected a mapping"),
         ("adapt.iterations: {uniform: [10, 20]}", "takes integers and uniform draws fractions"),
+        ("score.mc_passes: {choice: [0, 2]}", "trials cannot vary it: the target is scored once"),
+        ("model.name: {choice: [deeplabv2_resnet18]}", "the model comes from the checkpoint"),
+        ("data.size: {choice: [[32, 64], [48, 96]]}", "the size it was scored at"),
         ("adapt.lr: {uniform: [0.1, 0.2]}\nadapt.lr: {uniform: [0.2, 0.3]}", "a second time"),
     ],
 )

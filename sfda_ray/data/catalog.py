@@ -179,6 +179,14 @@ def read_dataset_yaml(data: str | Path) -> dict:
     if ignored:
         _warn_not_applied(where, ignored)
     spec = {k: v for k, v in spec.items() if k in LOCATING_KEYS}
+    for key in ("root", "manifest"):
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise ValueError(f"{where}: data.{key} {spec[key]!r} is not a path")
+    if spec.get("manifest") and not storage.has_suffix(spec["manifest"], ".parquet"):
+        raise ValueError(
+            f"{where}: data.manifest {spec['manifest']} is not a .parquet manifest (a dataset "
+            "folder goes in data.root)"
+        )
     # A relative `root` or `manifest` is relative to the YAML's folder, not to the working
     # directory, so the file means the same from anywhere.
     located = {k: storage.beside(where, str(spec[k])) for k in ("root", "manifest") if spec.get(k)}

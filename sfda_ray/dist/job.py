@@ -20,7 +20,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from sfda_ray import storage
-from sfda_ray.cli import add_tune_args, exit_code
+from sfda_ray.cli import add_tune_args, check_checkpoint_exists, exit_code
 from sfda_ray.config import (
     Config,
     load_config,
@@ -213,6 +213,8 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
             "a target dataset (--data, or data.root in --config) and --checkpoint go "
             "together (or neither, for the synthetic run)"
         )
+    if args.checkpoint:
+        check_checkpoint_exists(args.checkpoint)
     # What can be checked without reading the data is, before anything is written.
     tracking_uri = default_tracking_uri(out)
     space = load_search_space(cfg.tune.space or DEFAULT_SPACE, cfg)
