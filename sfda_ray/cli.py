@@ -535,21 +535,18 @@ def error_exit(prog: str, error: BaseException) -> int:
     return 2 if all(isinstance(c, BAD_INPUT) for c in causes) else 1
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``ray job stop``, a scheduler ending the job) unwinds as Ctrl-C does, once
-    Ray is up (``dist.runtime.init_ray`` installs ``raise_terminated``): the MLflow runs
-    are closed KILLED and a rerun resumes."""
-
-
 _sigterm_received = False
 
 
 def raise_terminated(signum: int, frame: Any) -> None:
+    """SIGTERM (``ray job stop``, a scheduler ending the job) unwinds as Ctrl-C does, once
+    Ray is up (``dist.runtime.init_ray`` installs this): the MLflow runs are closed KILLED
+    and a rerun resumes. An exception raised while Ray waits (``ray.get``, Tune's loop)
+    comes out of Ray as a plain KeyboardInterrupt whatever its type, so the signal is
+    recorded here, for ``exit_code``."""
     global _sigterm_received
-    # Raised while Ray waits (ray.get, Tune's loop), it comes out as a plain
-    # KeyboardInterrupt: what the exit code says is recorded here.
     _sigterm_received = True
-    raise Terminated()
+    raise KeyboardInterrupt
 
 
 def exit_code(prog: str, error: BaseException, interrupted: str = "interrupted") -> int | None:
@@ -557,7 +554,7 @@ def exit_code(prog: str, error: BaseException, interrupted: str = "interrupted")
     for Ctrl-C, 143 (128 + SIGTERM, as a shell reports it) for SIGTERM once Ray is up,
     else ``error_exit``'s; None for an error whose traceback is wanted."""
     if isinstance(error, KeyboardInterrupt):
-        code = 143 if _sigterm_received or isinstance(error, Terminated) else 130
+        code = 143 if _sigterm_received else 130
         if code == 143:
             interrupted = interrupted.replace("interrupted", "stopped by SIGTERM", 1)
         print(f"{prog}: {interrupted}", file=sys.stderr)
