@@ -189,7 +189,7 @@ def read_dataset_yaml(data: str | Path) -> dict:
         )
     # A relative `root` or `manifest` is relative to the YAML's folder, not to the working
     # directory, so the file means the same from anywhere.
-    located = {k: storage.beside(where, str(spec[k])) for k in ("root", "manifest") if spec.get(k)}
+    located = {k: storage.beside(where, spec[k]) for k in ("root", "manifest") if spec.get(k)}
     return {**spec, **located, "where": where}
 
 
