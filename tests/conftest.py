@@ -1,6 +1,8 @@
 """Shared fixtures: one tiny synthetic benchmark and one tiny source model per session."""
 
 import os
+import shutil
+import signal
 
 import pytest
 
@@ -11,6 +13,21 @@ from sfda_ray.train_source import train_source
 TINY = BenchmarkSpec(
     seed=0, height=48, width=96, source_train=16, source_val=6, target_train=24, target_val=8
 )
+
+
+# The tests that press Ctrl-C on a command they started need it to arrive as from a
+# terminal, also when the suite runs where SIGINT is ignored (a background job of a
+# non-interactive shell): a child inherits an ignored SIGINT, and Python then never
+# raises KeyboardInterrupt in it. A handler, unlike SIG_IGN, is reset by exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+# Ray Train's controller polls its workers every 2 s, and a run's start, its reports and
+# its end each wait for a poll; each worker group also starts a preemption watcher.
+# Nothing here is preempted: polls every 0.5 s, and no watcher, for every Ray Train run of
+# the tests, also in the commands they start (these settings go by the environment).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 def tiny_config(**overrides):
@@ -36,6 +53,25 @@ def tiny_source_ckpt(tiny_benchmark, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "source.pt"
     train_source(tiny_config(), str(tiny_benchmark), str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_db_template(tmp_path_factory):
+    """An empty MLflow sqlite store with its schema made: MLflow builds the tables and
+    runs its many migrations on a new file, seconds each time."""
+    from mlflow.tracking import MlflowClient
+
+    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def mlflow_db(mlflow_db_template, tmp_path):
+    """The URI of an MLflow sqlite store of the test's own, ``tmp_path/mlflow.db``."""
+    path = tmp_path / "mlflow.db"
+    shutil.copyfile(mlflow_db_template, path)
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture(scope="session")

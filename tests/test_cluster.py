@@ -30,7 +30,7 @@ def test_two_node_cluster_end_to_end(tiny_benchmark, tiny_source_ckpt, tmp_path)
             "--set",
             "score.batch_size=2",
             "--set",
-            "adapt.iterations=6",
+            "adapt.iterations=3",
             "--set",
             "adapt.eval_every=3",
             "--set",

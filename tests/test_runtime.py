@@ -37,14 +37,16 @@ STOPPED_BY_SIGTERM = textwrap.dedent(
 )
 
 
-def test_sigterm_unwinds_a_ray_driver_as_ctrl_c_does():
-    """ray.init makes SIGTERM exit at once (status 15); the job's runs would be FAILED."""
+def test_sigterm_unwinds_a_ray_driver_as_ctrl_c_does(ray_session):
+    """ray.init makes SIGTERM exit at once (status 15); the job's runs would be FAILED.
+    The driver joins the test session's Ray: init_ray installs its handler whether it
+    starts a Ray or joins one."""
     proc = subprocess.run(
         [sys.executable, "-c", STOPPED_BY_SIGTERM],
         capture_output=True,
         text=True,
         timeout=180,
-        env={**os.environ, "RAY_ADDRESS": ""},
+        env={**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address},
     )
     assert proc.returncode == 143, proc.stderr[-3000:]
     assert proc.stdout == "closed the runs\n"
@@ -174,4 +176,3 @@ def test_what_a_stopped_trials_train_run_holds_is_freed(ray_session):
         assert state(drivers.id.hex()) == "CREATED"
     finally:
         remove_placement_group(drivers)
-

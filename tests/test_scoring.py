@@ -115,18 +115,23 @@ def test_switching_sizes_back_and_forth_never_reuses_the_other_sizes_maps(
     ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path
 ):
     """Without AdaBN the scoring model stays the same, so only the size tells the runs
-    apart: native, then 32x64, then native again re-scores each time."""
+    apart: native, then 32x64, then native again re-scores each time. The target is the
+    source-free setting proper, without a label anywhere (Ray Data hands an all-null label
+    column to the decoder as NaN)."""
     table = pq.read_table(tiny_benchmark / "target" / "manifest.parquet")
-    write_manifest(
-        table.filter(pa.compute.equal(table["split"], "train")).slice(0, 6), tmp_path / "m.parquet"
-    )
+    rows = [
+        dict(r, label_path=None, label_format=None)
+        for r in table.filter(pa.compute.equal(table["split"], "train")).slice(0, 6).to_pylist()
+    ]
+    write_manifest(rows, tmp_path / "m.parquet")
     data, out = str(tmp_path / "m.parquet"), str(tmp_path / "scores")
     for run, (size, shape) in enumerate([(None, (48, 96)), ((32, 64), (32, 64)), (None, (48, 96))]):
         options = ScoringOptions(batch_size=6, actors=1, adabn=False, size=size)
         summary = score_dataset(str(tiny_source_ckpt), data, out, options)
-        assert summary["scored_this_run"] == 6
+        assert summary["scored_this_run"] == summary["scored"] == 6 and summary["skipped"] == 0
         listed = set()
         for row in pq.read_table(tmp_path / "scores" / "scores.parquet").to_pylist():
+            assert row["error"] is None and row["eval_miou"] is None and row["score"] > 0
             assert np.asarray(Image.open(row["pseudo_label_path"])).shape == shape
             assert np.asarray(Image.open(row["confidence_path"])).shape == shape
             listed |= {row["pseudo_label_path"], row["confidence_path"]}
@@ -176,25 +181,6 @@ def test_bad_images_are_recorded_and_skipped(
     # Pseudo-labels are evaluated where a label exists, and only there.
     evaluated = {i for i, r in rows.items() if r["eval_miou"] is not None}
     assert evaluated == {r["image_id"] for r in good} - {good[1]["image_id"], good[2]["image_id"]}
-
-
-def test_an_unlabelled_target_is_scored(ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path):
-    """The source-free setting proper: no target label anywhere (Ray Data hands an all-null
-    label column to the decoder as NaN)."""
-    table = pq.read_table(tiny_benchmark / "target" / "manifest.parquet")
-    rows = [
-        dict(r, label_path=None, label_format=None)
-        for r in table.filter(pa.compute.equal(table["split"], "train")).slice(0, 6).to_pylist()
-    ]
-    write_manifest(rows, tmp_path / "unlabelled.parquet")
-    out = tmp_path / "scores"
-    options = ScoringOptions(batch_size=3, actors=1, adabn=False)
-    summary = score_dataset(
-        str(tiny_source_ckpt), str(tmp_path / "unlabelled.parquet"), str(out), options
-    )
-    assert summary["scored"] == 6 and summary["skipped"] == 0
-    scored = pq.read_table(out / "scores.parquet").to_pylist()
-    assert all(r["error"] is None and r["eval_miou"] is None and r["score"] > 0 for r in scored)
 
 
 def test_score_command_writes_table_and_pictures(

@@ -101,8 +101,8 @@ def test_a_space_reads_numbers_as_written_from_a_path_with_a_tilde(tmp_path, mon
     }
 
 
-def test_tracker_reuses_runs_and_closes_interrupted_ones(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_tracker_reuses_runs_and_closes_interrupted_ones(tmp_path, mlflow_db):
+    uri = mlflow_db
     sweep = tmp_path / "sweep"
     tracker = SweepTracker(uri, "exp", str(sweep), str(tmp_path))
     parent = tracker.start("sweep", {"adapt": {"lr": 0.01}}, {"git_commit": "abc"})
@@ -137,10 +137,10 @@ def test_tracker_reuses_runs_and_closes_interrupted_ones(tmp_path):
     ).artifact_location
 
 
-def test_a_resumed_sweep_whose_store_lost_its_runs_logs_to_new_ones(tmp_path, caplog):
+def test_a_resumed_sweep_whose_store_lost_its_runs_logs_to_new_ones(tmp_path, mlflow_db, caplog):
     # The same tracking URI, but a store without the sweep's runs: a new head whose
     # saved mlflow.db was not restored.
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     lost = "0" * 32
@@ -301,10 +301,10 @@ def test_an_unusable_tracking_store_fails_the_job_before_any_work(monkeypatch, t
     assert not any(out.iterdir())  # no benchmark generated, no source model trained
 
 
-def test_a_deleted_experiment_is_refused_with_the_way_back(tmp_path):
+def test_a_deleted_experiment_is_refused_with_the_way_back(tmp_path, mlflow_db):
     from sfda_ray.dist.tracking import check_tracking_store
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     client = MlflowClient(uri)
     check_tracking_store(uri, "exp")  # not there yet: the sweep will create it
     experiment_id = client.create_experiment("exp")
@@ -316,8 +316,8 @@ def test_a_deleted_experiment_is_refused_with_the_way_back(tmp_path):
         check_tracking_store(uri, "exp")
 
 
-def test_looking_up_a_finished_trial_run_leaves_it_finished(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_looking_up_a_finished_trial_run_leaves_it_finished(tmp_path, mlflow_db):
+    uri = mlflow_db
     tracker = SweepTracker(uri, "exp", str(tmp_path / "sweep"), str(tmp_path))
     tracker.start("sweep", {}, {})
     run = tracker.child("t1", "trial 1", {}, {})
@@ -352,18 +352,19 @@ print(json.dumps([on_gpus(where, 1, 7), on_gpus(where, 0, 7), os.getpid()]))
 
 
 def test_baselines_include_adabn_when_scoring_did_not_use_it(
-    ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path
+    ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
 ):
     """Every table has both cheap baselines, also when pseudo-labels came from the plain
     source model (score.adabn false, as for the frozen-BN ResNet-101 configs)."""
     from sfda_ray.dist.job import baseline_mious
-    from sfda_ray.dist.scoring import ScoringOptions, score_dataset
     from sfda_ray.evaluate import evaluate_checkpoint
+    from sfda_ray.models.checkpoint import file_fingerprint
 
     source, bench, scores = str(tiny_source_ckpt), str(tiny_benchmark), tmp_path / "scores"
-    options = ScoringOptions(batch_size=8, actors=1, adabn=False)
-    scored = score_dataset(source, bench, str(scores), options)
-    assert scored["checkpoint"] == source
+    # The summary of a scoring without AdaBN (test_scoring: its model is the source's).
+    scored = dict(
+        tiny_scores[1], checkpoint=source, checkpoint_fingerprint=file_fingerprint(source)
+    )
     miou = baseline_mious(source, scored, bench, str(scores), load_config())
     adabn = evaluate_checkpoint(str(scores / "source_adabn.pt"), bench)["miou"]
     assert miou == {
@@ -429,7 +430,14 @@ def test_trial_errors_are_told_without_ray_wrapping(ray_session):
 
 
 def test_a_sweep_where_no_trial_completes_says_why(
-    ray_session, tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path, monkeypatch, capsys
+    ray_session,
+    tiny_benchmark,
+    tiny_source_ckpt,
+    tiny_scores,
+    tmp_path,
+    mlflow_db,
+    monkeypatch,
+    capsys,
 ):
     """Every trial refuses its config: one readable error naming the cause, and MLflow
     runs marked FAILED with the cause, instead of a dump of Ray tracebacks."""
@@ -443,7 +451,7 @@ def test_a_sweep_where_no_trial_completes_says_why(
     space_file = tmp_path / "space.yaml"
     space_file.write_text("adapt.lr: {grid: [0.01, 0.02]}\n")
     space = load_search_space(space_file, cfg)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     args = (str(tiny_source_ckpt), str(scores), str(tiny_benchmark), str(tmp_path), space)
     with pytest.raises(SweepFailed) as failed:
         run_sweep(cfg, *args, "failing", uri)
@@ -611,16 +619,14 @@ def test_a_report_always_carries_its_metric():
     assert math.isnan(got["val_miou"]) and got["proxy"] == 0.5 and got["iteration"] == 4
 
 
-def test_an_mlflow_failure_in_a_trial_hook_does_not_stop_the_sweep(tmp_path, caplog):
+def test_an_mlflow_failure_in_a_trial_hook_does_not_stop_the_sweep(tmp_path, mlflow_db, caplog):
     from types import SimpleNamespace
 
     from mlflow.exceptions import MlflowException
 
     from sfda_ray.dist.tracking import TrialLogger
 
-    tracker = SweepTracker(
-        f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", str(tmp_path), str(tmp_path)
-    )
+    tracker = SweepTracker(mlflow_db, "exp", str(tmp_path), str(tmp_path))
     tracker.start("sweep", {}, {})
     logger = TrialLogger(tracker, {}, lambda trial_id: {}, iterations=10)
     trial = SimpleNamespace(trial_id="t1", config={"adapt.lr": 0.01}, last_result={})
@@ -637,15 +643,13 @@ def test_an_mlflow_failure_in_a_trial_hook_does_not_stop_the_sweep(tmp_path, cap
     assert run.data.tags["sfda.stopped_early"] == "True"  # its last report: 5 of 10
 
 
-def test_stopped_early_is_judged_against_the_trials_own_iterations(tmp_path):
+def test_stopped_early_is_judged_against_the_trials_own_iterations(tmp_path, mlflow_db):
     """A baseline trains no iteration; a trial may search adapt.iterations itself."""
     from types import SimpleNamespace
 
     from sfda_ray.dist.tracking import TrialLogger
 
-    tracker = SweepTracker(
-        f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", str(tmp_path), str(tmp_path)
-    )
+    tracker = SweepTracker(mlflow_db, "exp", str(tmp_path), str(tmp_path))
     tracker.start("sweep", {}, {})
     logger = TrialLogger(tracker, {"adapt.iterations": 10}, lambda trial_id: {}, iterations=10)
     trials = {
@@ -680,7 +684,7 @@ def test_which_sweeps_train_the_discriminator_in_every_trial(space, overrides, e
     assert _every_trial_adversarial(load_config(None, overrides), space) is every_trial
 
 
-def test_a_resumed_driver_does_not_log_a_step_twice(tmp_path):
+def test_a_resumed_driver_does_not_log_a_step_twice(tmp_path, mlflow_db):
     """A trial resumed after its last report was logged reports that step again: the new
     driver (callbacks unpickled, as Tune restores them) reads what was logged from MLflow."""
     import pickle
@@ -688,7 +692,7 @@ def test_a_resumed_driver_does_not_log_a_step_twice(tmp_path):
 
     from sfda_ray.dist.tracking import TrialLogger
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     tracker = SweepTracker(uri, "exp", str(tmp_path), str(tmp_path))
     tracker.start("sweep", {}, {})
     logger = TrialLogger(tracker, {}, dict, iterations=10)
@@ -715,12 +719,12 @@ def _finished_sweep(tmp_path) -> dict:
     }
 
 
-def test_the_summary_is_saved_whatever_mlflow_does_at_the_end(tmp_path, caplog):
+def test_the_summary_is_saved_whatever_mlflow_does_at_the_end(tmp_path, mlflow_db, caplog):
     from mlflow.exceptions import MlflowException
 
     from sfda_ray.dist.job import save_and_record
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     tracker = SweepTracker(uri, "exp", str(tmp_path / "sweep"), str(tmp_path))
     parent = tracker.start("sweep", {}, {"git_commit": "abc"})
     sweep = _finished_sweep(tmp_path)
@@ -754,12 +758,12 @@ def test_the_summary_is_saved_whatever_mlflow_does_at_the_end(tmp_path, caplog):
     assert "the sweep's results are in" in caplog.text and "after 7 retries" in caplog.text
 
 
-def test_an_artifact_store_that_cannot_be_written_leaves_the_summary(tmp_path, caplog):
+def test_an_artifact_store_that_cannot_be_written_leaves_the_summary(tmp_path, mlflow_db, caplog):
     """The artifact store fails with its own error (here an OSError: the location lies
     under a file), not an MlflowException: still a warning, the summary on disk."""
     from sfda_ray.dist.job import save_and_record
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     blocker = tmp_path / "not_a_directory"
     blocker.write_text("a file where the artifact store expects a directory")
     MlflowClient(uri).create_experiment("exp", artifact_location=f"file://{blocker}/artifacts")
@@ -776,7 +780,7 @@ def _no_files(trial_id: str) -> dict:
     return {}
 
 
-def test_a_resumed_sweeps_callbacks_log_where_its_new_driver_started(tmp_path):
+def test_a_resumed_sweeps_callbacks_log_where_its_new_driver_started(tmp_path, mlflow_db):
     """Tune restores its callbacks from the pickle made when the sweep was first started.
     On a new store (a new head without the saved mlflow.db) the new driver opens a new
     parent run: the restored logger's trial runs must be its children, with its tags."""
@@ -785,7 +789,7 @@ def test_a_resumed_sweeps_callbacks_log_where_its_new_driver_started(tmp_path):
 
     from sfda_ray.dist.tracking import TrialLogger
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = mlflow_db
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     # The first driver's tracker, as pickled: its parent run is not in this store.
@@ -812,14 +816,14 @@ def test_a_resumed_sweeps_callbacks_log_where_its_new_driver_started(tmp_path):
     assert MlflowClient(uri).get_run(runs[0].info.run_id).info.status == "FINISHED"
 
 
-def test_a_completed_trial_whose_files_fail_to_upload_is_still_finished(tmp_path, caplog):
+def test_a_completed_trial_whose_files_fail_to_upload_is_still_finished(
+    tmp_path, mlflow_db, caplog
+):
     from types import SimpleNamespace
 
     from sfda_ray.dist.tracking import TrialLogger
 
-    tracker = SweepTracker(
-        f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", str(tmp_path), str(tmp_path)
-    )
+    tracker = SweepTracker(mlflow_db, "exp", str(tmp_path), str(tmp_path))
     tracker.start("sweep", {}, {})
 
     def upload_fails(run_id, files, artifact_path=None):
