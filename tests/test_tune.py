@@ -851,3 +851,25 @@ def test_a_sweep_stopped_before_its_first_step_starts_again(tmp_path):
     assert not can_resume(str(sweep)) and not can_resume(f"file://{sweep}")
     (sweep / "experiment_state-2026-11-30_02-00-00.json").write_text("{}")
     assert can_resume(str(sweep)) and can_resume(f"file://{sweep}")
+
+
+def test_asha_rungs_end_before_the_last_report_and_a_fallback_to_fifo_is_said(caplog):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from sfda_ray.dist.job import SMOKE
+    from sfda_ray.dist.tune import trial_scheduler
+
+    asha = trial_scheduler(load_config(None, {"adapt.iterations": 30, "adapt.eval_every": 5}))
+    assert isinstance(asha, ASHAScheduler)
+    # First rung iterations // 3, doubling, the last before the final report at 30.
+    assert asha._max_t == 25 and [rung for rung, _ in asha._brackets[0]._rungs] == [20, 10]
+    fifo = load_config(None, {"tune.scheduler": "fifo"})
+    with caplog.at_level(logging.INFO, logger="sfda_ray.dist.tune"):
+        assert type(trial_scheduler(fifo)) is FIFOScheduler
+        assert caplog.records == []
+        # The --smoke preset: its first rung, 10, is past the last, 10 - 5.
+        assert type(trial_scheduler(load_config(None, SMOKE))) is FIFOScheduler
+    assert caplog.messages == [
+        "tune.grace_period 10 is past ASHA's last rung, iteration 5 (adapt.iterations 10 "
+        "- adapt.eval_every 5): no trial is stopped early, each runs to its end"
+    ]

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow.fs as pafs
 import ray
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.sample import Domain
 
@@ -461,6 +461,35 @@ def _failure_message(sweep_path: str, trials: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def trial_scheduler(cfg: Config) -> TrialScheduler:
+    """ASHA with rungs at ``grace_period`` × ``reduction_factor``^k, the last before the
+    final report: a trial that survives them runs to its end and writes its model (ASHA
+    would otherwise stop it at its last report). FIFO when asked for, or when the first
+    rung is past the last (said, as ``tune.scheduler asha`` then stops nothing)."""
+    t, a = cfg.tune, cfg.adapt
+    last_rung = a.iterations - a.eval_every
+    grace = t.grace_period or max(1, a.iterations // 3)
+    if t.scheduler == "fifo":
+        return FIFOScheduler()
+    if grace > last_rung:
+        log.info(
+            "tune.grace_period %d is past ASHA's last rung, iteration %d (adapt.iterations %d "
+            "- adapt.eval_every %d): no trial is stopped early, each runs to its end",
+            grace,
+            last_rung,
+            a.iterations,
+            a.eval_every,
+        )
+        return FIFOScheduler()
+    return ASHAScheduler(
+        time_attr="iteration",
+        max_t=last_rung,
+        grace_period=grace,
+        reduction_factor=t.reduction_factor,
+        stop_last_trials=False,
+    )
+
+
 def _new_tuner(base, space, metric, mode, trainable, storage_path, tracker, fixed, out):
     t, a = base.tune, base.adapt
     configured = to_dict(base)
@@ -473,20 +502,7 @@ def _new_tuner(base, space, metric, mode, trainable, storage_path, tracker, fixe
                 node = node[part]
             point[key] = node
         points.append(point)
-    # Rungs stop at the last report before the final one: a trial that survives them runs
-    # to its end and writes its model (ASHA would otherwise stop it at its last report).
-    last_rung = a.iterations - a.eval_every
-    grace = t.grace_period or max(1, a.iterations // 3)
-    if t.scheduler == "asha" and grace <= last_rung:
-        scheduler = ASHAScheduler(
-            time_attr="iteration",
-            max_t=last_rung,
-            grace_period=grace,
-            reduction_factor=t.reduction_factor,
-            stop_last_trials=False,
-        )
-    else:
-        scheduler = FIFOScheduler()
+    scheduler = trial_scheduler(base)
     logger = TrialLogger(tracker, fixed, functools.partial(report_files, out), a.iterations)
     return tune.Tuner(
         trainable,
