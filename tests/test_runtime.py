@@ -130,11 +130,72 @@ JOINED_CLUSTER = textwrap.dedent(
 )
 
 
+def test_ray_trains_cleaner_frees_a_stopped_trials_run_without_the_state_api(ray_session, tmp_path):
+    """As ASHA stops a trial: its actor ends, and with it its Ray Train controller. Ray
+    Train's cleaner asks whether the controller lives, here (no dashboard) of the GCS:
+    it removes the workers' placement group and exits, within seconds."""
+    import time
+
+    import ray
+
+    def wait_in_training(config: dict) -> None:  # says it runs, then waits to be stopped
+        from pathlib import Path
+
+        Path(config["running"]).touch()
+        time.sleep(600)
+
+    @ray.remote(num_cpus=0)
+    class Trial:  # Tune's trial actor, which drives the Ray Train run
+        def fit(self, storage: str, running: str) -> None:
+            from ray.train import RunConfig, ScalingConfig
+            from ray.train.torch import TorchTrainer
+
+            TorchTrainer(
+                wait_in_training,
+                train_loop_config={"running": running},
+                scaling_config=ScalingConfig(num_workers=1),
+                run_config=RunConfig(name="stopped", storage_path=storage),
+            ).fit()
+
+    def groups() -> dict[str, str]:
+        return {k: v["state"] for k, v in ray.util.placement_group_table().items()}
+
+    def cleaners() -> dict[str, str]:
+        actors = ray._private.state.actors().values()
+        return {
+            a["ActorID"]: a["State"]
+            for a in actors
+            if a["ActorClassName"] == "PlacementGroupCleaner"
+        }
+
+    groups_before, cleaners_before = set(groups()), set(cleaners())
+    running = tmp_path / "running"
+    trial = Trial.remote()
+    fit = trial.fit.remote(str(tmp_path / "ray"), str(running))
+    deadline = time.time() + 120
+    while not running.exists():  # its workers run: the group is the cleaner's to watch
+        if ray.wait([fit], timeout=0)[0]:
+            ray.get(fit)  # raises what failed
+        assert time.time() < deadline, "the Ray Train run never started"
+        time.sleep(0.2)
+    run_groups = set(groups()) - groups_before
+    run_cleaners = set(cleaners()) - cleaners_before
+    assert len(run_groups) == 1 and len(run_cleaners) == 1
+    (group,), (cleaner,) = run_groups, run_cleaners
+    assert groups()[group] == "CREATED" and cleaners()[cleaner] == "ALIVE"
+    ray.kill(trial)
+    deadline = time.time() + 30
+    while (groups()[group], cleaners()[cleaner]) != ("REMOVED", "DEAD"):
+        assert time.time() < deadline, (groups()[group], cleaners()[cleaner])
+        time.sleep(0.2)
+
+
 def test_what_a_stopped_trials_train_run_holds_is_freed(ray_session):
-    """Tune ends a stopped trial's actor and with it the Ray Train controller: its workers'
-    placement group (not detached) would stay until the job ends, as Ray Train's cleaner
-    cannot ask the State API of a Ray without the dashboard. A placement group the
-    driver made, or one a live actor holds, is left alone."""
+    """Where Ray Train's cleaner does not free a stopped trial's run (its controller died
+    before the worker group started, or no State API on a cluster this process did not
+    start), the workers' placement group (not detached) would stay until the job ends;
+    the sweep's callback removes it. A placement group the driver made, or one a live
+    actor holds, is left alone."""
     import time
 
     import ray

@@ -7,6 +7,7 @@ import os
 import signal
 import threading
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import ray
@@ -52,22 +53,32 @@ def init_ray(
         signal.signal(signal.SIGTERM, raise_terminated)
 
 
-class _StateApiDown(logging.Filter):
-    """Drops the one warning that says the State API did not answer."""
+def _actor_state_from_gcs(
+    id: str, address: str | None = None, timeout: int | None = None, _explain: bool = False
+) -> SimpleNamespace | None:
+    """``ray.util.state.get_actor`` for what Ray Train asks of it, an actor's state, read
+    from the GCS's actor table: a Ray without the dashboard has no State API to ask."""
+    from ray.util.state.exception import RayStateApiException
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "State API may be temporarily unavailable" not in record.getMessage()
+    try:
+        info = ray._private.state.actors(id)
+    except Exception as e:  # the caller retries on this one
+        raise RayStateApiException(f"actor {id}: {e}") from e
+    return SimpleNamespace(state=info["State"]) if info else None
 
 
 def _without_state_api() -> None:
-    """Setup of every worker process of a local Ray, which runs without the dashboard and
-    so without the State API: Ray Train's placement-group cleaner asks that API about the
-    controller every second and would log a warning each time it cannot (what it would
-    clean up, ``release_stopped_train_runs`` does)."""
-    logger = logging.getLogger(
-        "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-    )
-    logger.addFilter(_StateApiDown())
+    """Setup of every worker process of a Ray without the dashboard (a local one,
+    ``local_cluster.py``). Ray Train's placement-group cleaner, a detached actor, asks the
+    State API every second whether its run's controller lives; without it, the cleaner
+    never learns that a controller died with its trial (an ASHA stop), so it would idle
+    until the job ends, and the controller's placement group, with its workers' CPUs and
+    GPUs, would be kept for as long: the next trial would wait for them forever. Given
+    the GCS's answer instead, it removes the group and exits, as it does on a cluster
+    with a dashboard. (Bound here, before Ray Train imports the name.)"""
+    import ray.util.state
+
+    ray.util.state.get_actor = _actor_state_from_gcs
 
 
 def release_stopped_train_runs() -> int:
@@ -76,12 +87,14 @@ def release_stopped_train_runs() -> int:
 
     Tune stops a trial (ASHA) by ending its actor, and with it the Ray Train controller
     the trial drove. The controller's placement group is not detached, so Ray keeps it,
-    and its workers' CPUs and GPUs, until the job ends; Ray Train's cleaner, a detached
-    actor, would remove it, but it asks the State API whether the controller lives, and
-    a Ray without the dashboard (this project's local one) has none: the next trial then
-    waits for those CPUs forever. So a placement group an actor created (a driver's own
-    have no creating actor) whose creator is dead is removed here, from the GCS's table.
-    The cleaner itself idles on until the job ends (Ray gives no handle to kill it by).
+    and its workers' CPUs and GPUs, until the job ends, unless Ray Train's cleaner (a
+    detached actor) removes it. The cleaner cannot when it never heard of the group or of
+    the controller's death: a controller that died before its worker group started (the
+    cleaner's start and the group's registration are calls the controller makes, lost
+    with it), or a cluster without the dashboard that this process did not start (no
+    State API, see ``_without_state_api``). The next trial would then wait for those
+    CPUs forever. So a placement group an actor created (a driver's own have no creating
+    actor) whose creator is dead is removed here, from the GCS's table.
     """
     from ray.core.generated import gcs_pb2
     from ray.util.placement_group import PlacementGroup, remove_placement_group

@@ -226,8 +226,9 @@ def _refuse_other_settings(out: str, identity: dict) -> None:
 
 class ReleaseStoppedTrainRuns(tune.Callback):
     """Every few seconds of the sweep, frees the CPUs and GPUs the Ray Train runs of
-    stopped trials still hold (``runtime.release_stopped_train_runs``): otherwise, on a
-    Ray without the dashboard, the trial after one ASHA stopped waits for them forever."""
+    stopped trials still hold where Ray Train's own cleaner did not
+    (``runtime.release_stopped_train_runs``): otherwise the next trial waits for them
+    forever."""
 
     def __init__(self, every_s: float = 5.0) -> None:
         self.every_s = every_s
