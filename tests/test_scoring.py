@@ -186,25 +186,16 @@ def test_bad_images_are_recorded_and_skipped(
 def test_score_command_writes_table_and_pictures(
     ray_session, tiny_benchmark, tiny_source_ckpt, tmp_path, capsys
 ):
+    import warnings
+
     out = tmp_path / "scores"
-    assert (
-        main(
-            [
-                "score",
-                "--checkpoint",
-                str(tiny_source_ckpt),
-                "--data",
-                str(tiny_benchmark),
-                "--out",
-                str(out),
-                "--actors",
-                "1",
-                "--batch-size",
-                "8",
-            ]
-        )
-        == 0
-    )
+    args = ["score", "--checkpoint", str(tiny_source_ckpt), "--data", str(tiny_benchmark)]
+    args += ["--out", str(out), "--actors", "1", "--batch-size", "8"]
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        assert main(args) == 0
+    # The remote arg that keeps decoding a stage of its own warns in Ray 2.60: not here.
+    assert not [w for w in warned if "ray_remote_args" in str(w.message)]
     printed = capsys.readouterr().out
     assert "scored 24 images, skipped 0" in printed and "kept_pixel_accuracy" in printed
     for name in ("score_histogram.png", "selection_grid.png"):

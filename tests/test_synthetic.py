@@ -141,6 +141,9 @@ def test_bad_spec_and_missing_benchmark(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a synthetic benchmark directory"):
         load_benchmark_info(tmp_path)
     assert main(["synth", "--out", str(tmp_path / "y"), "--shift", "2"]) == 2
+    with pytest.raises(ValueError, match="target_train and target_val are both 0: the target"):
+        generate(tmp_path / "z", BenchmarkSpec(target_train=0, target_val=0))
+    assert not (tmp_path / "z").exists()  # refused before writing anything
 
 
 def test_a_directory_of_other_files_is_never_overwritten(tmp_path, capsys):

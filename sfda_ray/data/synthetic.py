@@ -289,6 +289,10 @@ def generate(root: str | Path, spec: BenchmarkSpec) -> dict:
         raise ValueError(f"shift: {spec.shift} is out of range; allowed: 0 <= shift <= 1")
     if spec.height < 32 or spec.width < 32:
         raise ValueError(f"size {spec.height}x{spec.width} too small; need at least 32x32")
+    for domain in DOMAINS:  # an empty domain would be told later as a missing dataset
+        if not any(spec.count(domain, split) for split in SPLITS):
+            counts = " and ".join(f"{domain}_{split}" for split in SPLITS)
+            raise ValueError(f"{counts} are both 0: the {domain} domain needs at least one image")
     root = Path(root)
     # A benchmark's own entries, or those of one whose writing was cut short: anything
     # else means the directory is someone's data, whose images would go as stale.

@@ -541,26 +541,32 @@ def _pipeline(
         batch_size=opts.batch_size,
         batch_format="numpy",
     )
-    ds = ds.map_batches(
-        Scorer,
-        fn_constructor_kwargs={
-            "checkpoint": checkpoint,
-            "mc_passes": opts.mc_passes,
-            "threads": threads,
-            "perf": opts.perf,
-        },
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        batch_size=opts.batch_size,
-        batch_format="numpy",
-        num_gpus=gpus,
-        # A CPU actor reserves one CPU however many torch threads it runs, so that decode
-        # tasks always find a CPU to run on (an actor holding every CPU would starve them).
-        num_cpus=0 if gpus else 1,
-        # One scorer per node before doubling up. SPREAD is also Ray Data's default, but
-        # naming it (a deprecated remote arg in Ray 2.60) keeps decoding a separate stage:
-        # with identical remote args Ray Data fuses decode_batch into the scoring actors.
-        scheduling_strategy="SPREAD",
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for the scheduling strategy yet; its warning
+        # about the remote arg would be the job's noise, once per scoring.
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        ds = ds.map_batches(
+            Scorer,
+            fn_constructor_kwargs={
+                "checkpoint": checkpoint,
+                "mc_passes": opts.mc_passes,
+                "threads": threads,
+                "perf": opts.perf,
+            },
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            batch_size=opts.batch_size,
+            batch_format="numpy",
+            num_gpus=gpus,
+            # A CPU actor reserves one CPU however many torch threads it runs, so that
+            # decode tasks always find a CPU to run on (an actor holding every CPU would
+            # starve them).
+            num_cpus=0 if gpus else 1,
+            # One scorer per node before doubling up. SPREAD is also Ray Data's default,
+            # but naming it (a deprecated remote arg in Ray 2.60) keeps decoding a separate
+            # stage: with identical remote args Ray Data fuses decode_batch into the
+            # scoring actors.
+            scheduling_strategy="SPREAD",
+        )
     return ds
 
 
