@@ -446,6 +446,9 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
             "skipped_inputs": sum(skipped.values()),
         }
         interval, interval_steps = {}, 0
+        # Over every worker's shard (a collective: each reports at the same iterations);
+        # the checkpoint keeps this report, which must not be pooled a second time.
+        metrics.update(metrics_over_workers(metrics, env.device))
         if evaluate_now:  # on every worker, each its share of the images
             final = evaluate_adapted(unwrap(adapter.student), plan, norm, size, exe)
             metrics.update(
@@ -463,16 +466,23 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
             if not weights_finite(unwrap(adapter.student)):
                 raise _diverged(f"by iteration {done}: the weights are not finite", a.lr)
             if env.rank == 0:
-                state_out = {"adapter": adapter.state_dict(), "iteration": done}
+                # With its report: a run resumed at its end reports it again (below).
+                state_out = {"adapter": adapter.state_dict(), "iteration": done, "report": metrics}
         env.report(metrics, state_out)
     if iterations == start:  # nothing trained in this call (baselines, or already done)
         final = evaluate_adapted(unwrap(adapter.student), plan, norm, size, exe)
+        # A run that had finished when its driver stopped (before it logged the last
+        # report, maybe) reports that report again, its losses included.
+        report = {
+            **{k: v for k, v in final.items() if not isinstance(v, (dict, list))},
+            **(state or {}).get("report", {}),
+            "iteration": iterations,
+        }
         env.report(
-            {
-                **{k: v for k, v in final.items() if not isinstance(v, (dict, list))},
-                "iteration": iterations,
-            },
-            {"adapter": adapter.state_dict(), "iteration": iterations} if env.rank == 0 else None,
+            report,
+            {"adapter": adapter.state_dict(), "iteration": iterations, "report": report}
+            if env.rank == 0
+            else None,
         )
     final.update({"iteration": iterations, "method": a.method})
     return {"model": unwrap(adapter.student), "meta": meta, "metrics": final}

@@ -383,6 +383,29 @@ def test_plain_loop_adapts_and_reports(tiny_benchmark, tiny_source_ckpt, tiny_sc
     )
 
 
+def test_a_run_resumed_at_its_end_reports_its_last_report_again(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    """A driver stopped after the run's last checkpoint, but before it logged the report
+    that went with it, would otherwise never see that report's losses: the resumed run
+    has nothing left to train, and reports the checkpoint's report again."""
+    scores, _ = tiny_scores
+    cfg = _adapt_cfg()
+    plan = make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+    state_path = str(tmp_path / "state.pt")
+    first = LocalEnv(state_path=state_path)
+    run_adaptation(plan, cfg, first)
+    again = LocalEnv(state_path=state_path)
+    run_adaptation(plan, cfg, again)
+    assert [r["iteration"] for r in again.reports] == [4]
+    assert again.reports[0] == pytest.approx(first.reports[-1], rel=1e-6)
+    assert again.reports[0]["loss_total"] > 0
+    # The report is still there for a third start.
+    third = LocalEnv(state_path=state_path)
+    run_adaptation(plan, cfg, third)
+    assert third.reports == again.reports
+
+
 def test_unlabelled_target_reports_the_proxy(
     tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
 ):

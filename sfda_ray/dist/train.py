@@ -30,7 +30,6 @@ from sfda_ray.adaptation import (
     AdaptPlan,
     load_state,
     make_plan,
-    metrics_over_workers,
     run_adaptation,
     save_adapted,
     save_state,
@@ -143,8 +142,7 @@ class RayTrainEnv:
         return ray.train.torch.prepare_model(model)
 
     def report(self, metrics: dict, state: dict | None) -> None:
-        flat = reportable(metrics)
-        flat.update(metrics_over_workers(flat, self.device))
+        flat = reportable(metrics)  # pooled over the workers by the loop
         flat["train_workers"], flat["train_nodes"] = self.world_size, self.nodes
         if state is None:
             ray.train.report(flat)
