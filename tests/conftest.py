@@ -93,13 +93,13 @@ def ray_session():
         ("AWS_EC2_METADATA_DISABLED", "true"),
     ):
         os.environ[key] = value
-    from sfda_ray.dist.runtime import NO_DASHBOARD_RUNTIME_ENV
+    from sfda_ray.dist.runtime import no_dashboard_runtime_env
 
     ray.init(
         address="local",
         num_cpus=4,
         include_dashboard=False,
-        runtime_env=NO_DASHBOARD_RUNTIME_ENV,  # as a job's local Ray
+        runtime_env=no_dashboard_runtime_env(),  # as a job's local Ray
         log_to_driver=False,
         configure_logging=False,
     )

@@ -32,8 +32,8 @@ def _no_job_outlives_its_test():
 
 
 def _job(out: Path, env: dict) -> subprocess.Popen:
-    """As the README runs it: ``--out`` relative to the working directory (each trial and
-    Ray Train worker runs in a working directory of its own)."""
+    """As the README runs it, in fewer iterations: ``--out`` relative to the working
+    directory (each trial and Ray Train worker runs in a working directory of its own)."""
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "experiments" / "tune_gta.py"), "--smoke", "--out", out.name]
         # Two evaluations per trial, as the preset has, in fewer iterations.
@@ -96,19 +96,22 @@ def test_main_job_sweeps_logs_to_mlflow_and_resumes(tmp_path, mlflow_db_template
         evaluated_at = baselines.stat().st_mtime_ns  # evaluated before the sweep started
 
         # The same command resumes the sweep; kill it outright (a lost node, the OOM
-        # killer) once it has restored the sweep and reopened its runs, and a trial has
-        # started again (each start rewrites the trial's adapt.json), and once more it
-        # resumes, to the end.
+        # killer) once a resumed trial is training again (it writes a checkpoint), and
+        # once more it resumes, to the end.
         second = _job(out, env)
         started = time.time()
         deadline = started + 420
 
-        def restarted() -> bool:
-            return any(p.stat().st_mtime > started for p in out.glob("trials/*/adapt.json"))
+        def training_again() -> bool:
+            for checkpoint in out.glob("trials/*/ray/adapt/checkpoint_*"):
+                with contextlib.suppress(FileNotFoundError):  # a replaced one goes
+                    if checkpoint.stat().st_mtime > started:
+                        return True
+            return False
 
-        while not restarted():
+        while not training_again():
             assert second.poll() is None, second.communicate()[1][-3000:]
-            assert time.time() < deadline, "no trial started again after the resume"
+            assert time.time() < deadline, "no trial trained again after the resume"
             time.sleep(0.5)
         os.killpg(second.pid, signal.SIGKILL)
         second.wait()

@@ -1,4 +1,5 @@
-"""Connecting to Ray, in a process of its own (the test session's Ray is already up)."""
+"""Connecting to Ray (in processes of their own, as the test session's Ray is up already),
+and freeing what stopped Ray Train runs hold."""
 
 import os
 import subprocess
@@ -13,7 +14,7 @@ STOPPED_BY_SIGTERM = textwrap.dedent(
     from sfda_ray.cli import exit_code
     from sfda_ray.dist.runtime import init_ray
 
-    init_ray(num_cpus=1)
+    init_ray()  # RAY_ADDRESS: the test session's Ray
     try:
         try:
             import ray
@@ -138,6 +139,8 @@ def test_ray_trains_cleaner_frees_a_stopped_trials_run_without_the_state_api(ray
 
     import ray
 
+    from sfda_ray.dist.runtime import release_stopped_train_runs
+
     def wait_in_training(config: dict) -> None:  # says it runs, then waits to be stopped
         from pathlib import Path
 
@@ -171,23 +174,27 @@ def test_ray_trains_cleaner_frees_a_stopped_trials_run_without_the_state_api(ray
     groups_before, cleaners_before = set(groups()), set(cleaners())
     running = tmp_path / "running"
     trial = Trial.remote()
-    fit = trial.fit.remote(str(tmp_path / "ray"), str(running))
-    deadline = time.time() + 120
-    while not running.exists():  # its workers run: the group is the cleaner's to watch
-        if ray.wait([fit], timeout=0)[0]:
-            ray.get(fit)  # raises what failed
-        assert time.time() < deadline, "the Ray Train run never started"
-        time.sleep(0.2)
-    run_groups = set(groups()) - groups_before
-    run_cleaners = set(cleaners()) - cleaners_before
-    assert len(run_groups) == 1 and len(run_cleaners) == 1
-    (group,), (cleaner,) = run_groups, run_cleaners
-    assert groups()[group] == "CREATED" and cleaners()[cleaner] == "ALIVE"
-    ray.kill(trial)
-    deadline = time.time() + 30
-    while (groups()[group], cleaners()[cleaner]) != ("REMOVED", "DEAD"):
-        assert time.time() < deadline, (groups()[group], cleaners()[cleaner])
-        time.sleep(0.2)
+    try:
+        fit = trial.fit.remote(str(tmp_path / "ray"), str(running))
+        deadline = time.time() + 120
+        while not running.exists():  # its workers run: the group is the cleaner's to watch
+            if ray.wait([fit], timeout=0)[0]:
+                ray.get(fit)  # raises what failed
+            assert time.time() < deadline, "the Ray Train run never started"
+            time.sleep(0.2)
+        run_groups = set(groups()) - groups_before
+        run_cleaners = set(cleaners()) - cleaners_before
+        assert len(run_groups) == 1 and len(run_cleaners) == 1
+        (group,), (cleaner,) = run_groups, run_cleaners
+        assert groups()[group] == "CREATED" and cleaners()[cleaner] == "ALIVE"
+        ray.kill(trial)
+        deadline = time.time() + 30
+        while (groups()[group], cleaners()[cleaner]) != ("REMOVED", "DEAD"):
+            assert time.time() < deadline, (groups()[group], cleaners()[cleaner])
+            time.sleep(0.2)
+    finally:  # a failure leaves no run holding the session's CPUs for the next tests
+        ray.kill(trial)
+        release_stopped_train_runs()
 
 
 def test_what_a_stopped_trials_train_run_holds_is_freed(ray_session):

@@ -37,14 +37,14 @@ def init_ray(
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=NO_DASHBOARD_RUNTIME_ENV if own_cluster else None)
+        ray.init(address=address, runtime_env=no_dashboard_runtime_env() if own_cluster else None)
         _own_cluster = own_cluster
     else:
         ray.init(
             address="local",
             num_cpus=num_cpus,
             include_dashboard=False,
-            runtime_env=NO_DASHBOARD_RUNTIME_ENV,
+            runtime_env=no_dashboard_runtime_env(),
         )
     log.info("Ray cluster resources: %s", ray.cluster_resources())
     if threading.current_thread() is threading.main_thread():
@@ -115,8 +115,10 @@ def release_stopped_train_runs() -> int:
     return removed
 
 
-# For a driver of a Ray started without its dashboard (a local one, ``local_cluster.py``).
-NO_DASHBOARD_RUNTIME_ENV = {"worker_process_setup_hook": _without_state_api}
+def no_dashboard_runtime_env() -> dict:
+    """The runtime env of a driver of a Ray started without its dashboard (a local one,
+    ``local_cluster.py``); a new dict each time, as ``ray.init`` rewrites the one given."""
+    return {"worker_process_setup_hook": _without_state_api}
 
 
 def check_placeable(
