@@ -49,14 +49,20 @@ def _job(out: Path, env: dict) -> subprocess.Popen:
     return proc
 
 
-def _interrupt_when(proc: subprocess.Popen, ready, timeout: float = 420) -> str:
-    """Ctrl-C, as a terminal sends it (to the whole foreground process group), once
-    ``ready()``; returns the job's stderr."""
+def _wait_until(proc: subprocess.Popen, ready, never: str, timeout: float = 420) -> None:
+    """Until ``ready()``; the job must not exit meanwhile, and ``never`` says what did
+    not happen in ``timeout`` seconds."""
     deadline = time.time() + timeout
     while not ready():
         assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.time() < deadline, "the sweep never reached its first checkpoint"
+        assert time.time() < deadline, never
         time.sleep(0.5)
+
+
+def _interrupt_when(proc: subprocess.Popen, ready) -> str:
+    """Ctrl-C, as a terminal sends it (to the whole foreground process group), once
+    ``ready()``; returns the job's stderr."""
+    _wait_until(proc, ready, "the sweep never reached its first checkpoint")
     os.killpg(proc.pid, signal.SIGINT)
     try:
         _, stderr = proc.communicate(timeout=120)
@@ -100,7 +106,6 @@ def test_main_job_sweeps_logs_to_mlflow_and_resumes(tmp_path, mlflow_db_template
         # once more it resumes, to the end.
         second = _job(out, env)
         started = time.time()
-        deadline = started + 420
 
         def training_again() -> bool:
             for checkpoint in out.glob("trials/*/ray/adapt/checkpoint_*"):
@@ -109,10 +114,7 @@ def test_main_job_sweeps_logs_to_mlflow_and_resumes(tmp_path, mlflow_db_template
                         return True
             return False
 
-        while not training_again():
-            assert second.poll() is None, second.communicate()[1][-3000:]
-            assert time.time() < deadline, "no trial trained again after the resume"
-            time.sleep(0.5)
+        _wait_until(second, training_again, "no trial trained again after the resume")
         os.killpg(second.pid, signal.SIGKILL)
         second.wait()
         assert not (out / "summary.json").exists()
