@@ -8,6 +8,7 @@ values through :func:`apply_overrides` with the same validation.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import re
@@ -590,6 +591,8 @@ def load_search_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, lis
     space = {}
     for key, spec in data.items():
         where = f"{path}: {key}"
+        if not isinstance(key, str):
+            raise ConfigError(f"{where}: not a config key; expected section.name, e.g. adapt.lr")
         if not isinstance(spec, dict) or len(spec) != 1:
             raise ConfigError(
                 f"{where}: {spec!r} should be one of {{kind: args}} with kind in "
@@ -612,9 +615,9 @@ def load_search_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, lis
                 raise ConfigError(f"{where}: loguniform needs low > 0, got {args!r}")
             if kind == "randint" and not all(isinstance(v, int) for v in args):
                 raise ConfigError(f"{where}: randint bounds must be integers, got {args!r}")
-        for value in args:  # the key exists and takes each endpoint / choice
+        for value in _drawn_ends(kind, args):  # the key exists and takes each end / choice
             try:
-                apply_overrides(cfg, {key: value})
+                _check_value(key, value)
             except ConfigError as e:
                 raise ConfigError(f"{path}: {e}") from None
         fixed = _FIXED_FOR_THE_SWEEP.get(key) or _FIXED_FOR_THE_SWEEP.get(key.split(".")[0])
@@ -627,7 +630,58 @@ def load_search_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, lis
                 "(or choice)"
             )
         space[key] = (kind, list(args))
+    _check_space_combinations(path, space, cfg)
     return space
+
+
+def _check_value(dotted: str, value: Any) -> None:
+    """``value`` alone for the key ``section.name``: the key exists and the value has its
+    type and range (the rules between keys are checked over whole trials)."""
+    section, _, name = dotted.partition(".")
+    sections = typing.get_type_hints(Config)
+    if section not in sections:
+        raise ConfigError(f"{dotted}: unknown section {section!r}; allowed: {', '.join(sections)}")
+    fields = {f.name: f for f in dataclasses.fields(sections[section])}
+    if name not in fields:
+        raise ConfigError(f"{dotted}: unknown key; allowed: {', '.join(fields)}")
+    value = _coerce(value, typing.get_type_hints(sections[section])[name], dotted)
+    _check_range(value, fields[name].metadata, dotted)
+
+
+def _drawn_ends(kind: str, args: list) -> list:
+    """The extreme values a trial can draw: a range's ends (randint's high is exclusive),
+    or every choice."""
+    return [args[0], args[1] - 1] if kind == "randint" else args
+
+
+# Above this many points, a section's combinations are checked pairwise (every rule
+# between keys of the config involves at most two swept keys' values at once).
+_MAX_COMBINATIONS = 256
+
+
+def _check_space_combinations(path: Path, space: dict[str, tuple[str, list]], cfg: Config) -> None:
+    """The rules between keys of a section (alpha_min <= alpha_max, say) hold for every
+    combination of the section's swept keys a trial can draw (the other keys at the base
+    config's values), checked at the ranges' ends."""
+    ends = {key: _drawn_ends(kind, args) for key, (kind, args) in space.items()}
+    by_section: dict[str, list[str]] = {}
+    for key in ends:
+        by_section.setdefault(key.split(".")[0], []).append(key)
+    for keys in by_section.values():
+        if math.prod(len(ends[k]) for k in keys) <= _MAX_COMBINATIONS:
+            groups = [keys]
+        else:
+            groups = [list(pair) for pair in itertools.combinations(keys, 2)]
+        for group in groups:
+            for values in itertools.product(*(ends[k] for k in group)):
+                point = dict(zip(group, values, strict=True))
+                try:
+                    apply_overrides(cfg, point)
+                except ConfigError as e:
+                    drawn = ", ".join(f"{k}={v!r}" for k, v in point.items())
+                    raise ConfigError(
+                        f"{path}: a trial can draw {drawn}, which is not allowed: {e}"
+                    ) from None
 
 
 def _takes_integers(key: str) -> bool:

@@ -71,12 +71,45 @@ def test_each_shipped_config_searches_around_its_own_settings(config, monkeypatc
         ("model.name: {choice: [deeplabv2_resnet18]}", "the model comes from the checkpoint"),
         ("data.size: {choice: [[32, 64], [48, 96]]}", "the size it was scored at"),
         ("adapt.lr: {uniform: [0.1, 0.2]}\nadapt.lr: {uniform: [0.2, 0.3]}", "a second time"),
+        ("1: {choice: [1]}", "1: not a config key"),
+        # Each value passes alone; some draws of the two together do not.
+        (
+            "adapt.alpha_min: {uniform: [1, 4]}\nadapt.alpha_max: {uniform: [2, 5]}",
+            "a trial can draw adapt.alpha_min=4, adapt.alpha_max=2",
+        ),
+        (
+            "adapt.lambda_v: {choice: [0, 1]}\nadapt.lambda_mix: {choice: [0, 0.5]}",
+            "adapt.lambda_v=0, adapt.lambda_mix=0.5, which is not allowed",
+        ),
+        (
+            "data.scale_min: {randint: [1, 3]}\ndata.scale_max: {choice: [1.5, 3]}",
+            "data.scale_min=2, data.scale_max=1.5",
+        ),
     ],
 )
 def test_bad_search_space_names_key_and_rule(tmp_path, text, message):
     with pytest.raises(ConfigError, match="space.yaml") as e:
         _space(tmp_path, text)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # alpha_min's range ends where alpha_max's begins: no draw breaks the rule.
+        "adapt.alpha_min: {uniform: [1, 2]}\nadapt.alpha_max: {uniform: [2, 5]}",
+        # 1.3 is above the base scale_max (1.25), but not above any scale_max drawn with it.
+        "data.scale_min: {choice: [1.3]}\ndata.scale_max: {choice: [1.5, 2]}",
+    ],
+)
+def test_a_space_whose_every_draw_keeps_the_rules_is_accepted(tmp_path, text):
+    space = _space(tmp_path, text)
+    assert len(space) == 2
+
+
+def test_a_rule_between_a_swept_key_and_the_base_config_is_checked(tmp_path):
+    with pytest.raises(ConfigError, match="data.scale_min=1.3, which is not allowed"):
+        _space(tmp_path, "data.scale_min: {choice: [1.0, 1.3]}")
 
 
 def test_choice_and_grid_values_are_kept(tmp_path):
