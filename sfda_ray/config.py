@@ -389,6 +389,16 @@ def _check_cross_fields(obj: Any, prefix: str) -> None:
             f"{prefix}.lambda_mix: {obj.lambda_mix} needs lambda_v > 0 and lambda_st > 0 "
             f"(here {obj.lambda_v} and {obj.lambda_st}); set lambda_mix to 0 to turn it off"
         )
+    if isinstance(obj, PerfConfig) and obj.compile:
+        # Checked only when on: listing the backends imports torch._dynamo (~1.5 s).
+        from torch._dynamo import list_backends
+
+        if obj.compile_backend not in list_backends(exclude_tags=()):
+            raise ConfigError(
+                f"{prefix}.compile_backend: {obj.compile_backend!r} is not a torch.compile "
+                f"backend here; allowed: {', '.join(list_backends())} (or a debugging one: "
+                "eager, aot_eager, ...)"
+            )
     if isinstance(obj, ScoreConfig) and obj.mc_passes == 1:
         raise ConfigError(
             f"{prefix}.mc_passes: 1 is not allowed; 0 (off) or at least 2 stochastic passes"

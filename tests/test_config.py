@@ -198,3 +198,11 @@ def test_an_adaptation_run_with_other_settings_is_not_resumed(tmp_path):
     _check_same_run(str(tmp_path), str(state), identity)  # the same run: resumed
     with pytest.raises(ConfigError, match=r"\(adapt\.lr, plan \(selection, start checkpoint"):
         _check_same_run(str(tmp_path), str(state), {**identity, "adapt.lr": 0.02, "plan": "d"})
+
+
+def test_an_unknown_compile_backend_is_named_when_compiling_is_on():
+    with pytest.raises(ConfigError, match="perf.compile_backend: 'inductr' is not a torch.compile"):
+        load_config(None, {"perf.compile": True, "perf.compile_backend": "inductr"})
+    # Off, the backend is never used (nor torch._dynamo imported to list them).
+    assert load_config(None, {"perf.compile_backend": "inductr"}).perf.compile is False
+    assert load_config(None, {"perf.compile": True}).perf.compile_backend == "inductor"

@@ -561,6 +561,28 @@ def test_val_miou_on_an_unlabelled_target_is_refused_before_any_work(
     assert not (out / "scores").exists()  # nothing scored
 
 
+@pytest.mark.parametrize(
+    "argv, told",
+    [
+        (
+            ["--smoke", "--seed", "2"],
+            "--seed 2: seeds the synthetic benchmark, which --smoke fixes",
+        ),
+        (
+            ["--data", "cs.yaml", "--checkpoint", "source.pt", "--seed", "2"],
+            "--seed 2: seeds the synthetic benchmark, which a real target replaces",
+        ),
+    ],
+)
+def test_a_seed_the_job_would_not_use_is_refused(argv, told, tmp_path, monkeypatch, capsys):
+    from sfda_ray.dist.job import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main("gta5_cityscapes", "out", "the job", [*argv, "--out", "out"]) == 2
+    assert told in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_diverged_trial_never_ranks_best():
     from sfda_ray.dist.tune import best_trial
 

@@ -213,6 +213,12 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
             "a target dataset (--data, or data.root in --config) and --checkpoint go "
             "together (or neither, for the synthetic run)"
         )
+    if args.seed and (real_target or args.smoke):
+        fixed_by = "a real target replaces" if real_target else "--smoke fixes"
+        raise ValueError(
+            f"--seed {args.seed}: seeds the synthetic benchmark, which {fixed_by}; the "
+            "adaptation's seed is adapt.seed (--set adapt.seed=N)"
+        )
     if args.checkpoint:
         check_checkpoint_exists(args.checkpoint)
     # What can be checked without reading the data is, before anything is written.
