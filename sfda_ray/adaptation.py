@@ -168,6 +168,12 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
 
     ref = open_dataset(data, "target")
     val = ref.labelled("val")
+    if val is not None and "val" in set(table["split"].to_pylist()):
+        raise ValueError(
+            f"{scores}: the target's val split was scored, and val is what the adaptation "
+            "is evaluated on: it would train on the images it is measured on; score the "
+            "train split (score.split: train)"
+        )
     eval_rows = val.to_pylist() if val is not None else []
     proxy_rows = [] if val is not None else _proxy_rows(ref)
     eval_classes = next(iter(ref.eval_subsets.values()))

@@ -71,6 +71,7 @@ def evaluate_model(
 ) -> dict:
     """mIoU report of ``model`` on ``split``; the model is moved to ``device`` and run in
     fp32 there, so a GPU gives the same figures as the CPU, only sooner."""
+    ref.check_split(split, "split")
     table = ref.labelled(split)
     if table is None:
         raise ValueError(

@@ -637,6 +637,22 @@ def test_a_selection_without_virtual_source_or_target_is_refused(
         make_plan(empty_v, *args)
 
 
+def test_scores_of_the_split_it_is_evaluated_on_are_refused(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    """Trained on the val images it is measured on, a run's mIoU would mean nothing."""
+    scores, _ = tiny_scores
+    on_val = tmp_path / "scores"
+    shutil.copytree(scores, on_val)
+    table = pq.read_table(on_val / "scores.parquet")
+    column = pa.array(["val"] * table.num_rows)
+    table = table.set_column(table.schema.get_field_index("split"), "split", column)
+    pq.write_table(table, on_val / "scores.parquet")
+    args = (str(tiny_source_ckpt), str(on_val), str(tiny_benchmark))
+    with pytest.raises(ValueError, match="the target's val split was scored, and val is what"):
+        make_plan(_adapt_cfg(), *args)
+
+
 def test_virtual_source_maps_of_another_size_or_class_range(tmp_path, caplog):
     """A map scored at another (native) size is resized with its image; one holding a class
     outside the label space is skipped and logged, not fatal."""

@@ -14,7 +14,7 @@ from sfda_ray.method.adapt import Adapter
 from sfda_ray.method.scoring import score_images
 from sfda_ray.models import build_model
 from sfda_ray.models.checkpoint import save_checkpoint
-from sfda_ray.models.execution import Execution
+from sfda_ray.models.execution import Execution, resolve_device
 
 C = 19
 
@@ -38,6 +38,18 @@ def test_auto_is_fp32_nchw_on_cpu_and_bf16_channels_last_on_gpu():
     forced = Execution.resolve(PerfConfig(precision="fp32", channels_last=False), "cuda")
     assert (forced.precision, forced.channels_last) == ("fp32", False)
     assert Execution.resolve(PerfConfig(compile=True), "cpu").compile_backend == "inductor"
+
+
+def test_a_gpu_index_past_the_visible_gpus_is_named(monkeypatch):
+    # Two GPUs as torch would see them (this machine has none to count).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda:1")
+    assert resolve_device("cuda") == torch.device("cuda")
+    with pytest.raises(
+        ValueError, match=r"device 'cuda:2': 2 CUDA GPU\(s\) visible here, cuda:0 to cuda:1"
+    ):
+        resolve_device("cuda:2")
 
 
 def test_perf_section_is_validated():

@@ -264,7 +264,13 @@ def test_eval_errors_name_the_problem(tiny_benchmark, tiny_source_ckpt, tmp_path
     assert "missing.pt" in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tiny_source_ckpt), "--data", str(tmp_path)]) == 2
     assert "not a synthetic benchmark" in capsys.readouterr().err
+    missing = tmp_path / "no_such_data"
+    assert main(["eval", "--checkpoint", str(tiny_source_ckpt), "--data", str(missing)]) == 2
+    assert f"{missing} does not exist; expected a synthetic benchmark" in capsys.readouterr().err
     args = ["eval", "--checkpoint", str(tiny_source_ckpt), "--data", str(tiny_benchmark)]
+    assert main([*args, "--split", "vall"]) == 2
+    told = "split: 'vall' is not a split of dataset synthetic:target; it has train, val"
+    assert told in capsys.readouterr().err
     if not torch.cuda.is_available():  # asking for a GPU that is not there is an error
         assert main([*args, "--device", "cuda"]) == 2
         assert "device 'cuda': no CUDA GPU" in capsys.readouterr().err

@@ -562,6 +562,33 @@ def test_val_miou_on_an_unlabelled_target_is_refused_before_any_work(
 
 
 @pytest.mark.parametrize(
+    "split, told",
+    [
+        ("trian", "score.split: 'trian' is not a split of dataset "),
+        ("val", "score.split: val is what the trials are evaluated on"),
+    ],
+)
+def test_a_scored_split_the_trials_cannot_use_is_refused_before_ray_starts(
+    split, told, tiny_source_ckpt, tmp_path, mlflow_db, monkeypatch, capsys
+):
+    from data_fixtures import make_cityscapes
+
+    import sfda_ray.dist.job as job
+
+    make_cityscapes(tmp_path / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19"]})
+    (tmp_path / "cs.yaml").write_text(f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}}}\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_db)
+    monkeypatch.setattr(job, "init_ray", lambda address: pytest.fail("Ray started"))
+    args = ["--data", str(tmp_path / "cs.yaml"), "--checkpoint", str(tiny_source_ckpt)]
+    args += ["--out", str(tmp_path / "out"), "--set", f"score.split={split}"]
+    assert job.main("cityscapes", "out", "the job", args) == 2
+    err = capsys.readouterr().err
+    assert told in err and "Traceback" not in err
+    if split == "trian":
+        assert "it has train, val" in err
+
+
+@pytest.mark.parametrize(
     "argv, told",
     [
         (

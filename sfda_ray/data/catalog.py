@@ -37,6 +37,19 @@ class DatasetRef:
     skipped_by_split: dict[str, int]
     first_skipped: dict[str, str]
 
+    @property
+    def splits(self) -> list[str]:
+        """The dataset's splits, those whose every image was left out as unusable too."""
+        return sorted(set(self.manifest["split"].to_pylist()) | set(self.skipped_by_split))
+
+    def check_split(self, split: str, key: str) -> None:
+        """``split`` (the value of ``key``, a config key or flag) is one of the dataset's."""
+        if split not in self.splits:
+            raise ValueError(
+                f"{key}: {split!r} is not a split of dataset {self.name}; it has "
+                f"{', '.join(self.splits) or 'no images'}"
+            )
+
     def skipped_in(self, split: str) -> int:
         return self.skipped_by_split.get(split, 0)
 
@@ -48,7 +61,7 @@ class DatasetRef:
         """The split's images that have a label (evaluation), None when none has one. In a
         partly labelled split (an incomplete copy of gtFine, say) the others are left out of
         evaluation: counted by ``unlabelled_in`` and warned about once."""
-        if split not in set(self.manifest["split"].to_pylist()) and not self.skipped_in(split):
+        if split not in self.splits:
             return None
         table = self.split(split)  # a split whose every image is unusable says so
         labelled = table.filter(pc.is_valid(table["label_path"]))
@@ -257,10 +270,13 @@ def open_dataset(data: str | Path, domain: str = "target", kind: str | None = No
         except ValueError as e:
             raise ValueError(f"{spec['where']}: data.{e}") from None
     if kind is None:
+        what = "a synthetic benchmark, a .parquet manifest or a .yaml dataset config"
+        if not storage.exists(str(data)):
+            raise FileNotFoundError(f"{data} does not exist; expected {what}")
         raise ValueError(
             f"{data}: not a synthetic benchmark (no benchmark.json), not a .parquet manifest "
-            "and not a .yaml dataset config; for a dataset root also give its kind "
-            "(gta5, synthia, cityscapes)"
+            "and not a .yaml dataset config; a dataset root is given by a dataset YAML "
+            "(`data: {kind: cityscapes, root: ...}`)"
         )
     # A Path would fold the "//" of s3://bucket/... URIs.
     root = str(data) if storage.is_uri(str(data)) else str(path)

@@ -178,6 +178,19 @@ def baseline_mious(checkpoint: str, scored: dict, data: str, scores: str, cfg: C
     return miou
 
 
+def check_scored_split(cfg: Config, data: str) -> None:
+    """Before Ray starts: ``score.split`` names a split of the target, and not the val
+    split the trials are evaluated on."""
+    ref = open_dataset(data, "target")
+    ref.check_split(cfg.score.split, "score.split")
+    ref.split(cfg.score.split)  # some of its images are usable
+    if cfg.score.split == "val" and ref.labelled("val") is not None:
+        raise ValueError(
+            "score.split: val is what the trials are evaluated on: they would train on the "
+            "images they are measured on; score the train split"
+        )
+
+
 def has_target_data(args: argparse.Namespace, cfg: Config) -> bool:
     """Whether the job runs on a real target (``--data``, or ``data.root`` or
     ``data.manifest`` in the config), not on the synthetic benchmark."""
@@ -240,6 +253,7 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
         bench = Path(out) / ("synthetic_smoke" if args.smoke else f"synthetic_seed{args.seed}")
         ensure_benchmark(bench, SMOKE_BENCH if args.smoke else BenchmarkSpec(seed=args.seed))
         data, checkpoint = str(bench), str(Path(out) / "source.pt")
+    check_scored_split(cfg, data)
     # A rerun that would resume another sweep is refused before it scores anything again.
     check_sweep_settings(cfg, space, checkpoint, data, out, tracking_uri, experiment)
     if not args.data:

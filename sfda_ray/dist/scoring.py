@@ -360,6 +360,7 @@ def score_dataset(
             "was built with mc_dropout 0 (train it with model.mc_dropout > 0)"
         )
     ref = open_dataset(data, opts.domain)
+    ref.check_split(opts.split, "score.split")
     manifest = ref.split(opts.split)
     rows = manifest.select(
         ["image_id", "image_path", "label_path", "label_format", "split", "height", "width"]
