@@ -28,7 +28,7 @@ from sfda_ray.models.checkpoint import (
     weights_finite,
 )
 from sfda_ray.models.execution import Execution, resolve_device
-from sfda_ray.storage import exists
+from sfda_ray.storage import beside, exists, prepare_output
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,9 @@ def train_source(
         earlier = {k: saved["meta"].get(k, v) for k, v in earlier.items()}  # before this resume
         log.info("resuming %s from iteration %d", out, start)
 
+    # A folder that takes no file fails now, not at the first checkpoint with the
+    # training done so far lost.
+    prepare_output(beside(out, "."))
     # Reseed per resume point so a resumed run does not replay the same batches.
     loader = train_loader(
         table, cfg.data, sc.batch_size, sc.seed + start, cfg.data.normalization, exe.pin_memory

@@ -3,6 +3,7 @@ scoring actor, a killed training worker, an unwritable output location, a full d
 
 import errno
 import io
+import logging
 import os
 import shutil
 import signal
@@ -205,6 +206,22 @@ def test_unwritable_output_fails_before_work(tiny_benchmark, tiny_source_ckpt, t
     with pytest.raises(OSError, match=r"output location .*results/scores is not writable"):
         score_dataset(str(tiny_source_ckpt), str(tiny_benchmark), str(blocker / "scores"))
     assert blocker.read_text().startswith("a file")  # what was there is untouched
+
+
+def test_source_training_into_a_folder_that_takes_no_file_fails_before_training(
+    tiny_benchmark, tmp_path, caplog
+):
+    from conftest import tiny_config
+
+    from sfda_ray.train_source import train_source
+
+    caplog.set_level(logging.INFO, logger="sfda_ray.train_source")
+    blocker = tmp_path / "models"
+    blocker.write_text("a file where the checkpoint's folder should be")
+    with pytest.raises(OSError, match=r"output location .*models is not writable"):
+        train_source(tiny_config(), str(tiny_benchmark), str(blocker / "source.pt"))
+    assert "iter " not in caplog.text  # not one step was taken, so none was lost
+    assert blocker.read_text().startswith("a file")
 
 
 @pytest.fixture
