@@ -167,6 +167,14 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
             start_checkpoint, bn_adapted = adabn, True
 
     ref = open_dataset(data, "target")
+    if cfg.data.eval_classes and list(ref.eval_subsets) != list(cfg.data.eval_classes):
+        # The data says what it is scored over (the main job writes the config's choice
+        # into the dataset YAML it passes on); a config that disagrees is not ignored.
+        raise ValueError(
+            f"data.eval_classes {cfg.data.eval_classes} in the config, but {data} is scored "
+            f"over {list(ref.eval_subsets)}: give a dataset YAML with `eval_classes: "
+            f"{cfg.data.eval_classes}` as the data"
+        )
     val = ref.labelled("val")
     if val is not None and "val" in set(table["split"].to_pylist()):
         raise ValueError(

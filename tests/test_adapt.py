@@ -653,6 +653,17 @@ def test_scores_of_the_split_it_is_evaluated_on_are_refused(
         make_plan(_adapt_cfg(), *args)
 
 
+def test_eval_classes_the_data_is_not_scored_over_are_refused(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores
+):
+    scores, _ = tiny_scores
+    cfg = _adapt_cfg(**{"data.eval_classes": ["cityscapes19"]})
+    with pytest.raises(
+        ValueError, match=r"\['cityscapes19'\] in the config, but .* \['synthetic'\]"
+    ):
+        make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
+
+
 def test_virtual_source_maps_of_another_size_or_class_range(tmp_path, caplog):
     """A map scored at another (native) size is resized with its image; one holding a class
     outside the label space is skipped and logged, not fatal."""

@@ -1,5 +1,6 @@
 """The sweep's pieces that need no running sweep: search spaces and MLflow bookkeeping."""
 
+import argparse
 import json
 import logging
 import math
@@ -223,6 +224,47 @@ def test_git_commit_tag_says_when_the_code_was_edited(tmp_path, monkeypatch):
     (repo / ".gitignore").write_text("venv/\n")
     (repo / "venv" / "site-packages" / "pkg").mkdir(parents=True)
     assert git_commit(repo / "venv" / "site-packages" / "pkg") == "unknown"
+
+
+def test_the_configs_eval_classes_apply_to_the_data_given_by_flag(
+    tiny_source_ckpt, tmp_path, mlflow_db, monkeypatch
+):
+    """`--config synthia_cityscapes.yaml --data cs.parquet`: Cityscapes is still scored
+    over SYNTHIA's classes, in every stage (they all read the dataset YAML the job writes)."""
+    from data_fixtures import make_cityscapes
+
+    import sfda_ray.dist.job as job
+    from sfda_ray.cli import add_tune_args
+    from sfda_ray.data.catalog import open_dataset
+    from sfda_ray.data.readers import build_manifest
+
+    make_cityscapes(tmp_path / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19"]})
+    build_manifest("cityscapes", str(tmp_path / "cs"), str(tmp_path / "cs.parquet"))
+    (tmp_path / "cs.yaml").write_text(f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}}}\n")
+    (tmp_path / "cs13.yaml").write_text(
+        f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}, eval_classes: [synthia13]}}\n"
+    )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_db)
+
+    class RayStarted(Exception):
+        pass
+
+    def up_to_ray(data: str) -> list[str]:
+        parser = argparse.ArgumentParser()
+        add_tune_args(parser)
+        args = parser.parse_args(
+            ["--data", data, "--checkpoint", str(tiny_source_ckpt), "--out", str(tmp_path / "out")]
+            + ["--set", "data.eval_classes=[synthia16, synthia13]"]
+        )
+        with pytest.raises(RayStarted):
+            job.run_job(args, "synthia_cityscapes")
+        return list(open_dataset(args.data).eval_subsets)
+
+    monkeypatch.setattr(job, "init_ray", lambda address: (_ for _ in ()).throw(RayStarted()))
+    assert up_to_ray(str(tmp_path / "cs.parquet")) == ["synthia16", "synthia13"]
+    assert up_to_ray(str(tmp_path / "cs.yaml")) == ["synthia16", "synthia13"]
+    with pytest.raises(ValueError, match=r"\['synthia16', 'synthia13'\] in the config and "):
+        up_to_ray(str(tmp_path / "cs13.yaml"))
 
 
 def test_config_data_section_names_the_target(tmp_path):

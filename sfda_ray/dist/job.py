@@ -28,6 +28,7 @@ from sfda_ray.config import (
     parse_override,
 )
 from sfda_ray.data.catalog import is_synthetic, open_dataset, read_dataset_yaml
+from sfda_ray.data.manifest import read_manifest
 from sfda_ray.data.readers import build_manifest
 from sfda_ray.data.synthetic import BenchmarkSpec, ensure_benchmark
 from sfda_ray.dist.runtime import check_placeable, init_ray, on_gpus
@@ -111,6 +112,32 @@ def write_dataset_spec(cfg: Config, out: str) -> str:
     if d.eval_classes:
         spec["eval_classes"] = d.eval_classes
     return _write_spec(spec, out)
+
+
+def apply_eval_classes(data: str, names: list[str], out: str) -> str:
+    """``--data`` scored over the config's ``data.eval_classes``, as ``OUT/dataset.yaml``;
+    a dataset YAML that names other classes is refused rather than overridden."""
+    if storage.has_suffix(data, ".yaml", ".yml"):
+        spec = read_dataset_yaml(data)
+        where = spec.pop("where")
+        own = spec.get("eval_classes")
+        if own is not None and list(own) != list(names):
+            raise ValueError(
+                f"data.eval_classes {names} in the config and {own} in {where} (--data) "
+                "differ; set them in one place"
+            )
+    elif storage.has_suffix(data, ".parquet"):
+        kinds = sorted(set(read_manifest(data, include_errors=True)["dataset"].to_pylist()))
+        if len(kinds) != 1:
+            raise ValueError(
+                f"{data}: a manifest of {len(kinds)} dataset kinds ({', '.join(kinds)}) cannot "
+                f"be scored over data.eval_classes {names}; give a dataset YAML naming its kind"
+            )
+        spec = {"kind": kinds[0], "manifest": data}
+    else:
+        open_dataset(data)  # only a synthetic benchmark is given as a folder
+        spec = {"kind": "synthetic", "root": data}
+    return _write_spec({**spec, "eval_classes": list(names)}, out)
 
 
 def _write_spec(spec: dict, out: str) -> str:
@@ -242,6 +269,8 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
     check_tracking_store(tracking_uri, experiment)
     if real_target and not args.data:
         args.data = write_dataset_spec(cfg, out)
+    elif args.data and cfg.data.eval_classes:
+        args.data = apply_eval_classes(args.data, cfg.data.eval_classes, out)
     if args.data:
         args.data = pin_manifest(str(args.data), out)
         sweep_metric(cfg, args.data)  # refused here rather than after scoring
