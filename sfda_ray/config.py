@@ -589,6 +589,25 @@ _FIXED_FOR_THE_SWEEP = {
 }
 
 
+# What acts under adapt.method sfda alone: the baselines train on every target image (no
+# virtual source, so no selection), with no discriminator, class weights or prior.
+_SFDA_ONLY = (
+    "adapt.lambda_v",
+    "adapt.lambda_adv",
+    "adapt.lambda_st",
+    "adapt.lambda_prior",
+    "adapt.lambda_mix",
+    "adapt.lr_discriminator",
+    "adapt.discriminator_input",
+    "adapt.uncertainty_weights",
+    "adapt.class_weights",
+    "adapt.prior_beta",
+    "adapt.alpha_min",
+    "adapt.alpha_max",
+    "adapt.rare_class_sampling",
+)
+
+
 def load_search_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, list]]:
     """Read a search space: ``{dotted.key: {kind: args}}`` -> ``{key: (kind, args)}``.
 
@@ -641,6 +660,13 @@ def load_search_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, lis
             )
         space[key] = (kind, list(args))
     _check_space_combinations(path, space, cfg)
+    idle = [k for k in space if k.startswith("select.") or k in _SFDA_ONLY]
+    if cfg.adapt.method != "sfda" and "adapt.method" not in space and idle:
+        raise ConfigError(
+            f"{path}: {', '.join(idle)} act under adapt.method sfda only, not "
+            f"{cfg.adapt.method}: trials would differ in them to no effect; sweep a space "
+            "without them (--space)"
+        )
     return space
 
 

@@ -113,6 +113,19 @@ def test_a_rule_between_a_swept_key_and_the_base_config_is_checked(tmp_path):
         _space(tmp_path, "data.scale_min: {choice: [1.0, 1.3]}")
 
 
+def test_a_baseline_sweep_of_the_methods_own_keys_is_refused(tmp_path):
+    tent = load_config(None, {"adapt.method": "tent"})
+    with pytest.raises(ConfigError, match=r"select.ratio, select.tau, adapt.lambda_adv, .* act "):
+        load_search_space(DEFAULT_SPACE, tent)
+    (tmp_path / "tent.yaml").write_text("adapt.lr: {loguniform: [0.001, 0.01]}\n")
+    assert list(load_search_space(tmp_path / "tent.yaml", tent)) == ["adapt.lr"]
+    # A space that sweeps the method itself has trials where they act.
+    (tmp_path / "both.yaml").write_text(
+        "adapt.method: {choice: [sfda, tent]}\nadapt.lambda_st: {uniform: [0.5, 1.5]}\n"
+    )
+    assert len(load_search_space(tmp_path / "both.yaml", tent)) == 2
+
+
 def test_choice_and_grid_values_are_kept(tmp_path):
     space = _space(
         tmp_path,
