@@ -157,16 +157,35 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
     start_checkpoint, bn_adapted = str(checkpoint), False
     summary_path = storage.join(scores, "summary.json")
     adabn = storage.join(scores, ADABN_FILE)
-    if storage.exists(summary_path) and storage.exists(adabn):
+    scored_with = {}
+    if storage.exists(summary_path):
         scored_with = json.loads(storage.read_bytes(summary_path))
-        if (
-            scored_with.get("checkpoint") != scored_with.get("source_checkpoint")
-            and scored_with.get("checkpoint_fingerprint") == file_fingerprint(adabn)
-            and load_checkpoint(adabn)["meta"].get("adabn_of") == file_fingerprint(checkpoint)
-        ):
-            start_checkpoint, bn_adapted = adabn, True
+    source = file_fingerprint(checkpoint)
+    scoring_model = scored_with.get("checkpoint_fingerprint")
+    with_adabn = scored_with.get("checkpoint") != scored_with.get("source_checkpoint")
+    # A scores directory names the model that scored it: pseudo-labels of another source
+    # model, or of another model's AdaBN, would be trained on without a word.
+    kept_adabn = with_adabn and storage.exists(adabn) and scoring_model == file_fingerprint(adabn)
+    scored_by = None
+    if kept_adabn:
+        scored_by = load_checkpoint(adabn)["meta"].get("adabn_of")
+    elif scored_with and not with_adabn:
+        scored_by = scoring_model
+    if scored_by not in (None, source):
+        raise ValueError(
+            f"{scores} was scored with another source model (fingerprint {scored_by}) than "
+            f"{checkpoint} ({source}): give the checkpoint it was scored with, or score again"
+        )
+    if kept_adabn:
+        start_checkpoint, bn_adapted = adabn, True
 
     ref = open_dataset(data, "target")
+    foreign = set(table["image_id"].to_pylist()) - set(ref.manifest["image_id"].to_pylist())
+    if foreign:
+        raise ValueError(
+            f"{len(foreign)} of the {table.num_rows} images {scores} scored are not images of "
+            f"{data} (first: {min(foreign)}): give the data it scored, or score again"
+        )
     if cfg.data.eval_classes and list(ref.eval_subsets) != list(cfg.data.eval_classes):
         # The data says what it is scored over (the main job writes the config's choice
         # into the dataset YAML it passes on); a config that disagrees is not ignored.

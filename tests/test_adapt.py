@@ -653,6 +653,30 @@ def test_scores_of_the_split_it_is_evaluated_on_are_refused(
         make_plan(_adapt_cfg(), *args)
 
 
+def test_scores_of_another_source_model_or_other_images_are_refused(
+    tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+):
+    """`adapt --checkpoint B --scores S` with S scored by A would train on A's labels."""
+    from data_fixtures import make_cityscapes
+
+    from sfda_ray.models.checkpoint import load_checkpoint, save_checkpoint
+
+    scores, _ = tiny_scores
+    model, meta = load_model(str(tiny_source_ckpt), num_classes=19)
+    with torch.no_grad():
+        next(model.parameters()).add_(0.01)
+    other = tmp_path / "other_source.pt"
+    save_checkpoint(other, model, meta)
+    with pytest.raises(ValueError, match=r"scored with another source model \(fingerprint "):
+        make_plan(_adapt_cfg(), str(other), str(scores), str(tiny_benchmark))
+    make_cityscapes(tmp_path / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19"]})
+    (tmp_path / "cs.yaml").write_text(f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}}}\n")
+    with pytest.raises(ValueError, match=r"24 of the 24 images .* are not images of .*cs.yaml"):
+        make_plan(_adapt_cfg(), str(tiny_source_ckpt), str(scores), str(tmp_path / "cs.yaml"))
+    # The kept AdaBN model names the source it came from.
+    assert load_checkpoint(scores / "source_adabn.pt")["meta"]["adabn_of"]
+
+
 def test_eval_classes_the_data_is_not_scored_over_are_refused(
     tiny_benchmark, tiny_source_ckpt, tiny_scores
 ):
