@@ -605,6 +605,8 @@ _SFDA_ONLY = (
     "adapt.alpha_min",
     "adapt.alpha_max",
     "adapt.rare_class_sampling",
+    "adapt.st_tau",
+    "adapt.st_portion",
 )
 
 
@@ -661,11 +663,12 @@ def load_search_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, lis
         space[key] = (kind, list(args))
     _check_space_combinations(path, space, cfg)
     idle = [k for k in space if k.startswith("select.") or k in _SFDA_ONLY]
-    if cfg.adapt.method != "sfda" and "adapt.method" not in space and idle:
+    methods = space["adapt.method"][1] if "adapt.method" in space else [cfg.adapt.method]
+    if idle and "sfda" not in methods:
         raise ConfigError(
             f"{path}: {', '.join(idle)} act under adapt.method sfda only, not "
-            f"{cfg.adapt.method}: trials would differ in them to no effect; sweep a space "
-            "without them (--space)"
+            f"{', '.join(methods)}: a baseline reads none of them, so trials would differ "
+            "in them for nothing; sweep a space without them (--space)"
         )
     return space
 
@@ -675,6 +678,8 @@ def _check_value(dotted: str, value: Any) -> None:
     type and range (the rules between keys are checked over whole trials)."""
     section, _, name = dotted.partition(".")
     sections = typing.get_type_hints(Config)
+    if section in sections and not name:
+        raise ConfigError(f"{dotted}: a section, not a key; sweep its keys ({dotted}.KEY)")
     if section not in sections:
         raise ConfigError(f"{dotted}: unknown section {section!r}; allowed: {', '.join(sections)}")
     fields = {f.name: f for f in dataclasses.fields(sections[section])}
@@ -690,34 +695,42 @@ def _drawn_ends(kind: str, args: list) -> list:
     return [args[0], args[1] - 1] if kind == "randint" else args
 
 
-# Above this many points, a section's combinations are checked pairwise (every rule
-# between keys of the config involves at most two swept keys' values at once).
-_MAX_COMBINATIONS = 256
+# The keys _check_cross_fields reads (keep the two in step): only their values can make
+# a trial's config invalid once each value has passed alone.
+_CROSS_CHECKED = (
+    "select.ratio",
+    "select.score_threshold",
+    "adapt.method",
+    "adapt.alpha_min",
+    "adapt.alpha_max",
+    "adapt.lambda_mix",
+    "adapt.lambda_v",
+    "adapt.lambda_st",
+    "score.mc_passes",
+    "data.scale_min",
+    "data.scale_max",
+    "data.eval_classes",
+    "data.size",
+    "data.crop",
+    "perf.compile",
+    "perf.compile_backend",
+)
 
 
 def _check_space_combinations(path: Path, space: dict[str, tuple[str, list]], cfg: Config) -> None:
-    """The rules between keys of a section (alpha_min <= alpha_max, say) hold for every
-    combination of the section's swept keys a trial can draw (the other keys at the base
-    config's values), checked at the ranges' ends."""
-    ends = {key: _drawn_ends(kind, args) for key, (kind, args) in space.items()}
-    by_section: dict[str, list[str]] = {}
-    for key in ends:
-        by_section.setdefault(key.split(".")[0], []).append(key)
-    for keys in by_section.values():
-        if math.prod(len(ends[k]) for k in keys) <= _MAX_COMBINATIONS:
-            groups = [keys]
-        else:
-            groups = [list(pair) for pair in itertools.combinations(keys, 2)]
-        for group in groups:
-            for values in itertools.product(*(ends[k] for k in group)):
-                point = dict(zip(group, values, strict=True))
-                try:
-                    apply_overrides(cfg, point)
-                except ConfigError as e:
-                    drawn = ", ".join(f"{k}={v!r}" for k, v in point.items())
-                    raise ConfigError(
-                        f"{path}: a trial can draw {drawn}, which is not allowed: {e}"
-                    ) from None
+    """The rules between keys (alpha_min <= alpha_max, say) hold for every combination of
+    the swept keys they read that a trial can draw (a range at its ends), the other keys at
+    the base config's values."""
+    swept = [key for key in space if key in _CROSS_CHECKED]
+    for values in itertools.product(*(_drawn_ends(*space[key]) for key in swept)):
+        point = dict(zip(swept, values, strict=True))
+        try:
+            apply_overrides(cfg, point)
+        except ConfigError as e:
+            drawn = ", ".join(f"{k}={v!r}" for k, v in point.items())
+            raise ConfigError(
+                f"{path}: a trial can draw {drawn}, which is not allowed: {e}"
+            ) from None
 
 
 def _takes_integers(key: str) -> bool:

@@ -1,3 +1,4 @@
+import json
 import math
 import shutil
 from pathlib import Path
@@ -659,7 +660,7 @@ def test_scores_of_another_source_model_or_other_images_are_refused(
     """`adapt --checkpoint B --scores S` with S scored by A would train on A's labels."""
     from data_fixtures import make_cityscapes
 
-    from sfda_ray.models.checkpoint import load_checkpoint, save_checkpoint
+    from sfda_ray.models.checkpoint import file_fingerprint, load_checkpoint, save_checkpoint
 
     scores, _ = tiny_scores
     model, meta = load_model(str(tiny_source_ckpt), num_classes=19)
@@ -675,6 +676,20 @@ def test_scores_of_another_source_model_or_other_images_are_refused(
         make_plan(_adapt_cfg(), str(tiny_source_ckpt), str(scores), str(tmp_path / "cs.yaml"))
     # The kept AdaBN model names the source it came from.
     assert load_checkpoint(scores / "source_adabn.pt")["meta"]["adabn_of"]
+    # Scored without AdaBN, the scoring model is the source model.
+    plain = tmp_path / "plain_scores"
+    shutil.copytree(scores, plain)
+    (plain / "source_adabn.pt").unlink()
+    summary = json.loads((plain / "summary.json").read_text())
+    summary["checkpoint"] = summary["source_checkpoint"]
+    summary["checkpoint_fingerprint"] = file_fingerprint(other)
+    (plain / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match=r"plain_scores was scored with another source model"):
+        make_plan(_adapt_cfg(), str(tiny_source_ckpt), str(plain), str(tiny_benchmark))
+    summary["checkpoint_fingerprint"] = file_fingerprint(tiny_source_ckpt)
+    (plain / "summary.json").write_text(json.dumps(summary))
+    plan = make_plan(_adapt_cfg(), str(tiny_source_ckpt), str(plain), str(tiny_benchmark))
+    assert plan.checkpoint == str(tiny_source_ckpt) and not plan.bn_adapted
 
 
 def test_eval_classes_the_data_is_not_scored_over_are_refused(

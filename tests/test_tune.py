@@ -73,6 +73,20 @@ def test_each_shipped_config_searches_around_its_own_settings(config, monkeypatc
         ("data.size: {choice: [[32, 64], [48, 96]]}", "the size it was scored at"),
         ("adapt.lr: {uniform: [0.1, 0.2]}\nadapt.lr: {uniform: [0.2, 0.3]}", "a second time"),
         ("1: {choice: [1]}", "1: not a config key"),
+        ("adapt: {choice: [1]}", "adapt: a section, not a key; sweep its keys (adapt.KEY)"),
+        # Four keys in one rule: only the draw of all of them together breaks it.
+        (
+            "adapt.method: {choice: [sfda, tent]}\nadapt.lambda_mix: {choice: [0, 1]}\n"
+            "adapt.lambda_v: {choice: [0, 1]}\nadapt.lr: {choice: [0.01, 0.02, 0.03]}",
+            "adapt.method='sfda', adapt.lambda_mix=1, adapt.lambda_v=0, which is not allowed",
+        ),
+        # Many choices of one key: each is checked against the base config's scale_max.
+        (
+            "data.scale_min: {choice: ["
+            + ", ".join(f"{1 + i / 1000:.3f}" for i in range(300))
+            + "]}",
+            "a trial can draw data.scale_min=1.251, which is not allowed",
+        ),
         # Each value passes alone; some draws of the two together do not.
         (
             "adapt.alpha_min: {uniform: [1, 4]}\nadapt.alpha_max: {uniform: [2, 5]}",
@@ -117,6 +131,11 @@ def test_a_baseline_sweep_of_the_methods_own_keys_is_refused(tmp_path):
     tent = load_config(None, {"adapt.method": "tent"})
     with pytest.raises(ConfigError, match=r"select.ratio, select.tau, adapt.lambda_adv, .* act "):
         load_search_space(DEFAULT_SPACE, tent)
+    (tmp_path / "baselines.yaml").write_text(
+        "adapt.method: {choice: [tent, minent]}\nadapt.st_tau: {uniform: [0.8, 0.9]}\n"
+    )
+    with pytest.raises(ConfigError, match="adapt.st_tau act under adapt.method sfda only, not te"):
+        load_search_space(tmp_path / "baselines.yaml", load_config())
     (tmp_path / "tent.yaml").write_text("adapt.lr: {loguniform: [0.001, 0.01]}\n")
     assert list(load_search_space(tmp_path / "tent.yaml", tent)) == ["adapt.lr"]
     # A space that sweeps the method itself has trials where they act.
@@ -278,6 +297,17 @@ def test_the_configs_eval_classes_apply_to_the_data_given_by_flag(
     assert up_to_ray(str(tmp_path / "cs.yaml")) == ["synthia16", "synthia13"]
     with pytest.raises(ValueError, match=r"\['synthia16', 'synthia13'\] in the config and "):
         up_to_ray(str(tmp_path / "cs13.yaml"))
+
+
+def test_the_configs_eval_classes_apply_to_the_synthetic_benchmark(tiny_benchmark, tmp_path):
+    """The synthetic run passes its benchmark folder on the same way, so its trials agree
+    with the config they are given."""
+    from sfda_ray.data.catalog import is_synthetic, open_dataset
+    from sfda_ray.dist.job import apply_eval_classes
+
+    data = apply_eval_classes(str(tiny_benchmark), ["cityscapes19"], str(tmp_path))
+    assert is_synthetic(data) and list(open_dataset(data).eval_subsets) == ["cityscapes19"]
+    assert open_dataset(data, "source").name == "synthetic:source"
 
 
 def test_config_data_section_names_the_target(tmp_path):

@@ -115,8 +115,9 @@ def write_dataset_spec(cfg: Config, out: str) -> str:
 
 
 def apply_eval_classes(data: str, names: list[str], out: str) -> str:
-    """``--data`` scored over the config's ``data.eval_classes``, as ``OUT/dataset.yaml``;
-    a dataset YAML that names other classes is refused rather than overridden."""
+    """The job's data scored over the config's ``data.eval_classes``, as
+    ``OUT/dataset.yaml``; a dataset YAML that names other classes is refused rather than
+    overridden."""
     if storage.has_suffix(data, ".yaml", ".yml"):
         spec = read_dataset_yaml(data)
         where = spec.pop("where")
@@ -173,7 +174,7 @@ def pin_manifest(data: str, out: str) -> str:
 
 def baseline_mious(checkpoint: str, scored: dict, data: str, scores: str, cfg: Config) -> dict:
     """Target-val mIoU of source-only and AdaBN, cached in ``SCORES/baselines.json`` for
-    this checkpoint, scoring model, dataset and input size.
+    this checkpoint, scoring model, dataset, input size and evaluated classes.
 
     Measured as the trials are: at the adaptation's input size, on a GPU when the
     trials' workers use GPUs. AdaBN is the model that scored when scoring used it, else
@@ -185,6 +186,7 @@ def baseline_mious(checkpoint: str, scored: dict, data: str, scores: str, cfg: C
         "scored_with": scored["checkpoint_fingerprint"],
         "data": scored["data_fingerprint"],
         "size": list(size) if size else None,
+        "eval_classes": list(open_dataset(data, "target").eval_subsets),
     }
     path = storage.join(scores, "baselines.json")
     if storage.exists(path):
@@ -282,12 +284,14 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
         bench = Path(out) / ("synthetic_smoke" if args.smoke else f"synthetic_seed{args.seed}")
         ensure_benchmark(bench, SMOKE_BENCH if args.smoke else BenchmarkSpec(seed=args.seed))
         data, checkpoint = str(bench), str(Path(out) / "source.pt")
+        if cfg.data.eval_classes:
+            data = apply_eval_classes(data, cfg.data.eval_classes, out)
     check_scored_split(cfg, data)
     # A rerun that would resume another sweep is refused before it scores anything again.
     check_sweep_settings(cfg, space, checkpoint, data, out, tracking_uri, experiment)
     if not args.data:
         # Before Ray starts: its idle processes would only slow the training down.
-        train_source(cfg, data, checkpoint)  # a no-op once complete
+        train_source(cfg, str(bench), checkpoint)  # a no-op once complete
 
     init_ray(args.address)
     t = cfg.tune
