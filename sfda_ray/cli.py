@@ -38,12 +38,19 @@ COUNT = _at_least(int, 0)
 POSITIVE = _at_least(int, 1)
 
 
-def check_checkpoint_exists(checkpoint: str) -> None:
-    """Before Ray starts: a missing --checkpoint is named at once, not from a Ray task."""
+def check_inputs_exist(inputs: dict[str, str]) -> None:
+    """Before Ray starts: a missing input (flag -> path) is named at once, not from a Ray
+    task; ``--scores`` is a directory that ``score`` wrote."""
     from sfda_ray import storage
 
-    if not storage.exists(checkpoint):
-        raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
+    for flag, path in inputs.items():
+        if flag == "--scores" and not storage.exists(storage.join(path, "scores.parquet")):
+            raise FileNotFoundError(
+                f"--scores {path} holds no scores.parquet; score the target first "
+                "(sfda-ray score --out DIR)"
+            )
+        if not storage.exists(path):
+            raise FileNotFoundError(f"{flag} {path} does not exist")
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -216,7 +223,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         },
     )
     options = ScoringOptions.from_config(cfg, _domain(args))
-    check_checkpoint_exists(args.checkpoint)
+    check_inputs_exist({"--checkpoint": args.checkpoint, "--data": args.data})
     init_ray(args.address)
     summary = score_dataset(args.checkpoint, args.data, args.out, options)
     pictures = write_pictures(args.out, cfg.select, cfg.model.num_classes)
@@ -248,7 +255,9 @@ def cmd_adapt(args: argparse.Namespace) -> int:
             "adapt.seed": args.seed,
         },
     )
-    check_checkpoint_exists(args.checkpoint)
+    check_inputs_exist(
+        {"--checkpoint": args.checkpoint, "--scores": args.scores, "--data": args.data}
+    )
     init_ray(args.address)
     metrics = run_adapt(
         cfg,

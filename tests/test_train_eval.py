@@ -443,7 +443,9 @@ def test_eval_batches_frames_of_different_sizes_apart(tiny_source_ckpt, tmp_path
 
 
 @pytest.mark.parametrize("command", ["score", "adapt", "tune"])
-def test_a_missing_checkpoint_is_named_before_ray_starts(command, tmp_path, monkeypatch, capsys):
+def test_a_missing_input_is_named_before_ray_starts(
+    command, tiny_benchmark, tiny_source_ckpt, tmp_path, monkeypatch, capsys
+):
     import sfda_ray.dist.job
     import sfda_ray.dist.runtime
 
@@ -457,3 +459,13 @@ def test_a_missing_checkpoint_is_named_before_ray_starts(command, tmp_path, monk
     args += ["--out", str(tmp_path / "out"), *(["--scores", "s"] if command == "adapt" else [])]
     assert main(args) == 2
     assert f"--checkpoint {missing} does not exist" in capsys.readouterr().err
+    # The other inputs too (the main job names a missing --data as it reads it, also
+    # before Ray starts).
+    found = [command, "--checkpoint", str(tiny_source_ckpt), "--out", str(tmp_path / "out")]
+    if command == "score":
+        assert main([*found, "--data", str(tmp_path / "m.yaml")]) == 2
+        assert f"--data {tmp_path / 'm.yaml'} does not exist" in capsys.readouterr().err
+    if command == "adapt":
+        unscored = tmp_path / "never_scored"
+        assert main([*found, "--data", str(tiny_benchmark), "--scores", str(unscored)]) == 2
+        assert f"--scores {unscored} holds no scores.parquet" in capsys.readouterr().err

@@ -20,7 +20,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from sfda_ray import storage
-from sfda_ray.cli import add_tune_args, check_checkpoint_exists, exit_code
+from sfda_ray.cli import add_tune_args, check_inputs_exist, exit_code
 from sfda_ray.config import (
     Config,
     load_config,
@@ -262,7 +262,7 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
             "adaptation's seed is adapt.seed (--set adapt.seed=N)"
         )
     if args.checkpoint:
-        check_checkpoint_exists(args.checkpoint)
+        check_inputs_exist({"--checkpoint": args.checkpoint})
     # What can be checked without reading the data is, before anything is written.
     tracking_uri = default_tracking_uri(out)
     space = load_search_space(cfg.tune.space or DEFAULT_SPACE, cfg)
