@@ -51,11 +51,14 @@ def confusion_on(
             observe(logits)
         if label is None:
             continue
-        if logits.shape[-2:] != label.shape[-2:]:
-            logits = F.interpolate(
-                logits, size=label.shape[-2:], mode="bilinear", align_corners=False
-            )
-        cm += confusion_matrix(logits.argmax(1).cpu(), label, num_classes)
+        label = label.to(exe.device)
+        # One image at a time: a batch of logits at Cityscapes' label size is over 1 GB.
+        for one, one_label in zip(logits, label, strict=True):
+            if one.shape[-2:] != one_label.shape:
+                one = F.interpolate(
+                    one[None], size=one_label.shape, mode="bilinear", align_corners=False
+                )[0]
+            cm += confusion_matrix(one.argmax(0), one_label, num_classes)
     return cm, skipped
 
 

@@ -174,6 +174,7 @@ def test_a_frame_that_changed_since_the_scan_is_skipped_not_a_collate_error(tmp_
     assert f"{tmp_path / 'labels' / '00002.png'}: label size mismatch: label 40x24" in caplog.text
     assert images[0]["skipped_reasons"] == {"image size changed": 1}
     assert evaluated[0]["skipped_reasons"] == {"image size changed": 1, "label size mismatch": 1}
+    assert evaluated[0]["label"].dtype == torch.uint8  # an eighth of int64's shared memory
 
 
 def test_all_bad_batch_has_no_image():

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 
-import numpy as np
 import pyarrow as pa
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -171,7 +170,9 @@ class EvalDataset(Dataset):
         image, _ = self.transform(image, None)
         return {
             "image": image,
-            "label": torch.from_numpy(label.astype(np.int64)),
+            # uint8 train ids: a 1024x2048 label is 2 MB, not 16 MB, in the loader's
+            # shared memory (a container's /dev/shm is 64 MB by default).
+            "label": torch.from_numpy(label),
             "image_id": row["image_id"],
             "index": index,
         }
