@@ -72,10 +72,18 @@ def selection_grid(table: pa.Table, selection: Selection, per_side: int = 4) -> 
     return tile_grid(tiles)
 
 
+# Widest tile a picture keeps: 4x4 Cityscapes frames at their own 2048 would make a
+# 4096x8192 PNG (tens of MB, seconds to encode) for every trial's MLflow run.
+MAX_TILE_WIDTH = 512
+
+
 def tile_grid(tiles: Sequence[Sequence[np.ndarray]]) -> bytes:
     """PNG of RGB tiles in rows, each at the first tile's size (frames may differ in
-    size); short or empty rows (no virtual-source image, say) are padded with black."""
+    size), at most ``MAX_TILE_WIDTH`` wide; short or empty rows (no virtual-source image,
+    say) are padded with black."""
     h, w = next(t for row in tiles for t in row).shape[:2]
+    if w > MAX_TILE_WIDTH:
+        h, w = max(1, round(h * MAX_TILE_WIDTH / w)), MAX_TILE_WIDTH
 
     def fitted(tile: np.ndarray) -> np.ndarray:
         if tile.shape[:2] == (h, w):

@@ -70,6 +70,10 @@ def test_tile_grid_fits_tiles_of_other_sizes_and_pads_empty_rows():
     grid = np.asarray(Image.open(io.BytesIO(tile_grid([[], [light, small]]))))
     assert grid.shape == (16, 32, 3)
     assert (grid[:8] == 0).all() and (grid[8:, :16] == 200).all()
+    # Full-size frames (Cityscapes' 1024x2048) are shown at most 512 wide.
+    frame = np.full((1024, 2048, 3), 90, np.uint8)
+    grid = np.asarray(Image.open(io.BytesIO(tile_grid([[frame, frame], [frame]]))))
+    assert grid.shape == (2 * 256, 2 * 512, 3) and (grid[:, :512] == 90).all()
 
 
 def test_the_report_is_of_the_adapted_model_and_survives_a_bad_label(
