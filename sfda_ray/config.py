@@ -66,7 +66,6 @@ class DataConfig:
     scale_max: float = _field(1.25, lo=0.0, lo_open=True)
     hflip: bool = True
     normalization: str = _field("imagenet", choices=NORMALIZATIONS)
-    num_workers: int = _field(1, lo=0)
     # Class subsets scored on the target (first: the headline mIoU); null: the dataset's
     # own (all 19 on Cityscapes). SYNTHIA -> Cityscapes uses [synthia16, synthia13].
     eval_classes: list[str] | None = None
@@ -251,8 +250,8 @@ class PerfConfig:
     compile_backend: str = "inductor"
     # Page-locked host batches and non-blocking copies to the GPU (nothing on a CPU).
     pin_memory: bool = True
-    # DataLoader processes per adaptation worker; null: 4 on a GPU, 0 on a CPU (where
-    # extra processes only compete with the model for cores).
+    # DataLoader processes of source training and of each adaptation worker; null: 4 on
+    # a GPU, 0 on a CPU (where extra processes only compete with the model for cores).
     loader_workers: int | None = _field(None, lo=0)
 
 

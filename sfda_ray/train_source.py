@@ -44,7 +44,7 @@ def model_arch(cfg: Config) -> dict:
 
 
 # Settings that change how fast a run goes or how it reports, not what it trains.
-RUNTIME_KEYS = {"source": ("threads", "log_every", "checkpoint_every"), "data": ("num_workers",)}
+RUNTIME_KEYS = {"source": ("threads", "log_every", "checkpoint_every")}
 
 
 def source_training_config(cfg: Config, domain: str) -> dict:
@@ -150,7 +150,13 @@ def train_source(
     prepare_output(beside(out, "."))
     # Reseed per resume point so a resumed run does not replay the same batches.
     loader = train_loader(
-        table, cfg.data, sc.batch_size, sc.seed + start, cfg.data.normalization, exe.pin_memory
+        table,
+        cfg.data,
+        sc.batch_size,
+        sc.seed + start,
+        cfg.data.normalization,
+        exe.loader_workers,
+        exe.pin_memory,
     )
     skipped = Counter()  # by reason, all-bad batches included
 

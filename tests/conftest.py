@@ -36,7 +36,6 @@ def tiny_config(**overrides):
         "source.batch_size": 4,
         "source.checkpoint_every": 2,
         "source.log_every": 2,
-        "data.num_workers": 0,
     }
     return load_config(None, {**base, **overrides})
 

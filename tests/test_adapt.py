@@ -828,7 +828,7 @@ def test_a_runs_identity_is_its_settings_not_how_its_paths_are_spelled(
     respelled = f"{tiny_source_ckpt.parent}/./{tiny_source_ckpt.name}"
     same = make_plan(cfg, respelled, f"{scores}/", str(tiny_benchmark))
     assert run_identity(cfg, same) == run_identity(cfg, plan)
-    cadence = apply_overrides(cfg, {"adapt.eval_every": 1, "data.num_workers": 2})
+    cadence = apply_overrides(cfg, {"adapt.eval_every": 1, "adapt.log_every": 2})
     assert run_identity(cadence, plan) == run_identity(cfg, plan)
     other_lr = apply_overrides(cfg, {"adapt.lr": 0.01})
     assert run_identity(other_lr, plan)["adapt.lr"] != run_identity(cfg, plan)["adapt.lr"]

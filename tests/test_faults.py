@@ -155,7 +155,6 @@ def test_killed_worker_of_a_ddp_run_resumes_from_its_checkpoint(
             "adapt.eval_every": 4,
             "adapt.checkpoint_every": 4,
             "adapt.threads": 1,
-            "data.num_workers": 0,
         },
     )
     inputs = (str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
@@ -325,7 +324,6 @@ def test_ctrl_c_during_an_adaptation_is_an_interruption(
             "adapt.eval_every": 200,
             "adapt.checkpoint_every": 2,
             "adapt.threads": 1,
-            "data.num_workers": 0,
         },
     )
     run = tmp_path / "interrupted"
@@ -368,7 +366,6 @@ def test_a_diverged_adaptation_stops_without_retries(
             "adapt.eval_every": 3,
             "adapt.checkpoint_every": 3,
             "adapt.threads": 1,
-            "data.num_workers": 0,
         },
     )
     run = tmp_path / "diverged"

@@ -335,11 +335,11 @@ def test_dataset_yaml_mistakes_are_named(tmp_path, caplog):
     # A whole config (its data: section has the config's other keys too) serves as one;
     # those other keys do not apply to --data, and the log says so.
     (tmp_path / "config.yaml").write_text(
-        "data: {kind: cityscapes, root: cs, size: [16, 32], num_workers: 4}\nmodel: {}\n"
+        "data: {kind: cityscapes, root: cs, size: [16, 32], hflip: false}\nmodel: {}\n"
     )
     with caplog.at_level(logging.WARNING):
         assert open_dataset(tmp_path / "config.yaml").manifest.num_rows == 2
-    assert caplog.text.count("config.yaml: data: num_workers, size not applied") == 1
+    assert caplog.text.count("config.yaml: data: hflip, size not applied") == 1
     open_dataset(tmp_path / "config.yaml")  # read again: said once
     assert caplog.text.count("not applied") == 1
 

@@ -32,8 +32,6 @@ def test_train_source_then_eval_json(tiny_benchmark, tmp_path, capsys):
         "4",
         "--batch-size",
         "2",
-        "--set",
-        "data.num_workers=0",
     ]
     assert main(args) == 0
     meta = load_checkpoint(str(ckpt))["meta"]
@@ -118,18 +116,28 @@ def test_train_source_runs_as_the_perf_section_says(tiny_benchmark, tmp_path, ca
 
     caplog.set_level("INFO", logger="sfda_ray.train_source")
     out = tmp_path / "bf16.pt"
-    cfg = tiny_config(**{"source.iterations": 2, "perf.precision": "bf16"})
-    dtypes = []
+    cfg = tiny_config(
+        **{"source.iterations": 2, "perf.precision": "bf16", "perf.loader_workers": 1}
+    )
+    dtypes, loaders = [], []
 
     def build_and_watch(*args, **kwargs):
         model = build_model(*args, **kwargs)
         model.register_forward_hook(lambda m, i, output: dtypes.append(output.dtype))
         return model
 
+    real_loader = module.train_loader
+
+    def loader_and_watch(*args, **kwargs):
+        loaders.append(real_loader(*args, **kwargs))
+        return loaders[-1]
+
     monkeypatch.setattr(module, "build_model", build_and_watch)
+    monkeypatch.setattr(module, "train_loader", loader_and_watch)
     meta = train_source(cfg, str(tiny_benchmark), str(out), device="cpu")
     assert meta["complete"] and "training on cpu (bf16)" in caplog.text
     assert dtypes == [torch.bfloat16, torch.bfloat16]  # each step's forward ran in bf16
+    assert [loader.num_workers for loader in loaders] == [1]  # perf.loader_workers
     trained, _ = load_model(str(out))
     torch.manual_seed(cfg.source.seed)
     start = build_model("deeplabv2_resnet18", 19, output_stride=16)
@@ -156,8 +164,6 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_benchmark, tmp_path):
         "2",
         "--set",
         "source.checkpoint_every=4",
-        "--set",
-        "data.num_workers=0",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

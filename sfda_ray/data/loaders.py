@@ -21,6 +21,7 @@ def train_loader(
     batch_size: int,
     seed: int,
     normalization: str,
+    num_workers: int = 0,
     pin_memory: bool = False,
 ) -> DataLoader:
     crop = data.crop or data.size or _common_size(table)  # batches need one size
@@ -37,10 +38,10 @@ def train_loader(
         batch_size=batch_size,
         shuffle=True,
         drop_last=True,
-        num_workers=data.num_workers,
+        num_workers=num_workers,
         collate_fn=collate_skip_bad,
         generator=torch.Generator().manual_seed(seed),
-        persistent_workers=data.num_workers > 0,
+        persistent_workers=num_workers > 0,
         pin_memory=pin_memory,
     )
 

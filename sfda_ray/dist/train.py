@@ -55,7 +55,7 @@ RUN_FILE = "adapt.json"
 # digest by fingerprint, wherever it lies).
 _NOT_IDENTITY = {
     "adapt": ("eval_every", "checkpoint_every", "log_every", "threads"),
-    "data": ("num_workers", "root", "manifest"),
+    "data": ("root", "manifest"),
 }
 
 
