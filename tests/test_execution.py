@@ -2,6 +2,7 @@
 
 import copy
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -154,3 +155,30 @@ def test_scoring_actor_in_bf16_writes_the_same_rows(ray_session, model, tmp_path
         assert a["error"] is None and b["error"] is None
         assert b["score"] == pytest.approx(a["score"], abs=0.03)
         assert b["label_png"][:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_scorers_threads_keep_each_images_row(model, tmp_path, tiny_benchmark):
+    """Each image's maps are made in a thread pool: every row still lands on its image."""
+    from sfda_ray.data.catalog import open_dataset
+
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(str(ckpt), model, {"normalization": "imagenet"})
+    table = open_dataset(tiny_benchmark).split("val").slice(0, 6)
+    columns = ("image_id", "image_path", "label_path", "label_format")
+    batch = {c: np.array(table[c].to_pylist(), dtype=object) for c in columns}
+    batch["fingerprint"] = np.array(["f"] * 6, dtype=object)
+    decoded = decode_batch(batch, None)
+    scorer = Scorer(str(ckpt), 0, torch.get_num_threads())
+    scorer.pool = ThreadPoolExecutor(4)
+    pooled = scorer(decoded).to_pylist()
+    scorer.pool = ThreadPoolExecutor(1)  # the same model and torch threads, one at a time
+    serial = scorer(decoded).to_pylist()
+    assert [r["image_id"] for r in pooled] == list(batch["image_id"])
+    assert len({r["label_png"] for r in pooled}) == 6  # six different maps ...
+    for a, b in zip(serial, pooled, strict=True):  # ... each on its own image
+        assert (a["label_png"], a["conf_png"], a["eval_miou"]) == (
+            b["label_png"],
+            b["conf_png"],
+            b["eval_miou"],
+        )
+        assert b["eval_miou"] is not None  # the labels were read and scored against

@@ -11,7 +11,7 @@ like ``H``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -37,6 +37,10 @@ class ImageScores:
     confidence: torch.Tensor  # [B, H, W] uint8, round(255 * c)
     uncertainty: torch.Tensor | None = None  # [B, H, W] uint8 mutual information (MC-dropout)
     mc_score: torch.Tensor | None = None  # [B] mean of 1 - normalised mutual information
+
+    def to(self, device: torch.device | str) -> ImageScores:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        return ImageScores(**{k: v if v is None else v.to(device) for k, v in moved.items()})
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
