@@ -158,7 +158,7 @@ def test_scoring_actor_in_bf16_writes_the_same_rows(ray_session, model, tmp_path
 
 
 def test_a_scorers_threads_keep_each_images_row(model, tmp_path, tiny_benchmark):
-    """Each image's maps are made in a thread pool: every row still lands on its image."""
+    """Each image's maps are encoded in a thread pool: every map still lands on its image."""
     from sfda_ray.data.catalog import open_dataset
 
     ckpt = tmp_path / "model.pt"
@@ -169,10 +169,10 @@ def test_a_scorers_threads_keep_each_images_row(model, tmp_path, tiny_benchmark)
     batch["fingerprint"] = np.array(["f"] * 6, dtype=object)
     decoded = decode_batch(batch, None)
     scorer = Scorer(str(ckpt), 0, torch.get_num_threads())
-    scorer.pool = ThreadPoolExecutor(4)
-    pooled = scorer(decoded).to_pylist()
-    scorer.pool = ThreadPoolExecutor(1)  # the same model and torch threads, one at a time
-    serial = scorer(decoded).to_pylist()
+    with ThreadPoolExecutor(4) as scorer.encoders:
+        pooled = scorer(decoded).to_pylist()
+    with ThreadPoolExecutor(1) as scorer.encoders:  # the same model, one map at a time
+        serial = scorer(decoded).to_pylist()
     assert [r["image_id"] for r in pooled] == list(batch["image_id"])
     assert len({r["label_png"] for r in pooled}) == 6  # six different maps ...
     for a, b in zip(serial, pooled, strict=True):  # ... each on its own image

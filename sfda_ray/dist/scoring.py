@@ -32,7 +32,6 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 
 import numpy as np
 import pyarrow as pa
@@ -196,10 +195,10 @@ class Scorer:
         self.normalization = meta["normalization"]
         self.num_classes = meta["num_classes"]
         self.mc_passes = mc_passes
-        # Each image's maps in a thread of their own: PNG encoding, histograms and the
-        # pseudo-label check (~190 ms a 512x1024 image with a Cityscapes label on this
-        # project's CPU, serially) mostly release the GIL; 2 threads took 110 ms.
-        self.pool = ThreadPoolExecutor(threads)
+        # PNG encoding of the maps (~50-140 ms a 512x1024 image here, most of a scorer's
+        # time after the forward pass) releases the GIL: one map per thread. Only the
+        # encoding: torch work in these threads would each start its own intra-op team.
+        self.encoders = ThreadPoolExecutor(threads)
         # Outside Ray (a plain loop over the same code) there is no node to name.
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
@@ -210,6 +209,7 @@ class Scorer:
         for i, row in enumerate(rows):
             if row["error"] is None:
                 by_shape.setdefault(batch["image"][i].shape, []).append(i)
+        encoding = []  # (row, column, future PNG bytes)
         for idx in by_shape.values():
             images = torch.from_numpy(np.stack([batch["image"][i] for i in idx]))
             # uint8 over the bus, normalised on the device.
@@ -217,16 +217,16 @@ class Scorer:
             with self.exe.autocast():
                 scores = score_images(self.model, x, self.mc_passes)
             scores = scores.to("cpu")  # one copy of the batch, not one per image and map
-            made = self.pool.map(partial(self._image_row, scores, batch), range(len(idx)), idx)
-            for i, row in zip(idx, made, strict=True):
+            for j, i in enumerate(idx):
+                gt = batch["label"][i]
+                gt = gt if gt.size else None  # an empty map: no label to evaluate against
+                row, maps = image_row(scores, j, self.num_classes, gt)
                 rows[i].update(row)
+                encoding += [(i, key, self.encoders.submit(encode_png, m)) for key, m in maps]
+        for i, key, png in encoding:
+            rows[i][key] = png.result()
         # An explicit schema: Ray's type inference would turn missing values into NaN.
         return pa.Table.from_pylist(rows, schema=ACTOR_SCHEMA)
-
-    def _image_row(self, scores: ImageScores, batch: dict, j: int, i: int) -> dict:
-        gt = batch["label"][i]
-        gt = gt if gt.size else None  # an empty map: no label to evaluate against
-        return image_row(scores, j, self.num_classes, gt)
 
 
 def _text(value) -> str | None:
@@ -246,24 +246,26 @@ def score_row_template(batch: dict, i: int, node_id: str) -> dict:
     return row
 
 
-def image_row(scores: ImageScores, j: int, num_classes: int, gt: np.ndarray | None) -> dict:
-    """Table values and encoded maps of image ``j`` of a scored batch."""
-    label, conf = scores.label[j].cpu(), scores.confidence[j].cpu()
+def image_row(
+    scores: ImageScores, j: int, num_classes: int, gt: np.ndarray | None
+) -> tuple[dict, list[tuple[str, np.ndarray]]]:
+    """Table values of image ``j`` of a scored batch (on the CPU), and its maps to encode
+    as PNG into the table's ``*_png`` columns."""
+    label, conf = scores.label[j], scores.confidence[j]
     row = {
         "score": float(scores.score[j]),
         "mean_confidence": float(scores.mean_confidence[j]),
-        "class_hist": scores.class_hist[j].cpu().tolist(),
-        "class_confidence": scores.class_confidence[j].cpu().tolist(),
+        "class_hist": scores.class_hist[j].tolist(),
+        "class_confidence": scores.class_confidence[j].tolist(),
         "class_conf_hist": class_confidence_histogram(label, conf, num_classes).tolist(),
-        "label_png": encode_png(label.numpy()),
-        "conf_png": encode_png(conf.numpy()),
     }
+    maps = [("label_png", label.numpy()), ("conf_png", conf.numpy())]
     if scores.uncertainty is not None:
-        row["unc_png"] = encode_png(scores.uncertainty[j].cpu().numpy())
+        maps.append(("unc_png", scores.uncertainty[j].numpy()))
         row["mc_score"] = float(scores.mc_score[j])
     if gt is not None:
         row.update(evaluate_pseudo_label(label, conf, gt, num_classes))
-    return row
+    return row, maps
 
 
 def evaluate_pseudo_label(
