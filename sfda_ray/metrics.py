@@ -8,6 +8,11 @@ import numpy as np
 import torch
 
 
+def _as_tensor(x: torch.Tensor | np.ndarray) -> torch.Tensor:
+    # A copy of an array: torch takes no negative strides, and warns on read-only arrays.
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, np.int64))
+
+
 def confusion_matrix(
     pred: torch.Tensor | np.ndarray,
     target: torch.Tensor | np.ndarray,
@@ -23,10 +28,11 @@ def confusion_matrix(
     """
     if tuple(pred.shape) != tuple(target.shape):
         raise ValueError(f"pred shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
-    pred = torch.as_tensor(pred).flatten()
-    target = torch.as_tensor(target, device=pred.device).flatten()
+    # int64 before comparing: in a uint8 target, ignore_index -1 would match 255.
+    pred = _as_tensor(pred).flatten().long()
+    target = _as_tensor(target).to(pred.device).flatten().long()
     keep = target != ignore_index
-    pred, target = pred[keep].long(), target[keep].long()
+    pred, target = pred[keep], target[keep]
     for name, values in (("target", target), ("pred", pred)):
         if values.numel() and (values.min() < 0 or values.max() >= num_classes):
             raise ValueError(

@@ -35,6 +35,18 @@ def test_confusion_matrix_numpy_and_torch():
     )
 
 
+def test_confusion_matrix_takes_any_array_and_ignores_in_int64():
+    flipped, read_only = PRED[:, ::-1], TARGET[:, ::-1].copy()
+    read_only.flags.writeable = False  # as Ray hands arrays over
+    np.testing.assert_array_equal(
+        confusion_matrix(flipped, read_only, 4),
+        confusion_matrix(PRED[:, ::-1].copy(), TARGET[:, ::-1].copy(), 4),
+    )
+    # A uint8 target with ignore_index -1: 255 is a value out of range, not ignored.
+    with pytest.raises(ValueError, match="target has values outside"):
+        confusion_matrix(torch.from_numpy(PRED), torch.from_numpy(TARGET).to(torch.uint8), 4, -1)
+
+
 def test_confusion_matrix_rejects_bad_input():
     with pytest.raises(ValueError, match="shape"):
         confusion_matrix(PRED[:, :2], TARGET, 4)
