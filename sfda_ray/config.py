@@ -672,9 +672,8 @@ def load_search_space(path: str | Path, cfg: Config) -> dict[str, tuple[str, lis
     return space
 
 
-def _check_value(dotted: str, value: Any) -> None:
-    """``value`` alone for the key ``section.name``: the key exists and the value has its
-    type and range (the rules between keys are checked over whole trials)."""
+def _field_of(dotted: str) -> tuple[dataclasses.Field, Any]:
+    """The dataclass field of the config key ``section.name``, and its type."""
     section, _, name = dotted.partition(".")
     sections = typing.get_type_hints(Config)
     if section in sections and not name:
@@ -684,8 +683,14 @@ def _check_value(dotted: str, value: Any) -> None:
     fields = {f.name: f for f in dataclasses.fields(sections[section])}
     if name not in fields:
         raise ConfigError(f"{dotted}: unknown key; allowed: {', '.join(fields)}")
-    value = _coerce(value, typing.get_type_hints(sections[section])[name], dotted)
-    _check_range(value, fields[name].metadata, dotted)
+    return fields[name], typing.get_type_hints(sections[section])[name]
+
+
+def _check_value(dotted: str, value: Any) -> None:
+    """``value`` alone for the key ``section.name``: the key exists and the value has its
+    type and range (the rules between keys are checked over whole trials)."""
+    field_, tp = _field_of(dotted)
+    _check_range(_coerce(value, tp, dotted), field_.metadata, dotted)
 
 
 def _drawn_ends(kind: str, args: list) -> list:
@@ -734,6 +739,5 @@ def _check_space_combinations(path: Path, space: dict[str, tuple[str, list]], cf
 
 def _takes_integers(key: str) -> bool:
     """Whether the config key ``section.name`` holds an integer (perhaps null)."""
-    section, name = key.split(".")
-    tp = typing.get_type_hints(typing.get_type_hints(Config)[section])[name]
+    _, tp = _field_of(key)
     return int in (tp, *typing.get_args(tp))
