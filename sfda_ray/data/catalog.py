@@ -233,18 +233,24 @@ def is_synthetic(data: str | Path) -> bool:
     )
 
 
+def manifest_kind(table: pa.Table, data: str) -> str:
+    """The one dataset kind of the manifest ``data`` (read as ``table``); cityscapes for an
+    empty one. A manifest mixing kinds is refused: a dataset YAML names the kind."""
+    kinds = sorted(set(table["dataset"].to_pylist()))
+    if len(kinds) > 1:
+        raise ValueError(
+            f"{data}: the manifest mixes datasets ({', '.join(kinds)}); name the kind to "
+            "evaluate it as in a dataset YAML (`data: {kind: ..., manifest: ...}`)"
+        )
+    return kinds[0] if kinds else "cityscapes"
+
+
 def open_dataset(data: str | Path, domain: str = "target", kind: str | None = None) -> DatasetRef:
     """Open ``data`` (see module doc). ``domain`` picks the half of a synthetic benchmark."""
     path = Path(str(data)).expanduser()
     if storage.has_suffix(data, ".parquet"):
         table = read_manifest(str(data), include_errors=True)
-        kinds = sorted(set(table["dataset"].to_pylist()))
-        if kind is None and len(kinds) > 1:
-            raise ValueError(
-                f"{data}: the manifest mixes datasets ({', '.join(kinds)}); name the kind to "
-                "evaluate it as in a dataset YAML (`data: {kind: ..., manifest: ...}`)"
-            )
-        kind = kind or (kinds[0] if kinds else "cityscapes")
+        kind = kind or manifest_kind(table, str(data))
         if kind == "synthetic":  # its own classes are in the benchmark's benchmark.json
             log.warning(
                 "%s: a synthetic benchmark's manifest is evaluated over all 19 classes; "

@@ -27,7 +27,7 @@ from sfda_ray.config import (
     load_search_space,
     parse_override,
 )
-from sfda_ray.data.catalog import is_synthetic, open_dataset, read_dataset_yaml
+from sfda_ray.data.catalog import is_synthetic, manifest_kind, open_dataset, read_dataset_yaml
 from sfda_ray.data.manifest import read_manifest
 from sfda_ray.data.readers import build_manifest
 from sfda_ray.data.synthetic import BenchmarkSpec, ensure_benchmark
@@ -128,13 +128,8 @@ def apply_eval_classes(data: str, names: list[str], out: str) -> str:
                 "differ; set them in one place"
             )
     elif storage.has_suffix(data, ".parquet"):
-        kinds = sorted(set(read_manifest(data, include_errors=True)["dataset"].to_pylist()))
-        if len(kinds) != 1:
-            raise ValueError(
-                f"{data}: a manifest of {len(kinds)} dataset kinds ({', '.join(kinds)}) cannot "
-                f"be scored over data.eval_classes {names}; give a dataset YAML naming its kind"
-            )
-        spec = {"kind": kinds[0], "manifest": data}
+        kind = manifest_kind(read_manifest(data, include_errors=True), data)
+        spec = {"kind": kind, "manifest": data}
     else:
         open_dataset(data)  # only a synthetic benchmark is given as a folder
         spec = {"kind": "synthetic", "root": data}
