@@ -93,3 +93,11 @@ def make_cityscapes(
             if rel not in unlabelled:
                 label_path = root / "gtFine" / split / f"{rel}_gtFine_labelIds.png"
                 write_png(label_path, all_ids_label(34))
+
+
+def cityscapes_yaml(tmp: Path, unlabelled: tuple[str, ...] = ()) -> Path:
+    """A Cityscapes tree of one train and one val frame at ``TMP/cs``, and ``TMP/cs.yaml``
+    naming it (``unlabelled`` as for ``make_cityscapes``)."""
+    make_cityscapes(tmp / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19"]}, unlabelled)
+    (tmp / "cs.yaml").write_text(f"data: {{kind: cityscapes, root: {tmp / 'cs'}}}\n")
+    return tmp / "cs.yaml"

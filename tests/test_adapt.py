@@ -658,7 +658,7 @@ def test_scores_of_another_source_model_or_other_images_are_refused(
     tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
 ):
     """`adapt --checkpoint B --scores S` with S scored by A would train on A's labels."""
-    from data_fixtures import make_cityscapes
+    from data_fixtures import cityscapes_yaml
 
     from sfda_ray.models.checkpoint import file_fingerprint, load_checkpoint, save_checkpoint
 
@@ -670,8 +670,7 @@ def test_scores_of_another_source_model_or_other_images_are_refused(
     save_checkpoint(other, model, meta)
     with pytest.raises(ValueError, match=r"scored with another source model \(fingerprint "):
         make_plan(_adapt_cfg(), str(other), str(scores), str(tiny_benchmark))
-    make_cityscapes(tmp_path / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19"]})
-    (tmp_path / "cs.yaml").write_text(f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}}}\n")
+    cityscapes_yaml(tmp_path)
     with pytest.raises(ValueError, match=r"24 of the 24 images .* are not images of .*cs.yaml"):
         make_plan(_adapt_cfg(), str(tiny_source_ckpt), str(scores), str(tmp_path / "cs.yaml"))
     # The kept AdaBN model names the source it came from.

@@ -263,16 +263,15 @@ def test_the_configs_eval_classes_apply_to_the_data_given_by_flag(
 ):
     """`--config synthia_cityscapes.yaml --data cs.parquet`: Cityscapes is still scored
     over SYNTHIA's classes, in every stage (they all read the dataset YAML the job writes)."""
-    from data_fixtures import make_cityscapes
+    from data_fixtures import cityscapes_yaml
 
     import sfda_ray.dist.job as job
     from sfda_ray.cli import add_tune_args
     from sfda_ray.data.catalog import open_dataset
     from sfda_ray.data.readers import build_manifest
 
-    make_cityscapes(tmp_path / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19"]})
+    cityscapes_yaml(tmp_path)
     build_manifest("cityscapes", str(tmp_path / "cs"), str(tmp_path / "cs.parquet"))
-    (tmp_path / "cs.yaml").write_text(f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}}}\n")
     (tmp_path / "cs13.yaml").write_text(
         f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}, eval_classes: [synthia13]}}\n"
     )
@@ -631,12 +630,11 @@ def test_a_sweep_where_no_trial_completes_says_why(
 def test_val_miou_on_an_unlabelled_target_is_refused_before_any_work(
     tiny_source_ckpt, tmp_path, monkeypatch, capsys
 ):
-    from data_fixtures import make_cityscapes
+    from data_fixtures import cityscapes_yaml
 
     from sfda_ray.dist.job import main
 
-    make_cityscapes(tmp_path / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19"]}, ("b/b_0_19",))
-    (tmp_path / "cs.yaml").write_text(f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}}}\n")
+    cityscapes_yaml(tmp_path, unlabelled=("b/b_0_19",))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/m.db")
     args = ["--data", str(tmp_path / "cs.yaml"), "--checkpoint", str(tiny_source_ckpt)]
     out = tmp_path / "out"
@@ -656,12 +654,11 @@ def test_val_miou_on_an_unlabelled_target_is_refused_before_any_work(
 def test_a_scored_split_the_trials_cannot_use_is_refused_before_ray_starts(
     split, told, tiny_source_ckpt, tmp_path, mlflow_db, monkeypatch, capsys
 ):
-    from data_fixtures import make_cityscapes
+    from data_fixtures import cityscapes_yaml
 
     import sfda_ray.dist.job as job
 
-    make_cityscapes(tmp_path / "cs", {"train": ["a/a_0_19"], "val": ["b/b_0_19"]})
-    (tmp_path / "cs.yaml").write_text(f"data: {{kind: cityscapes, root: {tmp_path / 'cs'}}}\n")
+    cityscapes_yaml(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_db)
     monkeypatch.setattr(job, "init_ray", lambda address: pytest.fail("Ray started"))
     args = ["--data", str(tmp_path / "cs.yaml"), "--checkpoint", str(tiny_source_ckpt)]
