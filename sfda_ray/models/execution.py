@@ -28,8 +28,8 @@ def resolve_device(device: str) -> torch.device:
         raise ValueError(f"device {device!r}: not a device; {expected}") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r}: no CUDA GPU is visible here; use cpu or auto")
-    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
-        n = torch.cuda.device_count()
+    n = torch.cuda.device_count() if resolved.type == "cuda" else 0
+    if resolved.type == "cuda" and (resolved.index or 0) >= n:
         raise ValueError(f"device {device!r}: {n} CUDA GPU(s) visible here, cuda:0 to cuda:{n - 1}")
     return resolved
 
