@@ -308,6 +308,12 @@ def add_tune_args(parser: argparse.ArgumentParser, default_out: str = "outputs/t
     parser.add_argument("--seed", type=COUNT, default=0, help="synthetic benchmark seed")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, for a quick check")
     parser.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    parser.add_argument(
+        "--keep-train-checkpoints",
+        action="store_true",
+        help="keep the Ray Train checkpoints of the trials that ended without an error "
+        "(by default deleted once the sweep has ended; each trial keeps final.pt)",
+    )
 
 
 def cmd_tune(args: argparse.Namespace) -> int:

@@ -208,6 +208,18 @@ def remove(path: str | os.PathLike) -> bool:
     return True
 
 
+def remove_tree(directory: str | os.PathLike) -> int:
+    """Delete ``directory`` and everything under it; the bytes its files held (0 when
+    there was none)."""
+    fs, p = resolve(directory)
+    size = tree_size(directory)
+    try:
+        fs.delete_dir(p)
+    except FileNotFoundError:
+        return 0
+    return size
+
+
 def _disk_full(error: OSError) -> bool:
     return error.errno == errno.ENOSPC or "No space left on device" in str(error)
 

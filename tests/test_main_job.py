@@ -73,12 +73,12 @@ def _interrupt_when(proc: subprocess.Popen, ready) -> str:
     return stderr
 
 
-def _finish(proc: subprocess.Popen) -> str:
+def _finish(proc: subprocess.Popen) -> tuple[str, str]:
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-4000:]
     # The local Ray has no State API; Ray Train must not say so every second of a trial.
     assert "State API may be temporarily unavailable" not in stderr
-    return stdout
+    return stdout, stderr
 
 
 @pytest.mark.slow
@@ -118,8 +118,11 @@ def test_main_job_sweeps_logs_to_mlflow_and_resumes(tmp_path, mlflow_db_template
         os.killpg(second.pid, signal.SIGKILL)
         second.wait()
         assert not (out / "summary.json").exists()
-        stdout = _finish(_job(out, env))
+        stdout, stderr = _finish(_job(out, env))
         summary = json.loads((out / "summary.json").read_text())
+        # Each finished trial keeps final.pt; the checkpoints only a resume needs go.
+        assert "deleted the Ray Train checkpoints of 2 finished trial(s)" in stderr
+        assert not list(out.glob("trials/*/ray")) and len(list(out.glob("trials/*/final.pt"))) == 2
         # The rerun took the baselines from the cache instead of evaluating them again.
         assert baselines.stat().st_mtime_ns == evaluated_at
         cached = json.loads(baselines.read_text())["miou"]

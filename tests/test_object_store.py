@@ -40,6 +40,11 @@ def test_files_round_trip_through_a_bucket(bucket):
     assert storage.list_files(storage.join(base, "unit", "a")) == [path]
     assert "unit/a/b.bin" in _keys(client, "unit/")
     assert storage.remove(path) and not storage.exists(path) and not storage.remove(path)
+    tree = storage.join(base, "unit", "tree")
+    for name in ("c/d.bin", "e.bin"):
+        storage.atomic_write_bytes(storage.join(tree, name), b"12345")
+    assert storage.remove_tree(tree) == 10 and not _keys(client, "unit/tree")
+    assert storage.remove_tree(tree) == 0
     with pytest.raises(ValueError, match="credentials in a URI would be written"):
         storage.resolve(f"s3://key:secret@{BUCKET}/x")
 

@@ -1037,3 +1037,33 @@ def test_asha_rungs_end_before_the_last_report_and_a_fallback_to_fifo_is_said(ca
         "tune.grace_period 10 is past ASHA's last rung, iteration 5 (adapt.iterations 10 "
         "- adapt.eval_every 5): no trial is stopped early, each runs to its end"
     ]
+
+
+def test_a_finished_sweep_deletes_the_train_state_no_resume_needs(tmp_path, monkeypatch, caplog):
+    from sfda_ray.dist import job
+    from sfda_ray.dist.tune import remove_finished_train_state
+
+    trials = [
+        {"trial_id": "done", "completed": True, "error": None},
+        {"trial_id": "stopped", "completed": False, "error": None},  # by ASHA
+        {"trial_id": "failed", "completed": False, "error": "RuntimeError: lost"},
+        {"trial_id": "never", "completed": False, "error": None},  # no run written
+    ]
+    for name in ("done", "stopped", "failed"):
+        run = tmp_path / "trials" / name
+        (run / "ray" / "adapt" / "checkpoint_1").mkdir(parents=True)
+        (run / "ray" / "adapt" / "checkpoint_1" / "state.pt").write_bytes(b"x" * 1000)
+        (run / "final.pt").write_bytes(b"model")
+    monkeypatch.setattr(
+        job.storage, "remove_tree", lambda path: (_ for _ in ()).throw(PermissionError(path))
+    )
+    with caplog.at_level(logging.WARNING):
+        job._remove_train_checkpoints(str(tmp_path), trials)  # a warning, not a failure
+    assert "could not delete the finished trials' Ray Train checkpoints" in caplog.text
+    monkeypatch.undo()
+
+    assert remove_finished_train_state(str(tmp_path), trials) == (2, 2000)
+    assert sorted(p.parent.name for p in tmp_path.glob("trials/*/ray")) == ["failed"]
+    # What the user keeps of each trial stays.
+    assert len(list(tmp_path.glob("trials/*/final.pt"))) == 3
+    assert remove_finished_train_state(str(tmp_path), trials) == (0, 0)

@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "state.pt"
 DIVERGED_FILE = "diverged.txt"  # in OUT: why the run stopped, for run_adapt to raise
 RUN_FILE = "adapt.json"
+TRAIN_STATE_DIR = "ray"  # in OUT: Ray Train's run, its checkpoints among it
 # Keys that change how a run goes or reports, not what it computes: a resumed run may
 # change them (evaluation never changes training's draws; the data is in the plan's
 # digest by fingerprint, wherever it lies).
@@ -218,7 +219,7 @@ def run_adapt(
     needs = models * storage.file_size(checkpoint) - storage.tree_size(out)
     storage.prepare_output(out, needs, "the adaptation's checkpoints")
     plan = make_plan(cfg, checkpoint, scores, data)
-    storage_path = storage.join(out, "ray")
+    storage_path = storage.join(out, TRAIN_STATE_DIR)
     diverged = storage.join(out, DIVERGED_FILE)
     _check_same_run(out, storage_path, run_identity(cfg, plan))
     resources = {"CPU": cpus_per_worker}

@@ -52,6 +52,7 @@ from sfda_ray.dist.tracking import (
     flatten,
     git_commit,
 )
+from sfda_ray.dist.train import TRAIN_STATE_DIR
 from sfda_ray.dist.trial import adapt_trial, report_files, trial_dir
 from sfda_ray.method.selection import spearman
 from sfda_ray.models.checkpoint import file_fingerprint
@@ -370,6 +371,21 @@ def _summarise(
         "mlflow_parent_run_id": parent,
     }
     return summary
+
+
+def remove_finished_train_state(out: str, trials: list[dict]) -> tuple[int, int]:
+    """Deletes the Ray Train runs (checkpoints: student, teacher, discriminator and
+    optimizer state, several times ``final.pt``) of the trials that ended without an
+    error, completed or stopped early: a resumed sweep never runs them again. A failed
+    trial's run stays, since a rerun retries it from its last checkpoint. Returns the
+    trials whose run was deleted and the bytes freed."""
+    removed = freed = 0
+    for trial in trials:
+        if trial["error"] is None:
+            run = storage.join(trial_dir(out, trial["trial_id"]), TRAIN_STATE_DIR)
+            size = storage.remove_tree(run)
+            removed, freed = removed + (size > 0), freed + size
+    return removed, freed
 
 
 def proxy_rank_correlation(histories: list[list[dict]]) -> tuple[float | None, int | None]:
