@@ -67,6 +67,7 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     args.set = CLUSTER_SETTINGS + args.set
+    args.keep_train_checkpoints = True  # the check lists where the Train workers wrote them
 
     cluster = None
     try:
