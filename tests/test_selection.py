@@ -106,6 +106,11 @@ def test_ratio_and_threshold_split_images_by_score():
     assert alpha[0] == pytest.approx(0.5)  # over-represented in V: clipped down
     assert alpha[2] == pytest.approx(5.0)  # absent from V's kept pixels: clipped up
     assert alpha[5] == 1.0  # absent everywhere
+    # Under a softer beta an absent class still counts most, more than a scarce one.
+    sel.prior_virtual[[0, 1, 2]] = [0.98, 0.02, 0.0]
+    alpha = sel.class_weights(beta=0.5, clip=(0.5, 5.0))
+    assert alpha[2] == pytest.approx(5.0) and alpha[1] == pytest.approx(12.5**0.5)
+    assert sel.class_weights(beta=0.0, clip=(0.5, 5.0))[[0, 1, 2]].tolist() == [1.0] * 3
     with pytest.raises(ValueError, match="exactly one"):
         select(table, one_tau(ratio=0.5, score_threshold=0.5))
     with pytest.raises(ValueError, match="ratio: 1.5 is out of range"):
