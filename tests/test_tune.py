@@ -1039,6 +1039,35 @@ def test_asha_rungs_end_before_the_last_report_and_a_fallback_to_fifo_is_said(ca
     ]
 
 
+def test_a_trial_resumed_past_the_last_rung_is_never_stopped_at_its_final_report():
+    """After a resume ASHA's rungs are empty (Tune does not save them): a trial resumed
+    past the last rung meets the top rung's records for the first time at its final
+    report, and plain ASHA would stop it there, before it writes its model."""
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from sfda_ray.dist.tune import trial_scheduler
+
+    cfg = load_config(None, {"adapt.iterations": 30, "adapt.eval_every": 5})
+
+    def decisions(scheduler) -> list[str]:
+        scheduler.set_search_properties("val_miou", "max")
+        trials = [SimpleNamespace(trial_id=name) for name in ("fresh", "resumed", "weak")]
+        for trial in trials:
+            scheduler.on_trial_add(None, trial)
+        reports = [("fresh", 20, 0.9), ("resumed", 30, 0.1), ("weak", 20, 0.05)]
+        return [
+            scheduler.on_trial_result(None, trials[i], {"iteration": it, "val_miou": v})
+            for i, (_, it, v) in enumerate(reports)
+        ]
+
+    plain = ASHAScheduler(time_attr="iteration", max_t=25, grace_period=10, stop_last_trials=False)
+    assert decisions(plain)[1] == TrialScheduler.STOP  # what this guards against
+    # The final report continues; a weak trial at a rung is still stopped.
+    assert decisions(trial_scheduler(cfg)) == ["CONTINUE", "CONTINUE", "STOP"]
+
+
 def test_a_finished_sweep_deletes_the_train_state_no_resume_needs(tmp_path, monkeypatch, caplog):
     from sfda_ray.dist import job
     from sfda_ray.dist.tune import remove_finished_train_state

@@ -478,6 +478,18 @@ def _failure_message(sweep_path: str, trials: list[dict]) -> str:
     return "\n".join(lines)
 
 
+class RungsOnlyASHA(ASHAScheduler):
+    """ASHA that decides at its rungs alone: a report past the last rung (the trial's
+    final one) always continues. Plain ASHA compares such a report with the top rung's
+    records when the trial has none there, which happens after a resume (Tune does not
+    save the rungs): it could stop a fully trained trial before it wrote its model."""
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        if result.get(self._time_attr, 0) > self._max_t:
+            return TrialScheduler.CONTINUE
+        return super().on_trial_result(tune_controller, trial, result)
+
+
 def trial_scheduler(cfg: Config) -> TrialScheduler:
     """ASHA with rungs at ``grace_period`` × ``reduction_factor``^k, the last before the
     final report: a trial that survives them runs to its end and writes its model (ASHA
@@ -498,7 +510,7 @@ def trial_scheduler(cfg: Config) -> TrialScheduler:
             a.eval_every,
         )
         return FIFOScheduler()
-    return ASHAScheduler(
+    return RungsOnlyASHA(
         time_attr="iteration",
         max_t=last_rung,
         grace_period=grace,
