@@ -1,4 +1,5 @@
 import dataclasses
+import functools
 import io
 import json
 import shutil
@@ -181,6 +182,21 @@ def test_bad_images_are_recorded_and_skipped(
     # Pseudo-labels are evaluated where a label exists, and only there.
     evaluated = {i for i, r in rows.items() if r["eval_miou"] is not None}
     assert evaluated == {r["image_id"] for r in good} - {good[1]["image_id"], good[2]["image_id"]}
+
+    # The truncated file repaired: a rerun that must keep the selection (the main job
+    # resuming a sweep) leaves the failed images as they were; a plain rerun retries them.
+    truncated.write_bytes(open(good[0]["image_path"], "rb").read())
+    rerun = functools.partial(
+        score_dataset,
+        str(tiny_source_ckpt),
+        str(manifest),
+        f"file://{out}",
+        ScoringOptions(batch_size=4, actors=1, adabn=False),
+    )
+    kept = rerun(retry_failed=False)
+    assert (kept["scored"], kept["skipped"], kept["scored_this_run"]) == (7, 2, 0)
+    retried = rerun()
+    assert (retried["scored"], retried["skipped"], retried["scored_this_run"]) == (8, 1, 2)
 
 
 def test_score_command_writes_table_and_pictures(

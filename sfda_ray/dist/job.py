@@ -36,11 +36,13 @@ from sfda_ray.dist.scoring import ScoringOptions, adabn_checkpoint, score_datase
 from sfda_ray.dist.tracking import SweepTracker, check_tracking_store, default_tracking_uri
 from sfda_ray.dist.tune import (
     SweepFailed,
+    can_resume,
     check_sweep_settings,
     has_labelled_val,
     record_best,
     remove_finished_train_state,
     run_sweep,
+    sweep_dir,
     sweep_metric,
 )
 from sfda_ray.evaluate import evaluate_checkpoint
@@ -294,7 +296,11 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
     trial_worker = {"CPU": t.cpus_per_worker, "GPU": t.gpus_per_worker}
     check_placeable("tune trials", trial_worker, t.workers_per_trial, t.placement_strategy)
     scores = storage.join(out, "scores")
-    scored = score_dataset(checkpoint, data, scores, ScoringOptions.from_config(cfg))
+    # A sweep being resumed selected without the images that failed to score: scoring
+    # them now would change the selection under the trials it has run.
+    resuming = can_resume(sweep_dir(out))
+    options = ScoringOptions.from_config(cfg)
+    scored = score_dataset(checkpoint, data, scores, options, retry_failed=not resuming)
     pictures = write_pictures(scores, cfg.select, cfg.model.num_classes)
 
     summary: dict = {"task": task, "data": data, "checkpoint": checkpoint}

@@ -355,13 +355,17 @@ def _latest_per_image(table: pa.Table) -> pa.Table:
 
 
 def score_dataset(
-    checkpoint: str, data: str, out: str, options: ScoringOptions | None = None
+    checkpoint: str,
+    data: str,
+    out: str,
+    options: ScoringOptions | None = None,
+    retry_failed: bool = True,
 ) -> dict:
     """Score every image of a target split; returns the run summary (also in summary.json).
 
     Images already in ``OUT/parts`` with the same fingerprint (scoring model, size,
     MC-dropout passes, image) are not scored again, so an interrupted run resumes where
-    it stopped.
+    it stopped. Images that failed are tried again unless ``retry_failed`` is False.
     """
     opts = options or ScoringOptions()
     # The model is checked here, before any work, rather than in every actor.
@@ -379,13 +383,17 @@ def score_dataset(
     ).to_pylist()
     previous = _read_parts(out)  # None when nothing was scored (or OUT does not exist)
     # Each image's latest row decides: an earlier run with other settings is superseded.
-    ok = None
+    kept = None
     if previous is not None:
-        latest = _latest_per_image(previous)
-        ok = latest.filter(pc.is_null(latest["error"]))
+        kept = latest = _latest_per_image(previous)
+        failed = pc.invert(pc.is_null(latest["error"]))
+        if retry_failed:
+            kept = latest.filter(pc.invert(failed))
+        elif n_failed := pc.sum(failed).as_py():
+            log.info("not scoring again the %d image(s) that failed before", n_failed)
     # Space for the maps of the images not scored yet (and the AdaBN model), before any
     # work: by image id, as the fingerprints need the AdaBN model.
-    scored_ids = set(ok["image_id"].to_pylist()) if ok is not None else set()
+    scored_ids = set(kept["image_id"].to_pylist()) if kept is not None else set()
     unscored = [r for r in rows if r["image_id"] not in scored_ids]
     needs = _maps_bytes(unscored, opts)
     if opts.adabn and not storage.exists(storage.join(out, ADABN_FILE)):
@@ -398,7 +406,7 @@ def score_dataset(
     checkpoint_fp = file_fingerprint(checkpoint)
     for row in rows:
         row["fingerprint"] = _row_fingerprint(checkpoint_fp, opts, row)
-    done = set(ok["fingerprint"].to_pylist()) if ok is not None else set()
+    done = set(kept["fingerprint"].to_pylist()) if kept is not None else set()
     todo = [r for r in rows if r["fingerprint"] not in done]
     if len(todo) > len(unscored):  # scored before, with another model, size or passes
         storage.check_free_space(out, _maps_bytes(todo, opts), f"scoring {len(todo)} images")

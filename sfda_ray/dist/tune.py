@@ -118,7 +118,7 @@ def run_sweep(
     if _every_trial_adversarial(base, space) and (map_size := scored_map_size(scores)):
         check_discriminator_fits(map_size)
     storage_path = storage.join(out, "tune")
-    sweep_path = storage.join(storage_path, SWEEP_NAME)
+    sweep_path = sweep_dir(out)
     identity = sweep_identity(
         base, space, metric, checkpoint, scores, data, tracking_uri, experiment
     )
@@ -195,7 +195,7 @@ def check_sweep_settings(
     its settings differ, rather than after scoring the target again with them. The
     scores are compared once scored (``run_sweep``); the checkpoint, when it exists (the
     synthetic run trains its own)."""
-    if not can_resume(storage.join(out, "tune", SWEEP_NAME)):
+    if not can_resume(sweep_dir(out)):
         return
     metric, _ = sweep_metric(cfg, data)
     known = checkpoint if storage.exists(checkpoint) else None
@@ -221,7 +221,7 @@ def _refuse_other_settings(out: str, identity: dict) -> None:
         raise ConfigError(
             f"{out} holds a sweep with other settings ({describe_changes(changed)} differ): "
             "use another output directory, or delete "
-            f"{storage.join(out, 'tune', SWEEP_NAME)} to start over"
+            f"{sweep_dir(out)} to start over"
         )
 
 
@@ -244,6 +244,11 @@ class ReleaseStoppedTrainRuns(tune.Callback):
                 log.info("freed the workers' placement groups of %d stopped trial(s)", released)
         except Exception as e:  # not worth stopping the sweep for
             log.warning("could not free what stopped trials hold: %s", describe_error(e))
+
+
+def sweep_dir(out: str) -> str:
+    """Tune's state of the sweep under ``out``."""
+    return storage.join(out, "tune", SWEEP_NAME)
 
 
 def can_resume(sweep_path: str) -> bool:
