@@ -20,7 +20,13 @@ from sfda_ray.adaptation import (
     metrics_over_workers,
     run_adaptation,
 )
-from sfda_ray.config import AdaptConfig, apply_overrides, load_config, load_search_space
+from sfda_ray.config import (
+    AdaptConfig,
+    apply_overrides,
+    changed_settings,
+    load_config,
+    load_search_space,
+)
 from sfda_ray.data.scores import map_name
 from sfda_ray.data.synthetic import generate
 from sfda_ray.dist.job import DEFAULT_SPACE
@@ -826,16 +832,18 @@ def test_a_runs_identity_is_its_settings_not_how_its_paths_are_spelled(
     plan = make_plan(cfg, str(tiny_source_ckpt), str(scores), str(tiny_benchmark))
     respelled = f"{tiny_source_ckpt.parent}/./{tiny_source_ckpt.name}"
     same = make_plan(cfg, respelled, f"{scores}/", str(tiny_benchmark))
-    assert run_identity(cfg, same) == run_identity(cfg, plan)
+    assert run_identity(cfg, same, 1) == run_identity(cfg, plan, 1)
     cadence = apply_overrides(cfg, {"adapt.eval_every": 1, "adapt.log_every": 2})
-    assert run_identity(cadence, plan) == run_identity(cfg, plan)
+    assert run_identity(cadence, plan, 1) == run_identity(cfg, plan, 1)
     other_lr = apply_overrides(cfg, {"adapt.lr": 0.01})
-    assert run_identity(other_lr, plan)["adapt.lr"] != run_identity(cfg, plan)["adapt.lr"]
+    assert run_identity(other_lr, plan, 1)["adapt.lr"] != run_identity(cfg, plan, 1)["adapt.lr"]
     fewer = make_plan(
         apply_overrides(cfg, {"select.ratio": 0.25}),
         *map(str, (tiny_source_ckpt, scores, tiny_benchmark)),
     )
-    assert run_identity(cfg, fewer)["plan"] != run_identity(cfg, plan)["plan"]
+    assert run_identity(cfg, fewer, 1)["plan"] != run_identity(cfg, plan, 1)["plan"]
+    # Another worker count is another global batch, and other streams to read on from.
+    assert changed_settings(run_identity(cfg, plan, 1), run_identity(cfg, plan, 2)) == ["workers"]
 
 
 def test_evaluating_mid_run_leaves_training_unchanged(

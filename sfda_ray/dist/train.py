@@ -60,11 +60,13 @@ _NOT_IDENTITY = {
 }
 
 
-def run_identity(cfg: Config, plan: AdaptPlan) -> dict:
+def run_identity(cfg: Config, plan: AdaptPlan, workers: int) -> dict:
     """What decides an adaptation's result: its config keys (not those that only change how
-    it runs or reports) and a digest of its plan (selection, start checkpoint, data)."""
+    it runs or reports), its worker count (each draws a batch of its own shard: the global
+    batch and the data streams a resume reads on from) and a digest of its plan
+    (selection, start checkpoint, data)."""
     config = result_identity(cfg)
-    identity = {
+    identity: dict = {
         f"{section}.{key}": value
         for section in ("model", "data", "select", "adapt")
         for key, value in config[section].items()
@@ -91,6 +93,7 @@ def run_identity(cfg: Config, plan: AdaptPlan) -> dict:
         },
     }
     plan_json = json.dumps(content, sort_keys=True, default=str)
+    identity["workers"] = workers
     identity["plan"] = hashlib.sha256(plan_json.encode()).hexdigest()[:16]
     return identity
 
@@ -221,7 +224,7 @@ def run_adapt(
     plan = make_plan(cfg, checkpoint, scores, data)
     storage_path = storage.join(out, TRAIN_STATE_DIR)
     diverged = storage.join(out, DIVERGED_FILE)
-    _check_same_run(out, storage_path, run_identity(cfg, plan))
+    _check_same_run(out, storage_path, run_identity(cfg, plan, workers))
     resources = {"CPU": cpus_per_worker}
     if gpus_per_worker:
         resources["GPU"] = gpus_per_worker
