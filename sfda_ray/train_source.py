@@ -43,8 +43,9 @@ def model_arch(cfg: Config) -> dict:
     return {"name": cfg.model.name, "options": options}
 
 
-# Settings that change how fast a run goes or how it reports, not what it trains.
-RUNTIME_KEYS = {"source": ("threads", "log_every", "checkpoint_every")}
+# Settings that change how fast a run goes, how it reports or what the target is
+# evaluated on, not what it trains.
+RUNTIME_KEYS = {"source": ("threads", "log_every", "checkpoint_every"), "data": ("eval_classes",)}
 
 
 def source_training_config(cfg: Config, domain: str) -> dict:

@@ -85,6 +85,9 @@ def test_rerun_of_complete_checkpoint_is_a_no_op(tiny_benchmark, tiny_source_ckp
     assert meta["complete"] and tiny_source_ckpt.read_bytes() == before
     with pytest.raises(ValueError, match=r"other settings \(source\.lr differ\)"):
         train_source(tiny_config(**{"source.lr": 0.5}), str(tiny_benchmark), str(tiny_source_ckpt))
+    # The classes the target is evaluated on train nothing: the same model, handed back.
+    subsets = tiny_config(**{"data.eval_classes": ["synthia13"]})
+    assert train_source(subsets, str(tiny_benchmark), str(tiny_source_ckpt))["complete"]
     # A model trained elsewhere (imported) is not one to resume or hand back.
     imported = tmp_path / "imported.pt"
     model, meta = load_model(tiny_source_ckpt)
