@@ -909,6 +909,11 @@ def test_the_summary_is_saved_whatever_mlflow_does_at_the_end(tmp_path, mlflow_d
         assert len(client.get_metric_history(parent, key)) == 1, key
     model = client.list_artifacts(best, "model")[0]
     assert model.path == "model/final.pt" and model.file_size == len(b"weights")
+    # An upload cut short (the driver killed mid-copy) is made again by the next rerun.
+    uploaded = Path(client.get_run(best).info.artifact_uri.removeprefix("file://"))
+    (uploaded / "model" / "final.pt").write_bytes(b"wei")
+    save_and_record(str(tmp_path), summary, {"hist.png": b"png"}, sweep, tracker)
+    assert (uploaded / "model" / "final.pt").read_bytes() == b"weights"
 
     # The tracking server gone at the very end: the summary is on disk all the same.
     (tmp_path / "summary.json").unlink()

@@ -431,9 +431,12 @@ def record_best(tracker: SweepTracker, sweep: dict) -> None:
     tags and metrics pointing at it."""
     parent, best_id, metric = tracker.parent_id, sweep["best_trial"], sweep["metric"]
     best_run = tracker.child(best_id, best_id, {}, tracker.tags, reopen=False)
-    # Uploaded once: a rerun of the finished sweep finds the model in place.
+    # Uploaded once: a rerun of the finished sweep finds the model in place (whole: an
+    # upload cut short, by a kill mid-copy, is made again).
+    size = storage.file_size(sweep["best_checkpoint"])
     if not any(
-        a.path == "model/final.pt" for a in tracker.client.list_artifacts(best_run, "model")
+        a.path == "model/final.pt" and a.file_size == size
+        for a in tracker.client.list_artifacts(best_run, "model")
     ):
         model = storage.read_bytes(sweep["best_checkpoint"])
         tracker.log_files(best_run, {"final.pt": model}, "model")
