@@ -178,6 +178,15 @@ def make_plan(cfg: Config, checkpoint: str, scores: str, data: str) -> AdaptPlan
         )
     if kept_adabn:
         start_checkpoint, bn_adapted = adabn, True
+    elif with_adabn:
+        log.warning(
+            "%s was scored with an AdaBN model that %s no longer holds (removed, or replaced "
+            "by a later scoring that did not finish): starting from %s, and which source "
+            "model made the pseudo-labels cannot be checked",
+            scores,
+            adabn,
+            checkpoint,
+        )
 
     ref = open_dataset(data, "target")
     foreign = set(table["image_id"].to_pylist()) - set(ref.manifest["image_id"].to_pylist())

@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -661,7 +662,7 @@ def test_scores_of_the_split_it_is_evaluated_on_are_refused(
 
 
 def test_scores_of_another_source_model_or_other_images_are_refused(
-    tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path
+    tiny_benchmark, tiny_source_ckpt, tiny_scores, tmp_path, caplog
 ):
     """`adapt --checkpoint B --scores S` with S scored by A would train on A's labels."""
     from data_fixtures import cityscapes_yaml
@@ -695,6 +696,13 @@ def test_scores_of_another_source_model_or_other_images_are_refused(
     (plain / "summary.json").write_text(json.dumps(summary))
     plan = make_plan(_adapt_cfg(), str(tiny_source_ckpt), str(plain), str(tiny_benchmark))
     assert plan.checkpoint == str(tiny_source_ckpt) and not plan.bn_adapted
+    # Scored with AdaBN whose model is gone: the unchecked start is said, not silent.
+    gone = tmp_path / "adabn_gone"
+    shutil.copytree(scores, gone)
+    (gone / "source_adabn.pt").unlink()
+    with caplog.at_level(logging.WARNING, logger="sfda_ray.adaptation"):
+        plan = make_plan(_adapt_cfg(), str(tiny_source_ckpt), str(gone), str(tiny_benchmark))
+    assert not plan.bn_adapted and "no longer holds" in caplog.text
 
 
 def test_eval_classes_the_data_is_not_scored_over_are_refused(
