@@ -311,8 +311,8 @@ def add_tune_args(parser: argparse.ArgumentParser, default_out: str = "outputs/t
     parser.add_argument(
         "--keep-train-checkpoints",
         action="store_true",
-        help="keep the Ray Train checkpoints of the trials that ended without an error "
-        "(by default deleted once the sweep has ended; each trial keeps final.pt)",
+        help="keep the Ray Train checkpoints of the completed and early-stopped trials "
+        "(by default deleted once the sweep has ended; a completed trial keeps final.pt)",
     )
 
 

@@ -1074,30 +1074,46 @@ def test_a_trial_resumed_past_the_last_rung_is_never_stopped_at_its_final_report
 
 
 def test_a_finished_sweep_deletes_the_train_state_no_resume_needs(tmp_path, monkeypatch, caplog):
-    from sfda_ray.dist import job
+    from sfda_ray import storage
     from sfda_ray.dist.tune import remove_finished_train_state
 
+    def trial(name, iteration, completed=False, error=None, config=None):
+        return {"trial_id": name, "iteration": iteration, "completed": completed,
+                "error": error, "config": config or {}}  # fmt: skip
+
     trials = [
-        {"trial_id": "done", "completed": True, "error": None},
-        {"trial_id": "stopped", "completed": False, "error": None},  # by ASHA
-        {"trial_id": "failed", "completed": False, "error": "RuntimeError: lost"},
-        {"trial_id": "never", "completed": False, "error": None},  # no run written
+        trial("done", 30, completed=True),
+        trial("stopped", 10),  # by ASHA, at a rung
+        trial("failed", 20, error="RuntimeError: lost"),
+        # Stopped at its last report by the plain ASHA of a sweep started before
+        # RungsOnlyASHA: no final.pt, its checkpoint holds the trained weights.
+        trial("stopped_at_end", 30),
+        trial("longer", 30, config={"adapt.iterations": 60}),  # swept: stopped early
+        trial("never", None),  # no run written
     ]
-    for name in ("done", "stopped", "failed"):
+    for name in ("done", "stopped", "failed", "stopped_at_end", "longer"):
         run = tmp_path / "trials" / name
         (run / "ray" / "adapt" / "checkpoint_1").mkdir(parents=True)
         (run / "ray" / "adapt" / "checkpoint_1" / "state.pt").write_bytes(b"x" * 1000)
-        (run / "final.pt").write_bytes(b"model")
-    monkeypatch.setattr(
-        job.storage, "remove_tree", lambda path: (_ for _ in ()).throw(PermissionError(path))
-    )
-    with caplog.at_level(logging.WARNING):
-        job._remove_train_checkpoints(str(tmp_path), trials)  # a warning, not a failure
-    assert "could not delete the finished trials' Ray Train checkpoints" in caplog.text
+    (tmp_path / "trials" / "done" / "final.pt").write_bytes(b"model")
+
+    # One that cannot be deleted is said, and the others are deleted all the same.
+    remove_tree = storage.remove_tree
+
+    def refuse_done(path):
+        if "/done/" in path:
+            raise PermissionError(path)
+        return remove_tree(path)
+
+    monkeypatch.setattr(storage, "remove_tree", refuse_done)
+    with caplog.at_level(logging.INFO, logger="sfda_ray.dist.tune"):
+        assert remove_finished_train_state(str(tmp_path), trials, 30) == (2, 2000)
+    assert "could not delete" in caplog.text and "trials/done/ray" in caplog.text
+    assert "deleted the Ray Train checkpoints of 2 finished trial(s)" in caplog.text
     monkeypatch.undo()
 
-    assert remove_finished_train_state(str(tmp_path), trials) == (2, 2000)
-    assert sorted(p.parent.name for p in tmp_path.glob("trials/*/ray")) == ["failed"]
-    # What the user keeps of each trial stays.
-    assert len(list(tmp_path.glob("trials/*/final.pt"))) == 3
-    assert remove_finished_train_state(str(tmp_path), trials) == (0, 0)
+    assert remove_finished_train_state(str(tmp_path), trials, 30) == (1, 1000)
+    kept = sorted(p.parent.name for p in tmp_path.glob("trials/*/ray"))
+    assert kept == ["failed", "stopped_at_end"]
+    assert (tmp_path / "trials" / "done" / "final.pt").read_bytes() == b"model"
+    assert remove_finished_train_state(str(tmp_path), trials, 30) == (0, 0)

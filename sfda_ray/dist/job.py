@@ -335,26 +335,10 @@ def run_job(args: argparse.Namespace, task: str) -> dict:
         tracker.finish("FAILED")
         raise
     if not args.keep_train_checkpoints:
-        _remove_train_checkpoints(out, sweep["trials"])
+        # Once the results are saved: what only a resume would read, and none will.
+        remove_finished_train_state(out, sweep["trials"], cfg.adapt.iterations)
     _print_summary(summary, out)
     return summary
-
-
-def _remove_train_checkpoints(out: str, trials: list[dict]) -> None:
-    """Once the results are saved: the finished trials' checkpoints, several model sizes
-    each, are only a resume's, and no resume runs those trials again."""
-    try:
-        removed, freed = remove_finished_train_state(out, trials)
-    except OSError as e:  # the results are saved: not worth failing the job for
-        log.warning("could not delete the finished trials' Ray Train checkpoints: %s", e)
-        return
-    if removed:
-        log.info(
-            "deleted the Ray Train checkpoints of %d finished trial(s), %.2f GB "
-            "(each keeps final.pt; --keep-train-checkpoints keeps them)",
-            removed,
-            freed / 1e9,
-        )
 
 
 _STORE_SDKS = ("botocore", "boto3", "google", "azure")

@@ -378,18 +378,36 @@ def _summarise(
     return summary
 
 
-def remove_finished_train_state(out: str, trials: list[dict]) -> tuple[int, int]:
+def remove_finished_train_state(out: str, trials: list[dict], iterations: int) -> tuple[int, int]:
     """Deletes the Ray Train runs (checkpoints: student, teacher, discriminator and
-    optimizer state, several times ``final.pt``) of the trials that ended without an
-    error, completed or stopped early: a resumed sweep never runs them again. A failed
-    trial's run stays, since a rerun retries it from its last checkpoint. Returns the
-    trials whose run was deleted and the bytes freed."""
+    optimizer state, several times ``final.pt``) of the trials that no resume runs again:
+    those that completed (their model is ``final.pt``) and those ASHA stopped early. A
+    failed trial's run stays, for the rerun that retries it from its last checkpoint; so
+    does that of a trial stopped at its last iteration without a ``final.pt`` (by the
+    plain ASHA of a sweep started before ``RungsOnlyASHA``): it holds the trained weights.
+    Returns the trials whose run was deleted and the bytes freed; one that cannot be
+    deleted is left with a warning."""
     removed = freed = 0
     for trial in trials:
-        if trial["error"] is None:
-            run = storage.join(trial_dir(out, trial["trial_id"]), TRAIN_STATE_DIR)
+        last = trial["config"].get("adapt.iterations", iterations)
+        if trial["error"] is not None or not (
+            trial["completed"] or (trial["iteration"] or 0) < last
+        ):
+            continue
+        run = storage.join(trial_dir(out, trial["trial_id"]), TRAIN_STATE_DIR)
+        try:
             size = storage.remove_tree(run)
-            removed, freed = removed + (size > 0), freed + size
+        except OSError as e:  # the results are saved: not worth failing the job for
+            log.warning("could not delete %s: %s", run, e)
+            continue
+        removed, freed = removed + (size > 0), freed + size
+    if removed:
+        log.info(
+            "deleted the Ray Train checkpoints of %d finished trial(s), %.2f GB (a completed "
+            "trial keeps final.pt; --keep-train-checkpoints keeps them)",
+            removed,
+            freed / 1e9,
+        )
     return removed, freed
 
 
@@ -435,7 +453,7 @@ def record_best(tracker: SweepTracker, sweep: dict) -> None:
     # upload cut short, by a kill mid-copy, is made again).
     size = storage.file_size(sweep["best_checkpoint"])
     if not any(
-        a.path == "model/final.pt" and a.file_size == size
+        a.path == "model/final.pt" and a.file_size in (size, None)  # None: not told
         for a in tracker.client.list_artifacts(best_run, "model")
     ):
         model = storage.read_bytes(sweep["best_checkpoint"])

@@ -34,8 +34,8 @@ class Selection:
     ) -> np.ndarray:
         """alpha_k = (pi_T,k / pi_V,k)^beta, clipped: classes scarce in V count more."""
         lo, hi = clip
-        # A class absent from V is infinitely scarce there, so it gets `hi` whatever beta
-        # is (clipping before the power would give it hi**beta, less than a scarce one's).
+        # A class absent from V is infinitely scarce there, so it gets `hi` for any beta > 0
+        # (clipping before the power would give it hi**beta, less than a scarce one's).
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(self.prior_virtual > 0, self.prior_target / self.prior_virtual, np.inf)
         alpha = np.clip(ratio**beta, lo, hi)
