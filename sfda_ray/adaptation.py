@@ -36,6 +36,7 @@ from sfda_ray.data.scores import ADABN_FILE, scored_rows
 from sfda_ray.evaluate import confusion_on
 from sfda_ray.method.adapt import (
     Adapter,
+    broadcast_buffers,
     is_distributed,
     mean_over_workers,
     sum_over_workers,
@@ -278,9 +279,7 @@ def evaluate_adapted(
     # them, the BatchNorm statistics are not (each worker's last step updated its own):
     # rank 0's, those of the model it saves, become every worker's first.
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
-    if world > 1:
-        for buffer in model.buffers():
-            dist.broadcast(buffer, 0)
+    broadcast_buffers(model)
     shard = rows[rank::world]
     entropy, mean_pred, n = 0.0, torch.zeros(num_classes, dtype=torch.float64), 0
 

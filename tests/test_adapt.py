@@ -252,13 +252,18 @@ def test_reported_metrics_cover_every_workers_shard(tmp_path):
 
 def test_workers_share_round_thresholds_but_not_augmentation_draws(tmp_path):
     """Two DDP workers (gloo, real processes) each see their own target images; the
-    class-balanced thresholds come from all of them, the same on both workers, while
-    each draws its own strong augmentation and ClassMix parameters."""
+    class-balanced thresholds come from all of them, the same on both workers, and so
+    does the teacher, while each draws its own strong augmentation and ClassMix
+    parameters."""
     torch.manual_seed(1)
     images = [torch.rand(2, 3, 32, 64), torch.rand(2, 3, 32, 64) * 0.2]
     ddp_workers.run_pair(ddp_workers.round_thresholds, images, tmp_path)
-    ranks, means, draws = zip(*(torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)), strict=True)
+    ranks, means, draws, teacher_bns = zip(
+        *(torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)), strict=True
+    )
     assert [m.item() for m in means] == [0.5, 0.5]
+    # One teacher on both: rank 0's BatchNorm statistics, not each worker's own.
+    assert torch.equal(teacher_bns[0], teacher_bns[1])
     torch.manual_seed(0)
     model = build_model("deeplabv2_resnet18", C, output_stride=16)
     alone = Adapter(model, AdaptConfig(), "imagenet", torch.full((C,), 1 / C), None, CPU)

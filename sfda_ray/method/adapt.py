@@ -101,6 +101,14 @@ def sum_over_workers(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def broadcast_buffers(model: nn.Module) -> None:
+    """Rank 0's buffers (BatchNorm statistics) on every DDP worker: each worker's last
+    training step moved its own. Nothing in a single process."""
+    if is_distributed():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def mean_over_workers(t: torch.Tensor) -> torch.Tensor:
     """``t`` averaged in place over the DDP workers; ``t`` as it is in a single process."""
     if is_distributed():
@@ -190,6 +198,7 @@ class Adapter:
         if not self.uses_teacher:
             return
         if self.teacher is None or self.cfg.teacher == "round":
+            broadcast_buffers(unwrap(self.student))  # one teacher on every worker
             self.teacher = copy.deepcopy(unwrap(self.student)).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
