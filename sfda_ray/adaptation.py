@@ -441,8 +441,9 @@ def run_adaptation(plan: AdaptPlan, cfg: Config, env: TrainEnv) -> dict:
         # Fresh crop/flip draws: a resumed run must not replay those of its first steps.
         resumed_seed = a.seed + env.rank + 1_000_003 * start
         torch.manual_seed(resumed_seed)
-        if env.rank > 0:  # the checkpoint holds rank 0's augmentation generator alone
+        if env.rank > 0:  # the checkpoint holds rank 0's augmentation generators alone
             adapter.generator.manual_seed(resumed_seed)
+            adapter.noise_generator.manual_seed(resumed_seed)
 
     iterations = 0 if a.method in ("source_only", "adabn") else a.iterations
     # A resumed run reads on from where its streams were at iteration `start`.

@@ -32,7 +32,7 @@ from sfda_ray.data.scores import map_name
 from sfda_ray.data.synthetic import generate
 from sfda_ray.dist.job import DEFAULT_SPACE
 from sfda_ray.dist.scoring import ScoringOptions, score_dataset
-from sfda_ray.method.adapt import Adapter, class_mix, unwrap
+from sfda_ray.method.adapt import Adapter, class_mix, strong_augment, unwrap
 from sfda_ray.method.losses import (
     discriminator_input,
     entropy_loss,
@@ -274,6 +274,36 @@ def test_workers_share_round_thresholds_but_not_augmentation_draws(tmp_path):
     assert torch.equal(ranks[0], ranks[1]) and torch.equal(ranks[0], alone.st_thresholds)
     alone.begin_round(0, images[:1])
     assert not torch.equal(ranks[0], alone.st_thresholds)  # rank 0's images alone differ
+
+
+def test_a_checkpoint_carries_the_augmentation_draws_on(tmp_path):
+    """Strong augmentation draws its parameters on the CPU and its noise where the images
+    are; a resumed adapter draws on from both, as the uninterrupted one does."""
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 16, 32)
+
+    def adapter() -> Adapter:
+        model = build_model("deeplabv2_resnet18", C, output_stride=16)
+        return Adapter(model, AdaptConfig(), "imagenet", torch.full((C,), 1 / C), None, CPU)
+
+    def augment(a: Adapter) -> torch.Tensor:
+        return strong_augment(images, a.generator, a.noise_generator)
+
+    first = adapter()
+    assert first.noise_generator.device == CPU.device
+    augment(first)
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    resumed = adapter()
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    assert torch.equal(augment(resumed), augment(first))
+    # A checkpoint made on another device type (or before the noise was kept) restarts
+    # the noise from its seed, the parameters still from the checkpoint.
+    state = first.state_dict()
+    state["noise_generator"] = ("cuda", torch.zeros(16, dtype=torch.uint8))
+    other = adapter()
+    other.load_state_dict(state)
+    assert torch.equal(other.generator.get_state(), first.generator.get_state())
+    assert torch.equal(other.noise_generator.get_state(), adapter().noise_generator.get_state())
 
 
 def test_class_mix_pastes_half_of_the_labelled_classes_with_their_labels():

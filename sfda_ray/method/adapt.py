@@ -46,8 +46,13 @@ def to_input(images: torch.Tensor, normalization: str) -> torch.Tensor:
     return normalize_batch((images * 255.0).permute(0, 2, 3, 1), normalization)
 
 
-def strong_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Per-image photometric perturbation of [0, 1] images: colour jitter, blur, noise."""
+def strong_augment(
+    images: torch.Tensor, generator: torch.Generator, noise_generator: torch.Generator
+) -> torch.Tensor:
+    """Per-image photometric perturbation of [0, 1] images: colour jitter, blur, noise.
+    ``generator`` (CPU) draws each image's parameters, ``noise_generator`` (on the images'
+    device) its noise: drawn on the CPU and copied, a 1024x512 image's noise cost a GPU
+    step 5 ms (65 ms for 12 images on an H200, 0.35 ms drawn there)."""
     out = []
     for img in images:
         u = torch.rand(5, generator=generator).tolist()
@@ -56,7 +61,7 @@ def strong_augment(images: torch.Tensor, generator: torch.Generator) -> torch.Te
         img = TF.adjust_saturation(img, 0.5 + 1.0 * u[2])
         if u[3] < 0.5:
             img = TF.gaussian_blur(img, kernel_size=[5, 5], sigma=[0.3 + 1.2 * u[4]] * 2)
-        noise = torch.randn(img.shape, generator=generator).to(img.device)
+        noise = torch.randn(img.shape, generator=noise_generator, device=img.device)
         out.append((img + 0.03 * u[4] * noise).clamp(0, 1))
     return torch.stack(out)
 
@@ -182,6 +187,7 @@ class Adapter:
         # Strong augmentation and ClassMix draws: each worker its own, rank 0 as one process.
         rank = dist.get_rank() if is_distributed() else 0
         self.generator = torch.Generator().manual_seed(cfg.seed + rank)
+        self.noise_generator = torch.Generator(device).manual_seed(cfg.seed + rank)
 
     @property
     def uses_teacher(self) -> bool:
@@ -256,8 +262,8 @@ class Adapter:
 
     def _view(self, images: torch.Tensor) -> torch.Tensor:
         if self.cfg.strong_aug:
-            # On the device; only the random parameters and noise come from the CPU generator.
-            images = strong_augment(images, self.generator)
+            # On the device; only the random parameters come from the CPU generator.
+            images = strong_augment(images, self.generator, self.noise_generator)
         return self._normalize(images)
 
     def set_lr(self, it: int, total: int) -> None:
@@ -418,6 +424,8 @@ class Adapter:
             "round": self.round,
             "st_thresholds": self.st_thresholds.cpu(),
             "generator": self.generator.get_state(),
+            # A CUDA generator's state is not a CPU one's: kept with its device type.
+            "noise_generator": (self.device.type, self.noise_generator.get_state()),
         }
         if self.disc is not None:
             state["disc"] = unwrap(self.disc).state_dict()
@@ -432,6 +440,10 @@ class Adapter:
         self.round = state["round"]
         self.st_thresholds = state["st_thresholds"].to(self.device)
         self.generator.set_state(state["generator"])
+        # From another device type, or a checkpoint from before it was kept: its seed.
+        device_type, noise_state = state.get("noise_generator", (None, None))
+        if device_type == self.device.type:
+            self.noise_generator.set_state(noise_state)
         if self.disc is not None:
             unwrap(self.disc).load_state_dict(state["disc"])
             self.opt_d.load_state_dict(state["opt_d"])
