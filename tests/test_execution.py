@@ -157,6 +157,18 @@ def test_scoring_actor_in_bf16_writes_the_same_rows(ray_session, model, tmp_path
         assert b["label_png"][:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_cpu_scorer_stays_on_the_cpu_of_a_gpu_node(model, tmp_path, monkeypatch):
+    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone in an actor that holds no GPU: a scorer
+    told "cpu" must not take the node's GPU, as "auto" would."""
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(str(ckpt), model, {"normalization": "imagenet"})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU node
+    assert resolve_device("auto").type == "cuda"
+    scorer = Scorer(str(ckpt), 0, torch.get_num_threads(), device="cpu")
+    assert scorer.exe.device == torch.device("cpu") and scorer.exe.autocast_dtype is None
+    assert next(scorer.model.parameters()).device.type == "cpu"
+
+
 def test_a_scorers_threads_keep_each_images_row(model, tmp_path, tiny_benchmark):
     """Each image's maps are encoded in a thread pool: every map still lands on its image."""
     from sfda_ray.data.catalog import open_dataset

@@ -186,10 +186,15 @@ class Scorer:
     """Ray Data actor: the source model, loaded once, scoring batches of decoded images."""
 
     def __init__(
-        self, checkpoint: str, mc_passes: int, threads: int, perf: PerfConfig | None = None
+        self,
+        checkpoint: str,
+        mc_passes: int,
+        threads: int,
+        perf: PerfConfig | None = None,
+        device: str = "auto",
     ):
         torch.set_num_threads(threads)
-        self.exe = Execution.resolve(perf, resolve_device("auto"))
+        self.exe = Execution.resolve(perf, resolve_device(device))
         model, meta = load_model(checkpoint, num_classes=len(CLASS_NAMES))
         self.model = self.exe.compiled(self.exe.prepare(model).eval())
         self.normalization = meta["normalization"]
@@ -573,6 +578,9 @@ def _pipeline(
                 "mc_passes": opts.mc_passes,
                 "threads": threads,
                 "perf": opts.perf,
+                # Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone in an actor holding no GPU:
+                # "auto" there would take a GPU of its node that it did not reserve.
+                "device": "cuda" if gpus else "cpu",
             },
             compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=opts.batch_size,
