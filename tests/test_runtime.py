@@ -74,6 +74,9 @@ def test_workers_a_fixed_cluster_can_never_place_are_refused(
         check_placeable("adapt", {"CPU": 1.0, "GPU": 1.0}, 1)
     with pytest.raises(ConfigError, match=r"CPU 1000 each \(PACK\) cannot be placed"):
         check_placeable("tune trials", {"CPU": 1000.0}, 1)
+    # Two DDP ranks on one GPU fail in NCCL's first collective, on any cluster.
+    with pytest.raises(ConfigError, match=r"tune trials: 2 workers of GPU 0.5 each: Ray may"):
+        check_placeable("tune trials", {"CPU": 1.0, "GPU": 0.5}, 2, "SPREAD")
 
     scores, _ = tiny_scores
     out = tmp_path / "adapt"

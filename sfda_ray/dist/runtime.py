@@ -127,7 +127,15 @@ def check_placeable(
     """Refuse, before any work, workers a Ray this process started (a laptop's, a test's)
     can never place: nothing adds nodes to it, and Ray would wait for them forever. On a
     cluster joined by address, nodes may still come (the autoscaler starts GPU nodes
-    when asked): a request its nodes cannot hold now is only logged."""
+    when asked): a request its nodes cannot hold now is only logged. Several workers
+    sharing GPUs are refused wherever they run."""
+    gpus = per_worker.get("GPU", 0)
+    if workers > 1 and 0 < gpus < 1:
+        raise ConfigError(
+            f"{what}: {workers} workers of GPU {gpus:g} each: Ray may place two of them on "
+            "one GPU, where NCCL refuses to run them (Duplicate GPU detected); give each "
+            "worker a whole GPU, or run one worker"
+        )
     wanted = {name: amount for name, amount in per_worker.items() if amount > 0}
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
     # Workers each node can hold, by the scarcest resource asked for.
