@@ -20,7 +20,9 @@ from sfda_ray.models.execution import Execution, resolve_device
 C = 19
 
 
-def test_auto_is_fp32_nchw_on_cpu_and_bf16_channels_last_on_gpu():
+def test_auto_is_fp32_nchw_on_cpu_and_bf16_channels_last_on_gpu(monkeypatch):
+    capability = (9, 0)  # an H100's
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     cpu = Execution.resolve(PerfConfig(), "cpu")
     assert (cpu.precision, cpu.channels_last, cpu.pin_memory, cpu.loader_workers) == (
         "fp32",
@@ -28,7 +30,6 @@ def test_auto_is_fp32_nchw_on_cpu_and_bf16_channels_last_on_gpu():
         False,
         0,
     )
-    # Resolving for a GPU touches no GPU: the choices depend on the device type only.
     gpu = Execution.resolve(PerfConfig(), "cuda:0")
     assert (gpu.precision, gpu.channels_last, gpu.pin_memory, gpu.loader_workers) == (
         "bf16",
@@ -38,6 +39,10 @@ def test_auto_is_fp32_nchw_on_cpu_and_bf16_channels_last_on_gpu():
     )
     forced = Execution.resolve(PerfConfig(precision="fp32", channels_last=False), "cuda")
     assert (forced.precision, forced.channels_last) == ("fp32", False)
+    # Before Ampere bf16 is emulated, slower than fp32: auto keeps fp32 there.
+    capability = (7, 5)  # a T4's
+    assert Execution.resolve(PerfConfig(), "cuda").precision == "fp32"
+    assert Execution.resolve(PerfConfig(precision="bf16"), "cuda").precision == "bf16"
     assert Execution.resolve(PerfConfig(compile=True), "cpu").compile_backend == "inductor"
 
 

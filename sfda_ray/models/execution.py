@@ -34,6 +34,12 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
+def _fast_bf16(device: torch.device) -> bool:
+    """Whether the GPU has bf16 tensor cores (Ampere, compute capability 8.0, and later):
+    before them (V100, T4) bf16 is emulated, slower than fp32."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 @dataclass(frozen=True)
 class Execution:
     device: torch.device
@@ -48,7 +54,7 @@ class Execution:
         device = torch.device(device)
         perf = perf or PerfConfig()
         gpu = device.type == "cuda"
-        bf16 = perf.precision == "bf16" or (perf.precision == "auto" and gpu)
+        bf16 = perf.precision == "bf16" or (perf.precision == "auto" and gpu and _fast_bf16(device))
         nhwc = gpu if perf.channels_last is None else perf.channels_last
         workers = perf.loader_workers if perf.loader_workers is not None else (4 if gpu else 0)
         return cls(
