@@ -117,13 +117,30 @@ def test_prints_a_table(run):
     assert "ray scoring" not in stdout and "ray is not installed" in stdout
 
 
-def _bench_module():
+def _bench_module(script: Path = SCRIPT):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_gpu_under_test", SCRIPT)
+    spec = importlib.util.spec_from_file_location(f"{script.stem}_under_test", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def test_the_method_step_benchmark_times_both_steps(tmp_path):
+    """experiments/bench_method_step.py at a toy size on the CPU: the method's step with
+    and without ClassMix, each with its losses, in the JSON it writes."""
+    bench = _bench_module(SCRIPT.with_name("bench_method_step.py"))
+    out = tmp_path / "step.json"
+    bench.main(["--device", "cpu", "--size", "32", "32", "--iters", "1", "--warmup", "0"]
+               + ["--json", str(out)])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["device"] == "cpu" and result["settings"]["precision"] == "fp32"
+    plain, mixed = result["steps"]["plain"], result["steps"]["class_mix"]
+    for step in (plain, mixed):
+        assert step["ms_per_step"] > 0
+        assert step["steps_per_s"] == pytest.approx(1000 / step["ms_per_step"])
+    assert {"loss_v", "loss_adv", "loss_st", "loss_d"} <= set(plain["losses"])
+    assert "loss_mix" in mixed["losses"] and "loss_mix" not in plain["losses"]
 
 
 def test_rates_are_timed_for_at_least_min_seconds():
