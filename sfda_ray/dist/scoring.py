@@ -391,10 +391,10 @@ def score_dataset(
     kept = None
     if previous is not None:
         kept = latest = _latest_per_image(previous)
-        failed = pc.invert(pc.is_null(latest["error"]))
+        succeeded = pc.is_null(latest["error"])
         if retry_failed:
-            kept = latest.filter(pc.invert(failed))
-        elif n_failed := pc.sum(failed).as_py():
+            kept = latest.filter(succeeded)
+        elif n_failed := pc.sum(pc.invert(succeeded)).as_py():  # None for no rows
             log.info("not scoring again the %d image(s) that failed before", n_failed)
     # Space for the maps of the images not scored yet (and the AdaBN model), before any
     # work: by image id, as the fingerprints need the AdaBN model.
